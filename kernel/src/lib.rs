@@ -1,0 +1,19 @@
+//! `sandgate-kernel`: a Jupyter kernel whose Python runs inside a wasmtime sandbox.
+//!
+//! # Layout
+//!
+//! - [`wire`]: Jupyter's multipart wire format and its HMAC-SHA256 signatures.
+//! - [`server`]: the five ZeroMQ channels, the request handlers, status and history.
+//! - [`sandbox`]: the interpreter in wasmtime, its limits, its door to the kernel and the
+//!   guest-side driver (`sandbox/driver.py`). The only module that imports wasmtime.
+//! - [`image`]: the sandbox image: fetching, SHA-256 pins, the compiled-module cache.
+//! - [`kernelspec`]: `sandgate-kernel install`, the kernelspec Jupyter finds.
+//!
+//! The binary (`main.rs`) reads the command line and environment, builds a
+//! [`server::KernelConfig`] and calls [`server::run`].
+
+pub mod image;
+pub mod kernelspec;
+pub mod sandbox;
+pub mod server;
+pub mod wire;

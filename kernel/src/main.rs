@@ -1,0 +1,207 @@
+//! `sandgate-kernel`: reads the command line and environment, then runs the kernel or one of
+//! its set-up commands.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use sandgate_kernel::image::{self, Fetch};
+use sandgate_kernel::sandbox::{Limits, SandboxConfig};
+use sandgate_kernel::{kernelspec, server};
+
+/// A Jupyter kernel whose Python runs in a wasmtime sandbox: no network, no host files but
+/// /workspace, capped memory, time and output.
+///
+/// Jupyter starts it as `sandgate-kernel -f CONNECTION_FILE` (see `install`).
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The connection file Jupyter wrote (ports, transport, signing key).
+    #[arg(short = 'f', long = "connection-file")]
+    connection_file: Option<PathBuf>,
+
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Sandgate's data folder (image, compiled-module cache, default workspace).
+    /// Default: $SANDGATE_HOME, else $XDG_DATA_HOME/sandgate, else ~/.local/share/sandgate.
+    #[arg(long, global = true)]
+    home: Option<PathBuf>,
+
+    /// Host folder the guest sees, writable, at /workspace. Default: HOME/workspace.
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+
+    /// The guest's memory cap, in MiB (past it: MemoryError).
+    #[arg(long, default_value_t = 2048)]
+    memory_mb: u64,
+
+    /// Wall-clock seconds one cell may run; 0 for no limit.
+    #[arg(long, default_value_t = 600)]
+    cell_timeout_s: u64,
+
+    /// Bytes of output one cell may publish (past it, output is dropped with a notice).
+    #[arg(long, default_value_t = 8 << 20)]
+    output_bytes: u64,
+
+    /// Files the guest may hold open at once.
+    #[arg(long, default_value_t = 256)]
+    open_files: u32,
+
+    /// Fail with a clear error instead of fetching a missing image.
+    #[arg(long, global = true)]
+    no_fetch: bool,
+}
+
+impl RunArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.memory_mb << 20,
+            cell_timeout: (self.cell_timeout_s > 0).then(|| Duration::from_secs(self.cell_timeout_s)),
+            output_bytes: self.output_bytes,
+            open_files: self.open_files,
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Fetch, verify and compile the sandbox image, then install the `sandgate-python`
+    /// kernelspec so Jupyter (console, lab, nbclient) can start this kernel.
+    Install {
+        /// Install into PREFIX/share/jupyter/kernels (e.g. a virtualenv's prefix) instead of
+        /// the user's Jupyter data folder.
+        #[arg(long)]
+        prefix: Option<PathBuf>,
+        /// Do not fetch and compile the image now (the first kernel start will).
+        #[arg(long)]
+        no_prepare: bool,
+    },
+    /// Fetch, verify and compile the sandbox image (idempotent).
+    Prepare,
+    /// Internal: compile the image and probe its interrupt flags (run in its own process).
+    #[command(hide = true)]
+    CompileImage,
+    /// Print where the image and cache live.
+    Where,
+}
+
+fn sandgate_home(cli: Option<&Path>) -> Result<PathBuf> {
+    if let Some(home) = cli {
+        return Ok(home.to_owned());
+    }
+    if let Some(home) = std::env::var_os("SANDGATE_HOME").filter(|h| !h.is_empty()) {
+        return Ok(home.into());
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("sandgate"));
+    }
+    let home = std::env::var_os("HOME").context("neither SANDGATE_HOME nor HOME is set")?;
+    Ok(PathBuf::from(home).join(".local/share/sandgate"))
+}
+
+fn jupyter_kernels_dir(prefix: Option<&Path>) -> Result<PathBuf> {
+    if let Some(prefix) = prefix {
+        return Ok(prefix.join("share/jupyter/kernels"));
+    }
+    if let Some(dir) = std::env::var_os("JUPYTER_DATA_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("kernels"));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".local/share/jupyter/kernels"))
+}
+
+fn progress(message: &str) {
+    eprintln!("sandgate-kernel: {message}");
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDGATE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let home = sandgate_home(cli.run.home.as_deref())?;
+    let limits = cli.run.limits();
+    let fetch = if cli.run.no_fetch { Fetch::Never } else { Fetch::IfMissing };
+    match cli.command {
+        Some(Command::CompileImage) => {
+            image::compile_image(&home, &limits)?;
+            Ok(())
+        }
+        Some(Command::Prepare) => {
+            let image = image::prepare(&home, &limits, fetch, &progress)?;
+            println!("{}", image.dir.display());
+            Ok(())
+        }
+        Some(Command::Where) => {
+            println!("home:  {}", home.display());
+            println!("image: {}", image::image_dir(&home, &image::Pins::builtin()).display());
+            println!("cache: {}", home.join("cache").display());
+            Ok(())
+        }
+        Some(Command::Install { prefix, no_prepare }) => {
+            if !no_prepare {
+                image::prepare(&home, &limits, fetch, &progress)?;
+            }
+            let exe = std::env::current_exe()?.canonicalize()?;
+            let mut extra = Vec::new();
+            if let Some(h) = &cli.run.home {
+                extra.extend(["--home".to_owned(), h.canonicalize()?.display().to_string()]);
+            }
+            let dir = kernelspec::install(&jupyter_kernels_dir(prefix.as_deref())?, &exe, &extra)?;
+            println!("installed kernelspec {} in {}", kernelspec::NAME, dir.display());
+            Ok(())
+        }
+        None => {
+            let Some(file) = cli.connection_file else {
+                bail!("no connection file: Jupyter starts this kernel as `sandgate-kernel -f FILE`; \
+                       run `sandgate-kernel install` to register it, or see --help");
+            };
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read the connection file {}", file.display()))?;
+            let connection = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a valid connection file", file.display()))?;
+            let image = image::prepare(&home, &limits, fetch, &progress)?;
+            let workspace = cli.run.workspace.clone().unwrap_or_else(|| home.join("workspace"));
+            std::fs::create_dir_all(&workspace)
+                .with_context(|| format!("cannot create the workspace {}", workspace.display()))?;
+            let config = server::KernelConfig {
+                connection,
+                sandbox: SandboxConfig { image, workspace, limits },
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let terminate = async {
+                    #[cfg(unix)]
+                    {
+                        let mut term = tokio::signal::unix::signal(
+                            tokio::signal::unix::SignalKind::terminate(),
+                        )
+                        .expect("SIGTERM handler installs");
+                        term.recv().await;
+                    }
+                    #[cfg(not(unix))]
+                    std::future::pending::<()>().await;
+                };
+                server::run(config, terminate).await
+            })?;
+            // The guest thread may be busy in a cell; the process ends without waiting for it.
+            std::process::exit(0);
+        }
+    }
+}

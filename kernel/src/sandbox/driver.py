@@ -1,0 +1,772 @@
+"""Sandgate's guest-side driver.
+
+Runs inside the sandbox, in the same interpreter as the user's code. The kernel hands it one
+request per turn through the door (`_host.call`); it runs cells in `__main__` as IPython does
+(last expression shown with rich reprs, `display()`, matplotlib figures as PNG at the end of the
+cell, tracebacks that point at the cell), completes, inspects, and answers. It trusts nothing
+the user's code leaves behind: the kernel checks every message it sends.
+"""
+
+import ast
+import base64
+import builtins
+import codeop
+import inspect
+import io
+import json
+import keyword
+import linecache
+import os
+import pprint
+import re
+import signal
+import sys
+import time
+import traceback
+import types
+
+_host = __import__("_host")
+_main = sys.modules["__main__"]
+_ns = _main.__dict__
+_state = {"count": 0, "request": None, "shown_figures": set(), "payload": []}
+
+# The guest's environment, set again here because a snapshot's os.environ is the one it was
+# taken with.
+for _k, _v in (
+    ("HOME", "/tmp/home"),
+    ("TMPDIR", "/tmp"),
+    ("MPLCONFIGDIR", "/tmp/home/.matplotlib"),
+    ("MPLBACKEND", "module://_sandgate_inline"),
+):
+    os.environ[_k] = _v
+for _d in ("/tmp/home/.matplotlib",):
+    try:
+        os.makedirs(_d, exist_ok=True)
+    except OSError:
+        pass
+try:
+    os.chdir("/workspace")
+except OSError:
+    pass
+try:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+except (ValueError, OSError, AttributeError):
+    pass
+for _stream in (sys.stdout, sys.stderr):
+    try:
+        _stream.reconfigure(line_buffering=True, errors="backslashreplace")
+    except (AttributeError, ValueError):
+        pass
+
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _door(message):
+    """One request to the kernel; stdout is flushed first so output stays in order."""
+    _flush()
+    answer = _host.call(json.dumps(message, default=str).encode())
+    return json.loads(answer)
+
+
+def _publish(msg_type, content):
+    _door({"op": "publish", "msg_type": msg_type, "content": content})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rich output
+
+_REPR_METHODS = (
+    ("text/html", "_repr_html_"),
+    ("text/markdown", "_repr_markdown_"),
+    ("image/svg+xml", "_repr_svg_"),
+    ("image/png", "_repr_png_"),
+    ("image/jpeg", "_repr_jpeg_"),
+    ("text/latex", "_repr_latex_"),
+    ("application/json", "_repr_json_"),
+    ("application/javascript", "_repr_javascript_"),
+    ("application/pdf", "_repr_pdf_"),
+)
+_BINARY = {"image/png", "image/jpeg", "application/pdf"}
+
+
+def _method(obj, name):
+    """A repr method of an instance, never of a class, and only if it is callable."""
+    if isinstance(obj, type):
+        return None
+    try:
+        method = getattr(obj, name, None)
+    except Exception:
+        return None
+    return method if callable(method) else None
+
+
+def _encode(mime, value):
+    if mime in _BINARY and isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if mime == "application/json":
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _plain(obj):
+    if type(obj) in (list, tuple, dict, set, frozenset):
+        try:
+            return pprint.pformat(obj, width=79, sort_dicts=False)
+        except Exception:
+            pass
+    try:
+        return repr(obj)
+    except Exception as e:
+        return f"<repr of {type(obj).__name__} failed: {type(e).__name__}: {e}>"
+
+
+def _figure_png(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight", dpi=fig.dpi)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _is_figure(obj):
+    mpl = sys.modules.get("matplotlib.figure")
+    return mpl is not None and isinstance(obj, mpl.Figure)
+
+
+def format_bundle(obj, include=None, exclude=None):
+    """(data, metadata) for `obj`, like IPython's display formatter."""
+    data, metadata = {}, {}
+    if _is_figure(obj):
+        _state["shown_figures"].add(id(obj))
+        data["image/png"] = _figure_png(obj)
+    bundle_method = _method(obj, "_repr_mimebundle_")
+    if bundle_method is not None:
+        try:
+            result = bundle_method(include=include, exclude=exclude)
+        except TypeError:
+            result = bundle_method()
+        except Exception as e:
+            result = None
+            print(f"{type(obj).__name__}._repr_mimebundle_ failed: {e!r}", file=sys.stderr)
+        if isinstance(result, tuple) and len(result) == 2:
+            result, md = result
+            if isinstance(md, dict):
+                metadata.update(md)
+        if isinstance(result, dict):
+            for mime, value in result.items():
+                data[str(mime)] = _encode(str(mime), value)
+    for mime, name in _REPR_METHODS:
+        if mime in data:
+            continue
+        method = _method(obj, name)
+        if method is None:
+            continue
+        try:
+            value = method()
+        except NotImplementedError:
+            continue
+        except Exception as e:
+            print(f"{type(obj).__name__}.{name} failed: {e!r}", file=sys.stderr)
+            continue
+        if value is None:
+            continue
+        if isinstance(value, tuple) and len(value) == 2:
+            value, md = value
+            if isinstance(md, dict):
+                metadata[mime] = md
+        data[mime] = _encode(mime, value)
+    if "text/plain" not in data:
+        data["text/plain"] = _plain(obj)
+    if include:
+        data = {k: v for k, v in data.items() if k in include}
+    if exclude:
+        data = {k: v for k, v in data.items() if k not in exclude}
+    return data, metadata
+
+
+def display(*objs, include=None, exclude=None, metadata=None, transient=None,
+            display_id=None, raw=False, clear=False, update=False, **kwargs):
+    """Show objects as `display_data`, as IPython's `display` does."""
+    if clear:
+        clear_output(wait=True)
+    handle = None
+    if display_id is True:
+        display_id = os.urandom(16).hex()
+    if display_id is not None:
+        handle = DisplayHandle(display_id)
+    for obj in objs:
+        if raw:
+            data, md = dict(obj), {}
+        else:
+            data, md = format_bundle(obj, include, exclude)
+        if metadata:
+            md.update(metadata)
+        content = {"data": data, "metadata": md, "transient": dict(transient or {})}
+        if display_id is not None:
+            content["transient"]["display_id"] = str(display_id)
+        _publish("update_display_data" if update else "display_data", content)
+    return handle
+
+
+def update_display(obj, *, display_id, **kwargs):
+    """Replace what an earlier `display(..., display_id=...)` showed."""
+    kwargs["update"] = True
+    display(obj, display_id=display_id, **kwargs)
+
+
+def clear_output(wait=False):
+    """Clear the cell's output (after the next output if `wait`)."""
+    _publish("clear_output", {"wait": bool(wait)})
+
+
+class DisplayHandle:
+    """What `display(..., display_id=True)` returns."""
+
+    def __init__(self, display_id=None):
+        self.display_id = display_id or os.urandom(16).hex()
+
+    def display(self, obj, **kwargs):
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj, **kwargs):
+        update_display(obj, display_id=self.display_id, **kwargs)
+
+    def __repr__(self):
+        return f"<DisplayHandle display_id={self.display_id}>"
+
+
+def _flush_figures():
+    """The inline backend: every open figure of this cell as PNG, then closed."""
+    plt = sys.modules.get("matplotlib.pyplot")
+    if plt is None:
+        return
+    try:
+        for num in plt.get_fignums():
+            fig = plt.figure(num)
+            if id(fig) in _state["shown_figures"] or not fig.axes and not fig.texts and not fig.images:
+                continue
+            size = fig.get_size_inches() * fig.dpi
+            text = f"<Figure size {size[0]:g}x{size[1]:g} with {len(fig.axes)} Axes>"
+            _publish("display_data", {"data": {"image/png": _figure_png(fig), "text/plain": text},
+                                      "metadata": {}, "transient": {}})
+    finally:
+        plt.close("all")
+        _state["shown_figures"].clear()
+
+
+def _inline_backend():
+    """`module://_sandgate_inline`: Agg canvases, and `show()` that displays."""
+    mod = types.ModuleType("_sandgate_inline", "Sandgate's inline matplotlib backend.")
+
+    def show(*args, **kwargs):
+        _flush_figures()
+
+    def __getattr__(name):
+        if name in ("FigureCanvas", "FigureCanvasAgg"):
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            return FigureCanvasAgg
+        if name == "FigureManager":
+            from matplotlib.backend_bases import FigureManagerBase
+            return FigureManagerBase
+        raise AttributeError(name)
+
+    mod.show = show
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+sys.modules["_sandgate_inline"] = _inline_backend()
+
+
+class _Object:
+    """Base of the IPython.display stand-ins: `data` shown under one MIME type."""
+
+    mime = "text/plain"
+
+    def __init__(self, data=None, url=None, filename=None, metadata=None, **kwargs):
+        if filename is not None and data is None:
+            mode = "rb" if self.mime in _BINARY else "r"
+            with open(filename, mode) as f:
+                data = f.read()
+        self.data = data
+        self.metadata = metadata
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        data = self.data
+        if self.mime in _BINARY and isinstance(data, (bytes, bytearray)):
+            data = base64.b64encode(bytes(data)).decode("ascii")
+        bundle = {self.mime: data, "text/plain": f"<{type(self).__module__}.{type(self).__name__} object>"}
+        return (bundle, {self.mime: self.metadata}) if self.metadata else bundle
+
+
+def _ipython_shim():
+    """A small `IPython.display` so notebooks written for IPython run unchanged."""
+    classes = {}
+    for name, mime in (("HTML", "text/html"), ("Markdown", "text/markdown"), ("SVG", "image/svg+xml"),
+                       ("Latex", "text/latex"), ("Math", "text/latex"), ("JSON", "application/json"),
+                       ("Javascript", "application/javascript"), ("Pretty", "text/plain")):
+        classes[name] = type(name, (_Object,), {"mime": mime, "__module__": "IPython.display"})
+
+    def math_bundle(self, include=None, exclude=None):
+        text = self.data if str(self.data).startswith("$") else f"$\\displaystyle {self.data}$"
+        return {"text/latex": text, "text/plain": f"<IPython.display.Math object>"}
+
+    classes["Math"]._repr_mimebundle_ = math_bundle
+
+    class Image(_Object):
+        """An image from bytes or a file; PNG unless `format` says otherwise."""
+
+        def __init__(self, data=None, url=None, filename=None, format=None, **kwargs):
+            if isinstance(data, str) and os.path.exists(data):
+                filename, data = data, None
+            fmt = (format or (filename or "").rsplit(".", 1)[-1] or "png").lower()
+            self.mime = "image/jpeg" if fmt in ("jpg", "jpeg") else "image/png"
+            if filename is not None and data is None:
+                with open(filename, "rb") as f:
+                    data = f.read()
+            self.data = data
+            self.metadata = None
+
+    classes["Image"] = Image
+    Image.__module__ = "IPython.display"
+    pkg = types.ModuleType("IPython", "Sandgate's stand-in for the parts of IPython notebooks use.")
+    disp = types.ModuleType("IPython.display")
+    for name, value in dict(classes, display=display, clear_output=clear_output,
+                            update_display=update_display, DisplayHandle=DisplayHandle).items():
+        setattr(disp, name, value)
+    core = types.ModuleType("IPython.core")
+    core.display = disp
+    pkg.display = disp
+    pkg.core = core
+    pkg.get_ipython = lambda: None
+    pkg.version_info = (0, 0, 0, "sandgate")
+    pkg.__version__ = "0.0.0+sandgate"
+    sys.modules.setdefault("IPython", pkg)
+    sys.modules.setdefault("IPython.display", disp)
+    sys.modules.setdefault("IPython.core", core)
+    sys.modules.setdefault("IPython.core.display", disp)
+
+
+_ipython_shim()
+builtins.display = display
+
+
+# ---------------------------------------------------------------------------------------------
+# input()
+
+
+class StdinNotImplementedError(RuntimeError):
+    """input() was called but this request does not allow stdin."""
+
+
+def _input(prompt="", password=False):
+    request = _state["request"] or {}
+    if not request.get("allow_stdin", False):
+        raise StdinNotImplementedError(
+            "input() was called, but this frontend does not support input requests.")
+    answer = _door({"op": "input", "prompt": str(prompt), "password": bool(password)})
+    if answer.get("interrupted"):
+        raise KeyboardInterrupt("interrupted while waiting for input")
+    if "error" in answer:
+        raise EOFError(answer["error"])
+    return answer.get("value", "")
+
+
+def input(prompt=""):
+    """Read a line from the frontend (Jupyter's `input_request`)."""
+    return _input(prompt, False)
+
+
+def getpass(prompt="Password: ", stream=None):
+    """Read a hidden line from the frontend."""
+    return _input(prompt, True)
+
+
+builtins.input = input
+try:
+    import getpass as _getpass_module
+    _getpass_module.getpass = getpass
+except ImportError:
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Magics: the few IPython notebooks use most; the rest say clearly they are not here.
+
+_MAGIC_LINE = re.compile(r"^(\s*)([%!])(%?)(\w*)(.*)$")
+
+
+def _magic(name, args, body=None):
+    name = name.strip()
+    if name == "matplotlib":
+        if args.strip() not in ("", "inline"):
+            print(f"Only the inline backend is available in the sandbox; using inline.",
+                  file=sys.stderr)
+        return None
+    if name in ("pip", "conda", "mamba", "uv"):
+        raise _UsageError(
+            f"%{name} is not available: the sandbox has no network. These packages are "
+            "installed: numpy, pandas, scipy, scikit-learn, statsmodels, matplotlib, seaborn, "
+            "sympy, networkx and more (see `help('modules')`).")
+    if name in ("time",):
+        source = body if body is not None else args
+        start = time.perf_counter()
+        try:
+            return _run_source(source, "<timed>", want_value=body is None)
+        finally:
+            print(f"Wall time: {(time.perf_counter() - start) * 1000:.3g} ms")
+    if name == "timeit":
+        import timeit
+        source = body if body is not None else args
+        timer = timeit.Timer(source, globals=_ns)
+        number, _ = timer.autorange()
+        best = min(timer.repeat(repeat=5, number=number)) / number
+        unit = min((u for u in (("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)) if best >= u[1]),
+                   key=lambda u: u[1], default=("ns", 1e-9))
+        print(f"{best / unit[1]:.3g} {unit[0]} per loop (best of 5 runs, {number} loops each)")
+        return None
+    if name == "pwd":
+        return os.getcwd()
+    if name == "cd":
+        os.chdir(os.path.expanduser(args.strip() or "/workspace"))
+        return None
+    if name in ("who", "whos"):
+        names = sorted(k for k, v in _ns.items() if not k.startswith("_")
+                       and not isinstance(v, types.ModuleType) and k not in ("In", "Out"))
+        print("  ".join(names) if names else "Interactive namespace is empty.")
+        return None
+    if name == "ask":
+        raise _UsageError("%%ask is served by the Sandgate gateway; this kernel was started "
+                          "without it.")
+    raise _UsageError(f"Line magic function `%{name}` not found (Sandgate supports %matplotlib, "
+                      "%time, %timeit, %pwd, %cd, %who).")
+
+
+class _UsageError(Exception):
+    """A magic was misused (shown as `UsageError`, as IPython does)."""
+
+
+_UsageError.__name__ = "UsageError"
+_UsageError.__qualname__ = "UsageError"
+
+
+def _transform(source):
+    """IPython's syntax that plain Python lacks: `%magic`, `%%cellmagic`, `!cmd`, `obj?`."""
+    stripped = source.lstrip()
+    if stripped.startswith("%%"):
+        first, _, body = stripped.partition("\n")
+        parts = first[2:].split(None, 1)
+        name = parts[0] if parts else ""
+        args = parts[1] if len(parts) > 1 else ""
+        return f"__import__('sys').modules['_sandgate'].magic({name!r}, {args!r}, {body!r})\n"
+    help_match = re.fullmatch(r"\s*([A-Za-z_][\w.]*)\s*(\?\??)\s*", source)
+    if help_match:
+        return (f"__import__('sys').modules['_sandgate'].page({help_match.group(1)!r}, "
+                f"{len(help_match.group(2))})\n")
+    out = []
+    for line in source.split("\n"):
+        m = _MAGIC_LINE.match(line)
+        if m and (m.group(2) == "!" or m.group(4)) and not m.group(3):
+            indent, kind, _, name, rest = m.groups()
+            if kind == "!":
+                out.append(f"{indent}__import__('sys').modules['_sandgate'].magic('!', {(name + rest)!r})")
+            else:
+                out.append(f"{indent}__import__('sys').modules['_sandgate'].magic({name!r}, {rest!r})")
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def magic(name, args, body=None):
+    if name == "!":
+        raise _UsageError("shell commands (!) are not available: the sandbox runs no processes.")
+    return _magic(name, args, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running cells
+
+
+def _cell_name(count):
+    return f"<cell-{count}>"
+
+
+def _run_source(source, filename, want_value=True):
+    """Runs `source` in the user's namespace; returns the last expression's value."""
+    tree = ast.parse(source, filename, "exec")
+    last = None
+    if want_value and tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    code = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
+    _run_code(code)
+    if last is not None:
+        code = compile(last, filename, "eval", flags=flags, dont_inherit=True)
+        return _run_code(code, evaluate=True)
+    return None
+
+
+def _run_code(code, evaluate=False):
+    if code.co_flags & inspect.CO_COROUTINE:
+        import asyncio
+        coro = types.FunctionType(code, _ns)() if not evaluate else eval(code, _ns)
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(coro)
+        finally:
+            loop.close()
+    if evaluate:
+        return eval(code, _ns)
+    exec(code, _ns)
+    return None
+
+
+def _format_traceback(etype, evalue, tb, count):
+    """Traceback lines from the first frame of user code on, with cells named like IPython."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == "<sandgate-driver>":
+        tb = tb.tb_next
+    lines = traceback.format_exception(etype, evalue, tb)
+    text = "".join(lines)
+    text = re.sub(r'File "<cell-(\d+)>", line (\d+)', r"Cell In[\1], line \2", text)
+    return text.rstrip("\n").split("\n")
+
+
+def _error_content(e, count):
+    if isinstance(e, KeyboardInterrupt):
+        reason = _door({"op": "stop_reason"})
+        if reason.get("reason") == "timeout":
+            evalue = (f"the cell ran longer than its {reason.get('limit_s')} s time limit and "
+                      "was stopped; variables defined so far are kept")
+            return {"ename": "TimeoutError", "evalue": evalue,
+                    "traceback": [f"TimeoutError: {evalue}"]}
+    name = type(e).__name__
+    try:
+        evalue = str(e)
+    except Exception:
+        evalue = "<str() failed>"
+    return {"ename": name, "evalue": evalue,
+            "traceback": _format_traceback(type(e), e, e.__traceback__, count)}
+
+
+def _user_expressions(expressions):
+    out = {}
+    for key, expr in (expressions or {}).items():
+        try:
+            value = eval(compile(str(expr), "<user_expression>", "eval"), _ns)
+            data, md = format_bundle(value)
+            out[str(key)] = {"status": "ok", "data": data, "metadata": md}
+        except Exception as e:
+            out[str(key)] = {"status": "error", "ename": type(e).__name__, "evalue": str(e),
+                             "traceback": traceback.format_exception_only(type(e), e)}
+    return out
+
+
+def _execute(req):
+    count = int(req.get("execution_count") or 0)
+    silent = bool(req.get("silent"))
+    store = bool(req.get("store_history", True)) and not silent
+    source = str(req.get("code", ""))
+    filename = _cell_name(count)
+    _state["payload"] = []
+    if store:
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        _ns.setdefault("In", [""]).append(source)
+        _ns["_i"] = source
+    status = {"status": "ok"}
+    try:
+        try:
+            transformed = _transform(source)
+            value = _run_source(transformed, filename)
+        finally:
+            _flush()
+        if not silent:
+            _flush_figures()
+        if value is not None and not silent and not source.rstrip().endswith(";"):
+            data, md = format_bundle(value)
+            _publish("execute_result", {"data": data, "metadata": md, "execution_count": count})
+            if store:
+                _ns["___"], _ns["__"], _ns["_"] = _ns.get("__"), _ns.get("_"), value
+                _ns[f"_{count}"] = value
+                _ns.setdefault("Out", {})[count] = value
+    except BaseException as e:
+        try:
+            _flush_figures()
+        except BaseException:
+            pass
+        content = _error_content(e, count)
+        if not silent:
+            _publish("error", content)
+        status = dict(content, status="error")
+    status["user_expressions"] = _user_expressions(req.get("user_expressions"))
+    status["payload"] = _state["payload"]
+    return status
+
+
+# ---------------------------------------------------------------------------------------------
+# Completion, inspection, is_complete
+
+
+_TOKEN = re.compile(r"[A-Za-z_][\w.]*$|\.$")
+
+
+def _lookup(dotted):
+    """The object a dotted name names, by attribute access only (nothing is called)."""
+    parts = dotted.split(".")
+    if parts[0] in _ns:
+        obj = _ns[parts[0]]
+    elif hasattr(builtins, parts[0]):
+        obj = getattr(builtins, parts[0])
+    else:
+        raise NameError(parts[0])
+    for part in parts[1:]:
+        obj = inspect.getattr_static(obj, part) if isinstance(obj, type) else getattr(obj, part)
+    return obj
+
+
+def _complete(req):
+    code = str(req.get("code", ""))
+    cursor = int(req.get("cursor_pos", len(code)))
+    cursor = max(0, min(cursor, len(code)))
+    m = re.search(r"[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)*\.?$", code[:cursor])
+    text = m.group(0) if m else ""
+    start = cursor - len(text)
+    matches = []
+    if "." in text:
+        base, _, prefix = text.rpartition(".")
+        try:
+            obj = _lookup(base)
+            names = dir(obj)
+        except Exception:
+            names = []
+        matches = [f"{base}.{n}" for n in names if n.startswith(prefix)
+                   and (prefix.startswith("_") or not n.startswith("_"))]
+    else:
+        names = set(_ns) | set(dir(builtins)) | set(keyword.kwlist)
+        matches = [n for n in names if n.startswith(text) and (text.startswith("_") or not n.startswith("_"))]
+    matches = sorted(set(matches), key=lambda s: (s.lower(), s))[:1000]
+    return {"status": "ok", "matches": matches, "cursor_start": start, "cursor_end": cursor,
+            "metadata": {}}
+
+
+def _describe(obj, detail):
+    parts = []
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        sig = None
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
+    if sig is not None:
+        parts.append(f"Signature: {name}{sig}")
+    if not callable(obj) or isinstance(obj, type) is False and not inspect.isroutine(obj):
+        parts.append(f"Type:      {type(obj).__name__}")
+        text = _plain(obj)
+        parts.append(f"String form: {text[:1000]}")
+    doc = inspect.getdoc(obj)
+    if doc:
+        parts.append(f"Docstring:\n{doc}")
+    if detail >= 1:
+        try:
+            parts.append(f"Source:\n{inspect.getsource(obj)}")
+        except (OSError, TypeError):
+            pass
+    if isinstance(obj, type):
+        parts.append(f"Type:      type")
+    return "\n".join(parts)
+
+
+def _inspect(req):
+    code = str(req.get("code", ""))
+    cursor = int(req.get("cursor_pos", len(code)))
+    cursor = max(0, min(cursor, len(code)))
+    left = re.search(r"[A-Za-z_][\w.]*$", code[:cursor])
+    right = re.match(r"[\w]*", code[cursor:])
+    name = (left.group(0) if left else "") + (right.group(0) if right else "")
+    name = name.rstrip(".")
+    if not name:
+        return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+    try:
+        obj = _lookup(name)
+    except Exception:
+        return {"status": "ok", "found": False, "data": {}, "metadata": {}}
+    text = _describe(obj, int(req.get("detail_level", 0)))
+    return {"status": "ok", "found": True, "data": {"text/plain": text}, "metadata": {}}
+
+
+def page(name, level):
+    """`obj?` and `obj??`: show help in the pager (a `page` payload)."""
+    try:
+        obj = _lookup(name)
+    except Exception:
+        print(f"Object `{name}` not found.")
+        return None
+    _state["payload"].append({"source": "page", "data": {"text/plain": _describe(obj, level - 1)},
+                              "start": 0})
+    return None
+
+
+def _is_complete(req):
+    code = str(req.get("code", ""))
+    try:
+        transformed = _transform(code)
+        compiled = codeop.compile_command(transformed, "<input>", "exec")
+    except (SyntaxError, OverflowError, ValueError):
+        return {"status": "invalid"}
+    if compiled is None:
+        lines = code.rstrip("\n").split("\n")
+        last = lines[-1] if lines else ""
+        indent = last[: len(last) - len(last.lstrip())]
+        if last.rstrip().endswith(":"):
+            indent += "    "
+        return {"status": "incomplete", "indent": indent}
+    return {"status": "complete"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The turn entry point
+
+
+def _info(req):
+    import platform
+    return {"status": "ok", "python_version": platform.python_version()}
+
+
+_HANDLERS = {"info": _info, "execute": _execute, "complete": _complete, "inspect": _inspect,
+             "is_complete": _is_complete}
+
+
+def serve():
+    """One turn: fetch the kernel's request, handle it, send the reply. Never raises."""
+    reply = None
+    try:
+        req = _door({"op": "request"})
+        _state["request"] = req if isinstance(req, dict) else {}
+        handler = _HANDLERS.get(_state["request"].get("kind"))
+        if handler is None:
+            reply = {"status": "error", "ename": "KernelError",
+                     "evalue": f"unknown request {_state['request'].get('kind')!r}", "traceback": []}
+        else:
+            reply = handler(_state["request"])
+    except BaseException as e:
+        reply = {"status": "error", "ename": type(e).__name__, "evalue": str(e),
+                 "traceback": traceback.format_exception(type(e), e, e.__traceback__)}
+    finally:
+        _state["request"] = None
+        try:
+            _door({"op": "reply", "content": reply or {"status": "error", "ename": "KernelError",
+                                                        "evalue": "no reply", "traceback": []}})
+        except BaseException:
+            pass
+
+
+_module = types.ModuleType("_sandgate", __doc__)
+_module.serve = serve
+_module.magic = magic
+_module.page = page
+_module.display = display
+sys.modules["_sandgate"] = _module

@@ -1,0 +1,666 @@
+//! The sandbox: one CPython-on-WASI interpreter in wasmtime, kept alive across cells. This is
+//! the only module of the workspace that imports wasmtime.
+//!
+//! What the guest gets, and nothing else (deny by default):
+//! - read-only: the image's standard library zip at `/usr/local/lib` and matplotlib's data;
+//! - read-write: a private root `/` (holding `/tmp` and `$HOME`) that is removed when the
+//!   kernel ends, and the kernel's working directory at `/workspace`;
+//! - an environment of its own (see [`GUEST_ENV`]); no host variables;
+//! - no sockets (WASI preview 1 can only use sockets handed to it, and none are), stdin closed;
+//! - the limits in [`Limits`];
+//! - one host function, `host.call` (the "door"), through which the kernel's driver asks for
+//!   its next request, publishes rich output and asks for `input()`. Everything arriving
+//!   through it is parsed as hostile (size-capped JSON, checked fields).
+//!
+//! A cell runs as one `turn` of the guest. The guest runs on its own thread
+//! ([`GUEST_THREAD_STACK`] of stack, more than the wasm stack limit, so deep recursion is a
+//! trap, never a host crash); the kernel talks to it through [`Sandbox`].
+
+mod door;
+pub mod interrupt;
+mod limits;
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wasmtime::{
+    Config, Engine, InstancePre, Linker, Memory, Module, Store, StoreLimits, StoreLimitsBuilder,
+    TypedFunc, UpdateDeadline,
+};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+pub use interrupt::InterruptFlags;
+pub use limits::Limits;
+use output::{GuestOutput, OutputBudget};
+
+use crate::image::Image;
+
+/// Stack of the thread that runs the guest: more than any `Limits::wasm_stack_bytes` we allow.
+pub const GUEST_THREAD_STACK: usize = 64 << 20;
+/// The epoch ticker's period: how often a running guest checks for interrupts and deadlines.
+const TICK: Duration = Duration::from_millis(10);
+/// Most events waiting between the guest and the kernel before the guest blocks on output.
+const EVENT_QUEUE: usize = 1024;
+/// argv[0] the image was built to expect.
+const ARGV0: &str = "/usr/local/bin/python.wasm";
+/// The guest's whole environment. `MPLBACKEND` selects the kernel's inline backend, which shows
+/// figures as PNG at the end of each cell.
+pub const GUEST_ENV: &[(&str, &str)] = &[
+    ("HOME", "/tmp/home"),
+    ("TMPDIR", "/tmp"),
+    ("MPLCONFIGDIR", "/tmp/home/.matplotlib"),
+    ("MPLBACKEND", "module://_sandgate_inline"),
+    ("PYTHONTZPATH", ""),
+    ("PYTHONUNBUFFERED", "1"),
+    ("LANG", "C.UTF-8"),
+];
+/// The kernel's guest-side driver: formats results, catches errors, runs matplotlib's inline
+/// backend. It is sent through the door when an interpreter starts.
+const DRIVER: &str = include_str!("driver.py");
+/// The first turn of every interpreter: fetch the driver through the door and run it.
+const BOOT: &str = "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), \
+                    '<sandgate-driver>', 'exec'), {'__name__': '_sandgate'})";
+/// Every later turn: ask the driver to serve the kernel's pending request.
+const SERVE: &str = "__import__('sys').modules['_sandgate'].serve()";
+
+/// Errors of the sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The compiled image could not be loaded or linked.
+    #[error("cannot load the sandbox image {path}: {reason}")]
+    Load {
+        /// The compiled module's path.
+        path: PathBuf,
+        /// What wasmtime said.
+        reason: String,
+    },
+    /// The interpreter could not be started.
+    #[error("cannot start the interpreter: {0}")]
+    Start(String),
+    /// The sandbox thread is gone (the kernel is shutting down).
+    #[error("the sandbox has stopped")]
+    Stopped,
+    /// The probe for interrupt flags failed.
+    #[error("cannot locate the interpreter's interrupt flags: {0}")]
+    Probe(String),
+}
+
+/// Which output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamName {
+    /// `sys.stdout`.
+    Stdout,
+    /// `sys.stderr`.
+    Stderr,
+}
+
+impl StreamName {
+    /// The name Jupyter's `stream` message uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamName::Stdout => "stdout",
+            StreamName::Stderr => "stderr",
+        }
+    }
+}
+
+/// Something the guest produced while serving a request, in the order it produced it.
+#[derive(Debug)]
+pub enum Event {
+    /// Text written to stdout or stderr.
+    Stream {
+        /// Which stream.
+        name: StreamName,
+        /// The text, decoded as UTF-8.
+        text: String,
+    },
+    /// A message for iopub: `display_data`, `update_display_data`, `execute_result`,
+    /// `clear_output` or `error`. `content` is a JSON object the door has checked.
+    Iopub {
+        /// The message type.
+        msg_type: &'static str,
+        /// Its content.
+        content: Value,
+    },
+    /// The guest called `input()`; answer with [`Sandbox::input_reply`].
+    InputRequest {
+        /// The prompt.
+        prompt: String,
+        /// Whether the input should be hidden (`getpass`).
+        password: bool,
+    },
+}
+
+/// The guest-to-kernel event queue, bounded: a guest that floods output waits for the kernel.
+#[derive(Clone, Debug)]
+pub struct EventSink(mpsc::SyncSender<Event>);
+
+impl EventSink {
+    fn send(&self, event: Event) {
+        // The receiver is gone only while the kernel shuts down; output is then moot.
+        let _ = self.0.send(event);
+    }
+}
+
+/// How a request ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The driver answered with this JSON object.
+    Reply(Value),
+    /// The interpreter was lost (a hard stop, a trap, `os._exit`) and a fresh one started
+    /// from the image; everything defined before is gone. `reason` says why.
+    Restarted {
+        /// Why the interpreter ended, in words for the user.
+        reason: String,
+    },
+}
+
+struct Command {
+    request: Value,
+    is_cell: bool,
+    done: tokio::sync::oneshot::Sender<Outcome>,
+}
+
+/// Shared between the kernel's threads and the guest's: what the kernel asks of a running cell.
+#[derive(Debug, Default)]
+struct Control {
+    interrupt: AtomicBool,
+    /// Serial of the cell now running, 0 when none.
+    running: AtomicU64,
+}
+
+/// What the server needs to start sandboxes: the image and the limits.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The verified, compiled image.
+    pub image: Image,
+    /// The host directory the guest sees at `/workspace`.
+    pub workspace: PathBuf,
+    /// The limits.
+    pub limits: Limits,
+}
+
+/// A handle on the running interpreter. Dropping it stops the guest thread.
+pub struct Sandbox {
+    commands: mpsc::Sender<Command>,
+    control: Arc<Control>,
+    input: mpsc::Sender<Option<String>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sandbox {
+    /// Starts the guest thread and its first interpreter. Events go to `events`.
+    pub fn start(
+        config: SandboxConfig,
+        events: tokio::sync::mpsc::Sender<Event>,
+    ) -> Result<Sandbox, SandboxError> {
+        let (std_tx, std_rx) = mpsc::sync_channel(EVENT_QUEUE);
+        // The guest blocks in wasmtime-wasi's own tokio context, where a tokio channel cannot
+        // block; a plain thread moves events from the std channel to the kernel's.
+        std::thread::Builder::new()
+            .name("sandbox-events".into())
+            .spawn(move || {
+                while let Ok(ev) = std_rx.recv() {
+                    if events.blocking_send(ev).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| SandboxError::Start(e.to_string()))?;
+        let sink = EventSink(std_tx);
+        let control = Arc::new(Control::default());
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
+        let (input_tx, input_rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread_control = control.clone();
+        let thread = std::thread::Builder::new()
+            .name("sandbox-guest".into())
+            .stack_size(GUEST_THREAD_STACK)
+            .spawn(move || {
+                let mut host = match Host::new(config, sink, thread_control, input_rx) {
+                    Ok(host) => {
+                        let _ = ready_tx.send(Ok(()));
+                        host
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Ok(cmd) = cmd_rx.recv() {
+                    let outcome = host.serve(cmd.request, cmd.is_cell);
+                    let _ = cmd.done.send(outcome);
+                }
+            })
+            .map_err(|e| SandboxError::Start(e.to_string()))?;
+        ready_rx.recv().map_err(|_| SandboxError::Stopped)??;
+        Ok(Sandbox { commands: cmd_tx, control, input: input_tx, thread: Some(thread) })
+    }
+
+    /// Sends a request to the driver and waits for its answer. `is_cell` requests run under
+    /// the cell limits (timeout, output cap) and can be interrupted.
+    pub async fn request(&self, request: Value, is_cell: bool) -> Result<Outcome, SandboxError> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command { request, is_cell, done })
+            .map_err(|_| SandboxError::Stopped)?;
+        wait.await.map_err(|_| SandboxError::Stopped)
+    }
+
+    /// Asks the running cell to stop with `KeyboardInterrupt`. A second interrupt more than a
+    /// second after the first, while the same cell still runs, stops it hard.
+    pub fn interrupt(&self) {
+        if self.control.running.load(Ordering::SeqCst) != 0 {
+            self.control.interrupt.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Answers the guest's pending `input()`; `None` means it was refused.
+    pub fn input_reply(&self, value: Option<String>) {
+        let _ = self.input.send(value);
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Closing the command channel ends the guest thread after its current request; a
+        // running cell is interrupted first.
+        self.control.interrupt.store(true, Ordering::SeqCst);
+        let (tx, _) = mpsc::channel();
+        self.commands = tx;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The process's one engine. Epoch interruption drives interrupts and timeouts; the exception
+/// proposal is needed by the image.
+pub fn engine(limits: &Limits) -> Result<Engine, SandboxError> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_exceptions(true)
+            .max_wasm_stack(limits.wasm_stack_bytes)
+            .async_stack_size(limits.wasm_stack_bytes + (1 << 20))
+            .memory_init_cow(true);
+        let engine = Engine::new(&config).map_err(|e| e.to_string())?;
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(engine)
+    });
+    engine.clone().map_err(SandboxError::Start)
+}
+
+/// Compiles the image's wasm to native code and writes it to `out` (the slow step, about a
+/// minute on two cores; run in its own process so the compiler's memory goes with it).
+pub fn compile(limits: &Limits, wasm: &Path, out: &Path) -> Result<(), SandboxError> {
+    let engine = engine(limits)?;
+    let load = |reason: String| SandboxError::Load { path: wasm.to_owned(), reason };
+    let bytes = std::fs::read(wasm).map_err(|e| load(e.to_string()))?;
+    let compiled = engine.precompile_module(&bytes).map_err(|e| load(e.to_string()))?;
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &compiled).map_err(|e| load(e.to_string()))?;
+    std::fs::rename(&tmp, out).map_err(|e| load(e.to_string()))?;
+    Ok(())
+}
+
+/// The key under which compiled modules are cached: changes with wasmtime and its settings.
+pub fn compile_key(limits: &Limits) -> Result<String, SandboxError> {
+    use std::hash::{Hash, Hasher};
+    let engine = engine(limits)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    Ok(format!("{:016x}", h.finish()))
+}
+
+fn load_module(engine: &Engine, cwasm: &Path) -> Result<Module, SandboxError> {
+    // SAFETY: `cwasm` is written only by `compile` above, into the kernel's own cache folder,
+    // under a name keyed by the image's SHA-256 and the engine's compatibility hash; the image
+    // module checks its size and mtime stamp against the one recorded when it was compiled.
+    // `deserialize_file` maps it, which is what lets instances share its memory image.
+    #[allow(unsafe_code)]
+    let module = unsafe { Module::deserialize_file(engine, cwasm) };
+    module.map_err(|e| SandboxError::Load { path: cwasm.to_owned(), reason: e.to_string() })
+}
+
+/// The state the guest's store carries.
+pub(crate) struct Guest {
+    wasi: WasiP1Ctx,
+    limits: StoreLimits,
+    door: door::DoorState,
+    memory: Option<Memory>,
+    /// Original WASI functions that the shadowing host functions forward to.
+    forward: door::Forwards,
+    clock: door::GuestClock,
+}
+
+/// Everything the guest thread owns.
+struct Host {
+    config: SandboxConfig,
+    engine: Engine,
+    pre: InstancePre<Guest>,
+    wasi_only: door::WasiOnly,
+    sink: EventSink,
+    control: Arc<Control>,
+    input: Arc<Mutex<mpsc::Receiver<Option<String>>>>,
+    budget: Arc<OutputBudget>,
+    root: tempdir::TempRoot,
+    store: Option<Store<Guest>>,
+    turn: Option<(TypedFunc<i32, i32>, TypedFunc<(i32, i32), i32>)>,
+    clock: door::GuestClock,
+    serial: u64,
+}
+
+mod tempdir {
+    //! The guest's private root: a fresh host folder, removed when the kernel ends.
+    use std::path::{Path, PathBuf};
+
+    pub(crate) struct TempRoot(PathBuf);
+
+    impl TempRoot {
+        pub(crate) fn new() -> std::io::Result<TempRoot> {
+            let base = std::env::temp_dir();
+            for _ in 0..16 {
+                let name = format!("sandgate-root-{}", uuid::Uuid::new_v4().simple());
+                let path = base.join(name);
+                match std::fs::create_dir(&path) {
+                    Ok(()) => {
+                        #[cfg(unix)]
+                        {
+                            use std::os::unix::fs::PermissionsExt;
+                            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+                        }
+                        for sub in ["usr/local/lib", "tmp/home/.matplotlib", "workspace"] {
+                            std::fs::create_dir_all(path.join(sub))?;
+                        }
+                        return Ok(TempRoot(path));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(std::io::Error::other("cannot make a private root folder"))
+        }
+
+        pub(crate) fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempRoot {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Host {
+    fn new(
+        config: SandboxConfig,
+        sink: EventSink,
+        control: Arc<Control>,
+        input: mpsc::Receiver<Option<String>>,
+    ) -> Result<Host, SandboxError> {
+        let engine = engine(&config.limits)?;
+        let module = load_module(&engine, &config.image.cwasm)?;
+        let mut linker: Linker<Guest> = Linker::new(&engine);
+        door::define(&mut linker).map_err(|e| SandboxError::Load {
+            path: config.image.cwasm.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let pre = linker.instantiate_pre(&module).map_err(|e| SandboxError::Load {
+            path: config.image.cwasm.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let wasi_only = door::WasiOnly::new(&engine).map_err(|e| SandboxError::Load {
+            path: config.image.cwasm.clone(),
+            reason: format!("{e:#}"),
+        })?;
+        let budget = Arc::new(OutputBudget::new(config.limits.output_bytes));
+        let root = tempdir::TempRoot::new().map_err(|e| SandboxError::Start(e.to_string()))?;
+        let mut host = Host {
+            config,
+            engine,
+            pre,
+            wasi_only,
+            sink,
+            control,
+            input: Arc::new(Mutex::new(input)),
+            budget,
+            root,
+            store: None,
+            turn: None,
+            clock: door::GuestClock::new(),
+            serial: 0,
+        };
+        host.boot()?;
+        Ok(host)
+    }
+
+    /// A fresh instance from the image, with the driver loaded.
+    fn boot(&mut self) -> Result<(), SandboxError> {
+        self.store = None;
+        self.turn = None;
+        let start = |e: wasmtime::Error| SandboxError::Start(format!("{e:#}"));
+        let limits = &self.config.limits;
+        let mut wasi = WasiCtxBuilder::new();
+        wasi.arg(ARGV0)
+            .envs(GUEST_ENV)
+            .stdout(GuestOutput::new(StreamName::Stdout, self.sink.clone(), self.budget.clone()))
+            .stderr(GuestOutput::new(StreamName::Stderr, self.sink.clone(), self.budget.clone()))
+            .monotonic_clock(self.clock.clone())
+            .allow_blocking_current_thread(true);
+        // The order of the first three matches the layout the image's snapshot was taken with.
+        let ro = wasmtime_wasi::FsPerms::ReadOnly;
+        let rw = wasmtime_wasi::FsPerms::ReadWrite;
+        let image = &self.config.image;
+        wasi.preopened_dir(&image.lib_dir, "/usr/local/lib", ro).map_err(start)?;
+        wasi.preopened_dir(&image.mpl_data_dir, image.mpl_data_guest(), ro).map_err(start)?;
+        wasi.preopened_dir(self.root.path(), "/", rw).map_err(start)?;
+        wasi.preopened_dir(&self.config.workspace, "/workspace", rw).map_err(start)?;
+        let guest = Guest {
+            wasi: wasi.build_p1(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes.min(usize::MAX as u64) as usize)
+                .trap_on_grow_failure(false)
+                .instances(2)
+                .memories(2)
+                .tables(8)
+                .build(),
+            door: door::DoorState::new(
+                self.sink.clone(),
+                self.budget.clone(),
+                self.input.clone(),
+                self.control.clone(),
+                limits.cell_timeout,
+                limits.hard_stop_grace,
+                limits.open_files,
+                self.config.image.interrupt.clone(),
+            ),
+            memory: None,
+            forward: door::Forwards::default(),
+            clock: self.clock.clone(),
+        };
+        let mut store = Store::new(&self.engine, guest);
+        store.limiter(|g| &mut g.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| match door::check(&mut ctx) {
+            Ok(_) => Ok(UpdateDeadline::Continue(1)),
+            Err(stop) => Err(wasmtime::Error::new(stop)),
+        });
+        let instance = self.pre.instantiate(&mut store).map_err(start)?;
+        let memory = instance
+            .get_memory(&mut store, "memory")
+            .ok_or_else(|| SandboxError::Start("the image exports no memory".into()))?;
+        store.data_mut().memory = Some(memory);
+        self.wasi_only.bind(&mut store, memory).map_err(start)?;
+        let alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc").map_err(start)?;
+        let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn").map_err(start)?;
+        self.store = Some(store);
+        self.turn = Some((alloc, turn));
+        self.run_turn(BOOT, None).map_err(SandboxError::Start)?;
+        Ok(())
+    }
+
+    /// Runs one turn. `Err` means the instance is gone, with the reason in words.
+    fn run_turn(&mut self, code: &str, request: Option<(Value, bool)>) -> Result<(), String> {
+        let (Some(store), Some((alloc, turn))) = (self.store.as_mut(), self.turn.as_ref()) else {
+            return Err("the interpreter is not running".into());
+        };
+        let (request, is_cell) = match request {
+            Some((r, c)) => (Some(r), c),
+            None => (None, false),
+        };
+        store.data_mut().door.begin(request, is_cell, DRIVER);
+        let result = (|| {
+            let len = i32::try_from(code.len()).map_err(|_| "turn too long".to_string())?;
+            let p = alloc.call(&mut *store, len).map_err(|e| stop_reason(&e))?;
+            let memory = store.data().memory.ok_or("no memory")?;
+            memory.write(&mut *store, p as u32 as usize, code.as_bytes()).map_err(|e| e.to_string())?;
+            turn.call(&mut *store, (p, len)).map_err(|e| stop_reason(&e))
+        })();
+        door::settle(store);
+        store.data_mut().door.end();
+        result.map(|_| ())
+    }
+
+    fn serve(&mut self, request: Value, is_cell: bool) -> Outcome {
+        self.serial += 1;
+        if is_cell {
+            self.budget.reset();
+            self.control.interrupt.store(false, Ordering::SeqCst);
+            self.control.running.store(self.serial, Ordering::SeqCst);
+        }
+        let result = self.run_turn(SERVE, Some((request, is_cell)));
+        self.control.running.store(0, Ordering::SeqCst);
+        match result {
+            Ok(()) => {
+                let reply = self.store.as_mut().and_then(|s| s.data_mut().door.take_reply());
+                Outcome::Reply(reply.unwrap_or_else(|| {
+                    json!({"status": "error", "ename": "KernelError",
+                           "evalue": "the driver gave no reply", "traceback": []})
+                }))
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "interpreter lost; starting a fresh one");
+                match self.boot() {
+                    Ok(()) => Outcome::Restarted { reason },
+                    Err(e) => Outcome::Restarted { reason: format!("{reason}; restart failed: {e}") },
+                }
+            }
+        }
+    }
+}
+
+/// A trap, in words for the user.
+fn stop_reason(e: &wasmtime::Error) -> String {
+    if let Some(stop) = e.downcast_ref::<door::HardStop>() {
+        return stop.to_string();
+    }
+    if let Some(exit) = e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return format!("the interpreter exited with status {}", exit.0);
+    }
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        return match trap {
+            wasmtime::Trap::StackOverflow => {
+                "the interpreter ran out of stack (too deep recursion in native code)".into()
+            }
+            wasmtime::Trap::Interrupt => "the interpreter was stopped".into(),
+            other => format!("the interpreter crashed ({other})"),
+        };
+    }
+    format!("the interpreter failed: {e:#}")
+}
+
+/// Finds the image's interrupt flags (see [`interrupt`]) and checks that setting them really
+/// interrupts a busy loop. Run once per image, when it is compiled.
+pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFlags, SandboxError> {
+    let bytes = std::fs::read(wasm).map_err(|e| SandboxError::Probe(e.to_string()))?;
+    let stack_top = interrupt::stack_top(&bytes)
+        .ok_or_else(|| SandboxError::Probe("cannot find the C stack's top in the image".into()))?;
+    drop(bytes);
+    let mut config = config;
+    config.image.interrupt = None;
+    let (std_tx, std_rx) = mpsc::sync_channel(EVENT_QUEUE);
+    std::thread::spawn(move || while std_rx.recv().is_ok() {});
+    let (_input_tx, input_rx) = mpsc::channel();
+    let config2 = config.clone();
+    let handle = std::thread::Builder::new()
+        .stack_size(GUEST_THREAD_STACK)
+        .spawn(move || -> Result<InterruptFlags, SandboxError> {
+            let mut host = Host::new(config2, EventSink(std_tx), Arc::default(), input_rx)?;
+            let mut run = |trigger: &str| -> Result<Vec<interrupt::FlagWord>, SandboxError> {
+                host.run_turn(&interrupt::probe_code(trigger), None).map_err(SandboxError::Probe)?;
+                let store = host.store.as_mut().ok_or(SandboxError::Stopped)?;
+                store
+                    .data_mut()
+                    .door
+                    .take_probe()
+                    .ok_or_else(|| SandboxError::Probe("the probe did not report".into()))
+            };
+            let mut runs = Vec::new();
+            let mut controls = Vec::new();
+            for _ in 0..3 {
+                runs.push(run("_thread.interrupt_main")?);
+                controls.push(run("int")?);
+            }
+            let words = interrupt::stable_words(&runs, &controls, stack_top);
+            if words.is_empty() || words.len() > interrupt::MAX_WORDS {
+                return Err(SandboxError::Probe(format!("{} candidate words", words.len())));
+            }
+            Ok(InterruptFlags { words })
+        })
+        .map_err(|e| SandboxError::Start(e.to_string()))?;
+    let flags = handle.join().map_err(|_| SandboxError::Probe("probe thread panicked".into()))??;
+    verify_interrupt(config, flags.clone())?;
+    Ok(flags)
+}
+
+/// Runs a busy loop in a fresh interpreter, interrupts it through `flags`, and checks that the
+/// loop ended in `KeyboardInterrupt` with the interpreter still alive.
+fn verify_interrupt(mut config: SandboxConfig, flags: InterruptFlags) -> Result<(), SandboxError> {
+    config.image.interrupt = Some(flags);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let rt = rt.map_err(|e| SandboxError::Start(e.to_string()))?;
+    rt.block_on(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+        let sandbox = Sandbox::start(config, tx)?;
+        let busy = json!({"kind": "execute",
+                          "code": "print('looping', flush=True)\nn = 0\nwhile True:\n    n += 1",
+                          "silent": false, "store_history": false, "user_expressions": {},
+                          "execution_count": 1});
+        let interrupter = async {
+            // Interrupt once the loop has said it is running; drain the rest.
+            while let Some(ev) = rx.recv().await {
+                if matches!(&ev, Event::Stream { text, .. } if text.contains("looping")) {
+                    sandbox.interrupt();
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = sandbox.request(busy, true) => outcome,
+            () = interrupter => return Err(SandboxError::Stopped),
+        };
+        match outcome? {
+            Outcome::Reply(r) if r["ename"] == "KeyboardInterrupt" => Ok(()),
+            other => Err(SandboxError::Probe(format!("interrupt check failed: {other:?}"))),
+        }
+    })
+}

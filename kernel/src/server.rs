@@ -1,0 +1,670 @@
+//! The kernel's five ZeroMQ channels and the handlers behind them.
+//!
+//! Shell requests are handled one at a time, in order, by the executor; control requests
+//! (interrupt, shutdown, kernel_info) are handled as they arrive, even while a cell runs.
+//! Every request is framed by `status: busy` / `status: idle` on iopub. Messages that fail to
+//! parse or authenticate are dropped and logged, never answered and never executed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use jupyter_protocol::{ConnectionInfo, Header};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError};
+use crate::wire::{self, Message, Signer};
+
+/// The protocol version spoken.
+pub const PROTOCOL_VERSION: &str = "5.3";
+/// Most shell requests queued while one runs; past it the reader waits (ZeroMQ then buffers).
+const SHELL_QUEUE: usize = 256;
+/// Outgoing messages queued per socket.
+const SEND_QUEUE: usize = 1024;
+/// How much of a cell's output text the history keeps.
+const HISTORY_OUTPUT_CHARS: usize = 10_000;
+
+/// Errors that stop the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A socket could not be bound.
+    #[error("cannot bind {endpoint}: {reason}")]
+    Bind {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// The sandbox failed to start.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
+/// What the kernel needs to run.
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    /// Ports, transport and key, from the connection file.
+    pub connection: ConnectionInfo,
+    /// The sandbox: image, workspace, limits.
+    pub sandbox: SandboxConfig,
+}
+
+/// Sends frames on one socket from many tasks.
+#[derive(Clone)]
+struct Outbox(mpsc::Sender<Vec<Bytes>>);
+
+impl Outbox {
+    async fn send(&self, frames: Vec<Bytes>) {
+        let _ = self.0.send(frames).await;
+    }
+}
+
+fn spawn_writer<S: SocketSend + Send + 'static>(mut socket: S, name: &'static str) -> Outbox {
+    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(SEND_QUEUE);
+    tokio::spawn(async move {
+        while let Some(frames) = rx.recv().await {
+            let Ok(message) = ZmqMessage::try_from(frames) else { continue };
+            if let Err(e) = socket.send(message).await {
+                tracing::debug!(socket = name, error = %e, "send failed");
+            }
+        }
+    });
+    Outbox(tx)
+}
+
+/// Builds and signs the kernel's messages.
+#[derive(Clone)]
+struct Messenger {
+    signer: Signer,
+    session: String,
+    iopub: Outbox,
+}
+
+impl Messenger {
+    fn make(&self, parent: &Message, msg_type: &str, content: Value) -> Message {
+        Message {
+            identities: Vec::new(),
+            header: Header {
+                msg_id: uuid::Uuid::new_v4().to_string(),
+                username: parent.header.username.clone(),
+                session: self.session.clone(),
+                date: chrono::Utc::now(),
+                msg_type: msg_type.to_owned(),
+                version: PROTOCOL_VERSION.to_owned(),
+            },
+            parent_header: serde_json::to_value(&parent.header).unwrap_or_else(|_| json!({})),
+            metadata: json!({}),
+            content,
+            buffers: Vec::new(),
+        }
+    }
+
+    async fn publish(&self, parent: &Message, msg_type: &str, content: Value) {
+        let mut msg = self.make(parent, msg_type, content);
+        msg.identities = vec![Bytes::from(format!("kernel.{}.{}", self.session, msg_type))];
+        self.iopub.send(wire::serialize(&msg, &self.signer)).await;
+    }
+
+    async fn status(&self, parent: &Message, state: &str) {
+        self.publish(parent, "status", json!({"execution_state": state})).await;
+    }
+
+    async fn reply(&self, to: &Outbox, request: &Message, msg_type: &str, content: Value) {
+        let mut msg = self.make(request, msg_type, content);
+        msg.identities = request.identities.clone();
+        if msg_type == "execute_reply" || msg_type.ends_with("_reply") {
+            msg.metadata = json!({"started": request.header.date.to_rfc3339()});
+        }
+        to.send(wire::serialize(&msg, &self.signer)).await;
+    }
+}
+
+/// One remembered execution, for `history_request`.
+struct HistoryEntry {
+    line: u64,
+    input: String,
+    output: Option<String>,
+}
+
+/// Binds a socket of type `S` at `endpoint`.
+async fn bind<S: Socket>(endpoint: String) -> Result<S, KernelError> {
+    let mut socket = S::new();
+    socket
+        .bind(&endpoint)
+        .await
+        .map_err(|e| KernelError::Bind { endpoint: endpoint.clone(), reason: e.to_string() })?;
+    Ok(socket)
+}
+
+/// Reads, authenticates and parses messages from a ROUTER socket into `tx`.
+fn spawn_reader(
+    mut socket: zeromq::RouterRecvHalf,
+    signer: Signer,
+    name: &'static str,
+    tx: mpsc::Sender<Message>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let frames = match socket.recv().await {
+                Ok(m) => m.into_vec(),
+                Err(e) => {
+                    tracing::debug!(socket = name, error = %e, "receive failed");
+                    continue;
+                }
+            };
+            match wire::parse(frames, &signer) {
+                Ok(msg) => {
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::warn!(socket = name, error = %e, "dropped a message"),
+            }
+        }
+    });
+}
+
+/// Runs the kernel until a `shutdown_request` (or `shutdown` resolves).
+pub async fn run(
+    config: KernelConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), KernelError> {
+    let c = &config.connection;
+    let transport = match c.transport {
+        jupyter_protocol::connection_info::Transport::TCP => "tcp",
+        jupyter_protocol::connection_info::Transport::IPC => "ipc",
+    };
+    let endpoint = |port: u16| format!("{transport}://{}:{port}", c.ip);
+    let signer = Signer::new(c.key.as_bytes());
+
+    let (shell_send, shell_recv) = bind::<zeromq::RouterSocket>(endpoint(c.shell_port)).await?.split();
+    let (control_send, control_recv) =
+        bind::<zeromq::RouterSocket>(endpoint(c.control_port)).await?.split();
+    let (stdin_send, stdin_recv) = bind::<zeromq::RouterSocket>(endpoint(c.stdin_port)).await?.split();
+    let iopub = bind::<zeromq::PubSocket>(endpoint(c.iopub_port)).await?;
+    let mut heartbeat = bind::<zeromq::RepSocket>(endpoint(c.hb_port)).await?;
+    tokio::spawn(async move {
+        while let Ok(ping) = heartbeat.recv().await {
+            if heartbeat.send(ping).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let sandbox_config = config.sandbox.clone();
+    let sandbox = tokio::task::spawn_blocking(move || Sandbox::start(sandbox_config, events_tx))
+        .await
+        .map_err(|e| SandboxError::Start(e.to_string()))??;
+    let sandbox = Arc::new(sandbox);
+
+    let messenger = Messenger {
+        signer: signer.clone(),
+        session: uuid::Uuid::new_v4().to_string(),
+        iopub: spawn_writer(iopub, "iopub"),
+    };
+    let shell_out = spawn_writer(shell_send, "shell");
+    let control_out = spawn_writer(control_send, "control");
+    let stdin_out = spawn_writer(stdin_send, "stdin");
+
+    let (shell_tx, shell_rx) = mpsc::channel(SHELL_QUEUE);
+    spawn_reader(shell_recv, signer.clone(), "shell", shell_tx);
+    let (control_tx, mut control_rx) = mpsc::channel(64);
+    spawn_reader(control_recv, signer.clone(), "control", control_tx);
+    let (stdin_tx, stdin_rx) = mpsc::channel(16);
+    spawn_reader(stdin_recv, signer.clone(), "stdin", stdin_tx);
+
+    let info = kernel_info(&sandbox).await;
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+
+    let mut executor = Executor {
+        messenger: messenger.clone(),
+        shell: shell_out.clone(),
+        stdin: stdin_out,
+        sandbox: sandbox.clone(),
+        events: events_rx,
+        stdin_replies: stdin_rx,
+        info: info.clone(),
+        count: 0,
+        history: Vec::new(),
+        stop: stop_tx.clone(),
+    };
+    // Tell clients the kernel is up, as ipykernel does.
+    let hello = Message {
+        identities: vec![],
+        header: Header {
+            msg_id: uuid::Uuid::new_v4().to_string(),
+            username: "kernel".into(),
+            session: messenger.session.clone(),
+            date: chrono::Utc::now(),
+            msg_type: "status".into(),
+            version: PROTOCOL_VERSION.into(),
+        },
+        parent_header: json!({}),
+        metadata: json!({}),
+        content: json!({}),
+        buffers: vec![],
+    };
+    messenger.status(&hello, "starting").await;
+    tokio::spawn(async move { executor.run(shell_rx).await });
+
+    let control_sandbox = sandbox.clone();
+    let control_messenger = messenger.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = control_rx.recv().await {
+            let m = &control_messenger;
+            m.status(&msg, "busy").await;
+            match msg.header.msg_type.as_str() {
+                "interrupt_request" => {
+                    control_sandbox.interrupt();
+                    m.reply(&control_out, &msg, "interrupt_reply", json!({"status": "ok"})).await;
+                }
+                "shutdown_request" => {
+                    let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                    let content = json!({"status": "ok", "restart": restart});
+                    m.reply(&control_out, &msg, "shutdown_reply", content.clone()).await;
+                    m.publish(&msg, "shutdown_reply", content).await;
+                    m.status(&msg, "idle").await;
+                    let _ = stop_tx.send(true);
+                    continue;
+                }
+                "kernel_info_request" => {
+                    m.reply(&control_out, &msg, "kernel_info_reply", info.clone()).await;
+                }
+                other => tracing::info!(msg_type = other, "ignored control message"),
+            }
+            m.status(&msg, "idle").await;
+        }
+    });
+
+    tokio::select! {
+        () = shutdown => {}
+        _ = stop_rx.wait_for(|stop| *stop) => {}
+    }
+    // Give the writer tasks a moment to put the last replies on the wire.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    Ok(())
+}
+
+async fn kernel_info(sandbox: &Sandbox) -> Value {
+    let version = match sandbox.request(json!({"kind": "info"}), false).await {
+        Ok(Outcome::Reply(r)) => r["python_version"].as_str().unwrap_or("3").to_owned(),
+        _ => "3".to_owned(),
+    };
+    json!({
+        "status": "ok",
+        "protocol_version": PROTOCOL_VERSION,
+        "implementation": "sandgate",
+        "implementation_version": env!("CARGO_PKG_VERSION"),
+        "language_info": {
+            "name": "python",
+            "version": version,
+            "mimetype": "text/x-python",
+            "file_extension": ".py",
+            "pygments_lexer": "ipython3",
+            "codemirror_mode": {"name": "ipython", "version": 3},
+            "nbconvert_exporter": "python",
+        },
+        "banner": format!(
+            "Sandgate: Python {version} in a wasmtime sandbox (no network, files only in /workspace)"
+        ),
+        "help_links": [],
+        "debugger": false,
+    })
+}
+
+struct Executor {
+    messenger: Messenger,
+    shell: Outbox,
+    stdin: Outbox,
+    sandbox: Arc<Sandbox>,
+    events: mpsc::Receiver<Event>,
+    stdin_replies: mpsc::Receiver<Message>,
+    info: Value,
+    count: u64,
+    history: Vec<HistoryEntry>,
+    stop: watch::Sender<bool>,
+}
+
+impl Executor {
+    async fn run(&mut self, mut shell: mpsc::Receiver<Message>) {
+        let mut pending: VecDeque<Message> = VecDeque::new();
+        loop {
+            let msg = match pending.pop_front() {
+                Some(m) => m,
+                None => match shell.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let failed = self.handle(&msg).await;
+            if failed && msg.content.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true) {
+                // Abort what was already queued behind the failed cell, as ipykernel does.
+                while let Ok(next) = shell.try_recv() {
+                    pending.push_back(next);
+                }
+                let mut kept = VecDeque::new();
+                for queued in pending.drain(..) {
+                    if queued.header.msg_type == "execute_request" {
+                        self.abort(&queued).await;
+                    } else {
+                        kept.push_back(queued);
+                    }
+                }
+                pending = kept;
+            }
+        }
+    }
+
+    async fn abort(&self, msg: &Message) {
+        let m = &self.messenger;
+        m.status(msg, "busy").await;
+        let content = json!({"status": "aborted", "execution_count": self.count});
+        m.reply(&self.shell, msg, "execute_reply", content).await;
+        m.status(msg, "idle").await;
+    }
+
+    /// Handles one shell request; true if it was an execution that failed.
+    async fn handle(&mut self, msg: &Message) -> bool {
+        let m = self.messenger.clone();
+        m.status(msg, "busy").await;
+        let mut failed = false;
+        match msg.header.msg_type.as_str() {
+            "kernel_info_request" => {
+                m.reply(&self.shell, msg, "kernel_info_reply", self.info.clone()).await;
+            }
+            "execute_request" => failed = self.execute(msg).await,
+            "complete_request" => {
+                let req = json!({"kind": "complete", "code": msg.content["code"],
+                                 "cursor_pos": msg.content["cursor_pos"]});
+                let reply = self.simple(req).await;
+                m.reply(&self.shell, msg, "complete_reply", reply).await;
+            }
+            "inspect_request" => {
+                let req = json!({"kind": "inspect", "code": msg.content["code"],
+                                 "cursor_pos": msg.content["cursor_pos"],
+                                 "detail_level": msg.content["detail_level"]});
+                let reply = self.simple(req).await;
+                m.reply(&self.shell, msg, "inspect_reply", reply).await;
+            }
+            "is_complete_request" => {
+                let req = json!({"kind": "is_complete", "code": msg.content["code"]});
+                let reply = self.simple(req).await;
+                m.reply(&self.shell, msg, "is_complete_reply", reply).await;
+            }
+            "history_request" => {
+                let reply = self.history_reply(&msg.content);
+                m.reply(&self.shell, msg, "history_reply", reply).await;
+            }
+            "comm_info_request" => {
+                m.reply(&self.shell, msg, "comm_info_reply", json!({"status": "ok", "comms": {}}))
+                    .await;
+            }
+            "comm_open" => {
+                // No comm targets exist in the sandbox: close it, as ipykernel does for an
+                // unknown target.
+                let id = msg.content.get("comm_id").cloned().unwrap_or(Value::Null);
+                m.publish(msg, "comm_close", json!({"comm_id": id, "data": {}})).await;
+            }
+            "shutdown_request" => {
+                let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                let content = json!({"status": "ok", "restart": restart});
+                m.reply(&self.shell, msg, "shutdown_reply", content).await;
+                let _ = self.stop.send(true);
+            }
+            other => tracing::info!(msg_type = other, "ignored shell message"),
+        }
+        m.status(msg, "idle").await;
+        failed
+    }
+
+    /// A request answered by the driver alone (no output expected).
+    async fn simple(&mut self, request: Value) -> Value {
+        let outcome = self.run_in_sandbox(request, false, None).await;
+        match outcome {
+            Ok(Outcome::Reply(r)) => r,
+            Ok(Outcome::Restarted { reason }) => {
+                json!({"status": "error", "ename": "InterpreterRestarted", "evalue": reason, "traceback": []})
+            }
+            Err(e) => json!({"status": "error", "ename": "KernelError", "evalue": e.to_string(), "traceback": []}),
+        }
+    }
+
+    /// Sends a request to the sandbox and, while it runs, forwards its events to iopub (with
+    /// `parent` as their parent) and serves its `input()` calls.
+    async fn run_in_sandbox(
+        &mut self,
+        request: Value,
+        is_cell: bool,
+        parent: Option<(&Message, u64)>,
+    ) -> Result<Outcome, SandboxError> {
+        let sandbox = self.sandbox.clone();
+        let work = sandbox.request(request, is_cell);
+        tokio::pin!(work);
+        let mut output = String::new();
+        loop {
+            tokio::select! {
+                biased;
+                event = self.events.recv() => {
+                    let Some(event) = event else { continue };
+                    if let Some((parent, count)) = parent {
+                        self.forward(parent, count, event, &mut output).await;
+                    }
+                }
+                reply = self.stdin_replies.recv() => {
+                    if let Some(reply) = reply {
+                        if reply.header.msg_type == "input_reply" {
+                            let value = reply.content.get("value").and_then(Value::as_str).map(str::to_owned);
+                            self.sandbox.input_reply(value);
+                        }
+                    }
+                }
+                outcome = &mut work => {
+                    // Events the guest sent before it answered are still queued: forward them.
+                    while let Ok(event) = self.events.try_recv() {
+                        if let Some((parent, count)) = parent {
+                            self.forward(parent, count, event, &mut output).await;
+                        }
+                    }
+                    if let Some((_, count)) = parent {
+                        if !output.is_empty() {
+                            if let Some(entry) = self.history.iter_mut().rev().find(|e| e.line == count) {
+                                entry.output = Some(std::mem::take(&mut output));
+                            }
+                        }
+                    }
+                    return outcome;
+                }
+            }
+        }
+    }
+
+    async fn forward(&mut self, parent: &Message, count: u64, event: Event, output: &mut String) {
+        let m = &self.messenger;
+        match event {
+            Event::Stream { name, mut text } => {
+                // Coalesce what is already queued for the same stream into one message.
+                let mut next = None;
+                while let Ok(more) = self.events.try_recv() {
+                    match more {
+                        Event::Stream { name: n, text: t } if n == name && text.len() < 1 << 20 => {
+                            text.push_str(&t)
+                        }
+                        other => {
+                            next = Some(other);
+                            break;
+                        }
+                    }
+                }
+                m.publish(parent, "stream", json!({"name": name.as_str(), "text": text})).await;
+                if let Some(next) = next {
+                    Box::pin(self.forward(parent, count, next, output)).await;
+                }
+            }
+            Event::Iopub { msg_type, mut content } => {
+                if msg_type == "execute_result" {
+                    content["execution_count"] = json!(count);
+                    if let Some(text) = content["data"]["text/plain"].as_str() {
+                        output.clear();
+                        output.extend(text.chars().take(HISTORY_OUTPUT_CHARS));
+                    }
+                }
+                m.publish(parent, msg_type, content).await;
+            }
+            Event::InputRequest { prompt, password } => {
+                let allowed = parent.content.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false);
+                if !allowed {
+                    self.sandbox.input_reply(None);
+                    return;
+                }
+                let mut msg = m.make(parent, "input_request", json!({"prompt": prompt, "password": password}));
+                msg.identities = parent.identities.clone();
+                self.stdin.send(wire::serialize(&msg, &m.signer)).await;
+            }
+        }
+    }
+
+    /// Runs a cell; true if it failed.
+    async fn execute(&mut self, msg: &Message) -> bool {
+        let m = self.messenger.clone();
+        let code = msg.content.get("code").and_then(Value::as_str).unwrap_or_default().to_owned();
+        let silent = msg.content.get("silent").and_then(Value::as_bool).unwrap_or(false);
+        let store = msg.content.get("store_history").and_then(Value::as_bool).unwrap_or(true) && !silent;
+        if store {
+            self.count += 1;
+        }
+        let count = self.count.max(1);
+        if !silent {
+            m.publish(msg, "execute_input", json!({"code": code, "execution_count": count})).await;
+        }
+        if store {
+            self.history.push(HistoryEntry { line: count, input: code.clone(), output: None });
+        }
+        let request = json!({
+            "kind": "execute",
+            "code": code,
+            "silent": silent,
+            "store_history": store,
+            "user_expressions": msg.content.get("user_expressions").cloned().unwrap_or(json!({})),
+            "allow_stdin": msg.content.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false),
+            "execution_count": count,
+        });
+        let outcome = self.run_in_sandbox(request, true, Some((msg, count))).await;
+        let mut reply = match outcome {
+            Ok(Outcome::Reply(reply)) => reply,
+            Ok(Outcome::Restarted { reason }) => {
+                let evalue = format!("{reason}. A fresh interpreter was started: variables and imports from earlier cells are gone.");
+                let error = json!({"ename": "InterpreterRestarted", "evalue": evalue,
+                                   "traceback": [format!("InterpreterRestarted: {evalue}")]});
+                m.publish(msg, "error", error.clone()).await;
+                let mut r = error;
+                r["status"] = json!("error");
+                r
+            }
+            Err(e) => {
+                let error = json!({"ename": "KernelError", "evalue": e.to_string(), "traceback": []});
+                m.publish(msg, "error", error.clone()).await;
+                let mut r = error;
+                r["status"] = json!("error");
+                r
+            }
+        };
+        let failed = reply["status"] != "ok";
+        reply["execution_count"] = json!(count);
+        if reply.get("user_expressions").is_none() {
+            reply["user_expressions"] = json!({});
+        }
+        if reply.get("payload").is_none() {
+            reply["payload"] = json!([]);
+        }
+        m.reply(&self.shell, msg, "execute_reply", reply).await;
+        failed
+    }
+
+    fn history_reply(&self, content: &Value) -> Value {
+        let output = content.get("output").and_then(Value::as_bool).unwrap_or(false);
+        let kind = content.get("hist_access_type").and_then(Value::as_str).unwrap_or("tail");
+        let n = content.get("n").and_then(Value::as_u64).map(|n| n as usize);
+        let entry = |e: &HistoryEntry| {
+            if output {
+                json!([1, e.line, [e.input, e.output]])
+            } else {
+                json!([1, e.line, e.input])
+            }
+        };
+        let items: Vec<Value> = match kind {
+            "range" => {
+                let start = content.get("start").and_then(Value::as_u64).unwrap_or(0);
+                let stop = content.get("stop").and_then(Value::as_u64).unwrap_or(u64::MAX);
+                self.history.iter().filter(|e| e.line >= start && e.line < stop).map(entry).collect()
+            }
+            "search" => {
+                let pattern = content.get("pattern").and_then(Value::as_str).unwrap_or("*");
+                let unique = content.get("unique").and_then(Value::as_bool).unwrap_or(false);
+                let mut seen = std::collections::HashSet::new();
+                let mut hits: Vec<&HistoryEntry> = self
+                    .history
+                    .iter()
+                    .rev()
+                    .filter(|e| glob(pattern, &e.input))
+                    .filter(|e| !unique || seen.insert(e.input.clone()))
+                    .collect();
+                if let Some(n) = n {
+                    hits.truncate(n);
+                }
+                hits.reverse();
+                hits.into_iter().map(entry).collect()
+            }
+            _ => {
+                let n = n.unwrap_or(10);
+                let skip = self.history.len().saturating_sub(n);
+                self.history.iter().skip(skip).map(entry).collect()
+            }
+        };
+        json!({"status": "ok", "history": items})
+    }
+}
+
+/// Shell-style glob (`*`, `?`) over the whole string, as IPython's history search uses.
+fn glob(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ti;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ti = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn glob_matches_like_sqlite() {
+        assert!(glob("1?2*", "1+2+3"));
+        assert!(glob("*", ""));
+        assert!(glob("a*c", "abbbc"));
+        assert!(!glob("a*c", "abbb"));
+        assert!(!glob("1?2*", "12"));
+    }
+}
