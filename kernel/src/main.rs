@@ -119,6 +119,17 @@ fn jupyter_kernels_dir(prefix: Option<&Path>) -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/jupyter/kernels"))
 }
 
+/// Resolves when this process's parent changes (the launcher died and we were re-parented).
+async fn watch_parent(parent: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if std::os::unix::process::parent_id() != parent {
+            return;
+        }
+    }
+}
+
 fn progress(message: &str) {
     eprintln!("sandgate-kernel: {message}");
 }
@@ -181,6 +192,8 @@ fn main() -> Result<()> {
                 connection,
                 sandbox: SandboxConfig { image, workspace, limits },
             };
+            // Like ipykernel: a kernel whose launcher died exits instead of lingering.
+            let parent = std::os::unix::process::parent_id();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -198,7 +211,14 @@ fn main() -> Result<()> {
                     #[cfg(not(unix))]
                     std::future::pending::<()>().await;
                 };
-                server::run(config, terminate).await
+                let orphaned = watch_parent(parent);
+                tokio::select! {
+                    r = server::run(config, terminate) => r,
+                    () = orphaned => {
+                        tracing::warn!("the process that started this kernel is gone; exiting");
+                        Ok(())
+                    }
+                }
             })?;
             // The guest thread may be busy in a cell; the process ends without waiting for it.
             std::process::exit(0);

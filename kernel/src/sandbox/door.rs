@@ -21,7 +21,6 @@ const MAX_DOOR_REQUEST: usize = 32 << 20;
 /// Largest prompt `input()` may show.
 const MAX_PROMPT: usize = 64 << 10;
 /// WASI errno values used here.
-const EINTR: i32 = 27;
 const EINVAL: i32 = 28;
 const EMFILE: i32 = 33;
 const EFAULT: i32 = 21;
@@ -508,8 +507,9 @@ const SUBSCRIPTION: usize = 48;
 const EVENT: usize = 32;
 
 /// `poll_oneoff`: waits on clocks alone are served here, in slices, so an interrupt or the cell
-/// timeout can end them (the guest then sees `EINTR`, which CPython's `time.sleep` answers by
-/// raising the pending `KeyboardInterrupt`). Anything else goes to WASI's own.
+/// timeout can end them. An interrupted wait reports its clocks as fired (wasi-libc would turn
+/// an `EINTR` into `ENOTSUP`): the sleep returns early and CPython raises the pending
+/// `KeyboardInterrupt` at its next check, in the user's frame. Anything else goes to WASI's own.
 fn poll_oneoff(
     mut caller: Caller<'_, Guest>,
     subs_ptr: i32,
@@ -555,13 +555,15 @@ fn poll_oneoff(
         clocks.push((userdata, due));
     }
     let first = clocks.iter().filter_map(|c| c.1).min();
+    let mut interrupted = false;
     loop {
         let now = Instant::now();
         if first.is_some_and(|due| now >= due) {
             break;
         }
         if let Check::Interrupted = check(&mut caller)? {
-            return Ok(EINTR);
+            interrupted = true;
+            break;
         }
         let slice = first.map_or(TICK, |due| due.saturating_duration_since(now).min(TICK));
         std::thread::sleep(slice);
@@ -570,7 +572,7 @@ fn poll_oneoff(
     let data = memory.data_mut(&mut caller);
     let mut count = 0usize;
     for (userdata, due) in clocks {
-        if due.is_some_and(|d| now >= d) {
+        if interrupted || due.is_some_and(|d| now >= d) {
             let at = events_ptr as u32 as usize + count * EVENT;
             let event = &mut data[at..at + EVENT];
             event.fill(0);

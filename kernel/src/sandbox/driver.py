@@ -260,28 +260,36 @@ def _flush_figures():
         _state["shown_figures"].clear()
 
 
-def _inline_backend():
-    """`module://_sandgate_inline`: Agg canvases, and `show()` that displays."""
-    mod = types.ModuleType("_sandgate_inline", "Sandgate's inline matplotlib backend.")
+class _InlineBackendFinder:
+    """Makes `module://_sandgate_inline` importable: Agg canvases, and a `show()` that
+    displays. matplotlib reads the module's attributes with `vars()`, so they are set when the
+    module is executed (that is, when matplotlib first selects the backend)."""
 
-    def show(*args, **kwargs):
-        _flush_figures()
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "_sandgate_inline":
+            return None
+        import importlib.util
+        return importlib.util.spec_from_loader(name, _InlineBackendFinder)
 
-    def __getattr__(name):
-        if name in ("FigureCanvas", "FigureCanvasAgg"):
-            from matplotlib.backends.backend_agg import FigureCanvasAgg
-            return FigureCanvasAgg
-        if name == "FigureManager":
-            from matplotlib.backend_bases import FigureManagerBase
-            return FigureManagerBase
-        raise AttributeError(name)
+    @staticmethod
+    def create_module(spec):
+        return None
 
-    mod.show = show
-    mod.__getattr__ = __getattr__
-    return mod
+    @staticmethod
+    def exec_module(module):
+        from matplotlib.backend_bases import FigureManagerBase
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        def show(*args, **kwargs):
+            _flush_figures()
+
+        module.FigureCanvas = FigureCanvasAgg
+        module.FigureManager = FigureManagerBase
+        module.show = show
 
 
-sys.modules["_sandgate_inline"] = _inline_backend()
+sys.meta_path.append(_InlineBackendFinder)
 
 
 class _Object:
@@ -527,12 +535,25 @@ def _run_code(code, evaluate=False):
     return None
 
 
-def _format_traceback(etype, evalue, tb, count):
-    """Traceback lines from the first frame of user code on, with cells named like IPython."""
+def _user_frames(tb):
+    """The traceback from the first frame of user code on (the driver's frames dropped)."""
     while tb is not None and tb.tb_frame.f_code.co_filename == "<sandgate-driver>":
         tb = tb.tb_next
-    lines = traceback.format_exception(etype, evalue, tb)
-    text = "".join(lines)
+    return tb
+
+
+def _format_traceback(e):
+    """Traceback lines for `e` and its chain, user frames only, cells named like IPython."""
+    seen = set()
+    link = e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__traceback__ = _user_frames(link.__traceback__)
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    if isinstance(e, KeyboardInterrupt):
+        # What the interrupted code was handling is not what the user asked to see.
+        e.__suppress_context__ = True
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     text = re.sub(r'File "<cell-(\d+)>", line (\d+)', r"Cell In[\1], line \2", text)
     return text.rstrip("\n").split("\n")
 
@@ -551,7 +572,7 @@ def _error_content(e, count):
     except Exception:
         evalue = "<str() failed>"
     return {"ename": name, "evalue": evalue,
-            "traceback": _format_traceback(type(e), e, e.__traceback__, count)}
+            "traceback": _format_traceback(e)}
 
 
 def _user_expressions(expressions):
