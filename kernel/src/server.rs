@@ -216,7 +216,8 @@ pub async fn run(
     let (stdin_tx, stdin_rx) = mpsc::channel(16);
     spawn_reader(stdin_recv, signer.clone(), "stdin", stdin_tx);
 
-    let info = kernel_info(&sandbox).await;
+    let mut events_rx = events_rx;
+    let info = kernel_info(&sandbox, &mut events_rx).await;
     let (stop_tx, mut stop_rx) = watch::channel(false);
 
     let mut executor = Executor {
@@ -225,6 +226,7 @@ pub async fn run(
         stdin: stdin_out,
         sandbox: sandbox.clone(),
         events: events_rx,
+        lookahead: None,
         stdin_replies: stdin_rx,
         info: info.clone(),
         count: 0,
@@ -288,11 +290,18 @@ pub async fn run(
     Ok(())
 }
 
-async fn kernel_info(sandbox: &Sandbox) -> Value {
-    let version = match sandbox.request(json!({"kind": "info"}), false).await {
-        Ok(Outcome::Reply(r)) => r["python_version"].as_str().unwrap_or("3").to_owned(),
-        _ => "3".to_owned(),
-    };
+async fn kernel_info(sandbox: &Sandbox, events: &mut mpsc::Receiver<Event>) -> Value {
+    let mut version = "3".to_owned();
+    if sandbox.submit(json!({"kind": "info"}), false).is_ok() {
+        while let Some(event) = events.recv().await {
+            if let Event::Done(outcome) = event {
+                if let Outcome::Reply(r) = outcome {
+                    version = r["python_version"].as_str().unwrap_or("3").to_owned();
+                }
+                break;
+            }
+        }
+    }
     json!({
         "status": "ok",
         "protocol_version": PROTOCOL_VERSION,
@@ -321,6 +330,8 @@ struct Executor {
     stdin: Outbox,
     sandbox: Arc<Sandbox>,
     events: mpsc::Receiver<Event>,
+    /// An event read ahead while coalescing output.
+    lookahead: Option<Event>,
     stdin_replies: mpsc::Receiver<Message>,
     info: Value,
     count: u64,
@@ -440,19 +451,31 @@ impl Executor {
         is_cell: bool,
         parent: Option<(&Message, u64)>,
     ) -> Result<Outcome, SandboxError> {
-        let sandbox = self.sandbox.clone();
-        let work = sandbox.request(request, is_cell);
-        tokio::pin!(work);
+        self.sandbox.submit(request, is_cell)?;
         let mut output = String::new();
         loop {
-            tokio::select! {
-                biased;
-                event = self.events.recv() => {
-                    let Some(event) = event else { continue };
-                    if let Some((parent, count)) = parent {
-                        self.forward(parent, count, event, &mut output).await;
+            if let Some(event) = self.lookahead.take() {
+                match event {
+                    Event::Done(outcome) => return Ok(self.finish(outcome, parent, output)),
+                    event => {
+                        if let Some((parent, count)) = parent {
+                            self.forward(parent, count, event, &mut output).await;
+                        }
+                        continue;
                     }
                 }
+            }
+            tokio::select! {
+                biased;
+                event = self.events.recv() => match event {
+                    None => return Err(SandboxError::Stopped),
+                    Some(Event::Done(outcome)) => return Ok(self.finish(outcome, parent, output)),
+                    Some(event) => {
+                        if let Some((parent, count)) = parent {
+                            self.forward(parent, count, event, &mut output).await;
+                        }
+                    }
+                },
                 reply = self.stdin_replies.recv() => {
                     if let Some(reply) = reply {
                         if reply.header.msg_type == "input_reply" {
@@ -461,26 +484,23 @@ impl Executor {
                         }
                     }
                 }
-                outcome = &mut work => {
-                    // Events the guest sent before it answered are still queued: forward them.
-                    while let Ok(event) = self.events.try_recv() {
-                        if let Some((parent, count)) = parent {
-                            self.forward(parent, count, event, &mut output).await;
-                        }
-                    }
-                    if let Some((_, count)) = parent {
-                        if !output.is_empty() {
-                            if let Some(entry) = self.history.iter_mut().rev().find(|e| e.line == count) {
-                                entry.output = Some(std::mem::take(&mut output));
-                            }
-                        }
-                    }
-                    return outcome;
-                }
             }
         }
     }
 
+    /// Records a cell's text result in the history and hands back its outcome.
+    fn finish(&mut self, outcome: Outcome, parent: Option<(&Message, u64)>, output: String) -> Outcome {
+        if let Some((_, count)) = parent {
+            if !output.is_empty() {
+                if let Some(entry) = self.history.iter_mut().rev().find(|e| e.line == count) {
+                    entry.output = Some(output);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Publishes one event. Coalescing may read one event ahead; it is kept in `lookahead`.
     async fn forward(&mut self, parent: &Message, count: u64, event: Event, output: &mut String) {
         let m = &self.messenger;
         match event {
@@ -500,7 +520,7 @@ impl Executor {
                 }
                 m.publish(parent, "stream", json!({"name": name.as_str(), "text": text})).await;
                 if let Some(next) = next {
-                    Box::pin(self.forward(parent, count, next, output)).await;
+                    self.lookahead = Some(next);
                 }
             }
             Event::Iopub { msg_type, mut content } => {
@@ -513,6 +533,8 @@ impl Executor {
                 }
                 m.publish(parent, msg_type, content).await;
             }
+            // `run_in_sandbox` takes `Done` itself and never passes it here.
+            Event::Done(_) => {}
             Event::InputRequest { prompt, password } => {
                 let allowed = parent.content.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false);
                 if !allowed {

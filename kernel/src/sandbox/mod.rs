@@ -127,6 +127,9 @@ pub enum Event {
         /// Its content.
         content: Value,
     },
+    /// The request is finished; nothing more comes for it. Sent on the same queue as its
+    /// output, so it never overtakes any of it.
+    Done(Outcome),
     /// The guest called `input()`; answer with [`Sandbox::input_reply`].
     InputRequest {
         /// The prompt.
@@ -163,7 +166,6 @@ pub enum Outcome {
 struct Command {
     request: Value,
     is_cell: bool,
-    done: tokio::sync::oneshot::Sender<Outcome>,
 }
 
 /// Shared between the kernel's threads and the guest's: what the kernel asks of a running cell.
@@ -234,7 +236,7 @@ impl Sandbox {
                 };
                 while let Ok(cmd) = cmd_rx.recv() {
                     let outcome = host.serve(cmd.request, cmd.is_cell);
-                    let _ = cmd.done.send(outcome);
+                    host.sink.send(Event::Done(outcome));
                 }
             })
             .map_err(|e| SandboxError::Start(e.to_string()))?;
@@ -242,14 +244,11 @@ impl Sandbox {
         Ok(Sandbox { commands: cmd_tx, control, input: input_tx, thread: Some(thread) })
     }
 
-    /// Sends a request to the driver and waits for its answer. `is_cell` requests run under
-    /// the cell limits (timeout, output cap) and can be interrupted.
-    pub async fn request(&self, request: Value, is_cell: bool) -> Result<Outcome, SandboxError> {
-        let (done, wait) = tokio::sync::oneshot::channel();
-        self.commands
-            .send(Command { request, is_cell, done })
-            .map_err(|_| SandboxError::Stopped)?;
-        wait.await.map_err(|_| SandboxError::Stopped)
+    /// Sends a request to the driver. Its output, then its [`Event::Done`], arrive on the
+    /// event queue. `is_cell` requests run under the cell limits (timeout, output cap) and can
+    /// be interrupted.
+    pub fn submit(&self, request: Value, is_cell: bool) -> Result<(), SandboxError> {
+        self.commands.send(Command { request, is_cell }).map_err(|_| SandboxError::Stopped)
     }
 
     /// Asks the running cell to stop with `KeyboardInterrupt`. A second interrupt more than a
@@ -646,19 +645,19 @@ fn verify_interrupt(mut config: SandboxConfig, flags: InterruptFlags) -> Result<
                           "code": "print('looping', flush=True)\nn = 0\nwhile True:\n    n += 1",
                           "silent": false, "store_history": false, "user_expressions": {},
                           "execution_count": 1});
-        let interrupter = async {
-            // Interrupt once the loop has said it is running; drain the rest.
-            while let Some(ev) = rx.recv().await {
-                if matches!(&ev, Event::Stream { text, .. } if text.contains("looping")) {
-                    sandbox.interrupt();
+        sandbox.submit(busy, true)?;
+        let mut outcome = None;
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Stream { text, .. } if text.contains("looping") => sandbox.interrupt(),
+                Event::Done(o) => {
+                    outcome = Some(o);
+                    break;
                 }
+                _ => {}
             }
-        };
-        let outcome = tokio::select! {
-            outcome = sandbox.request(busy, true) => outcome,
-            () = interrupter => return Err(SandboxError::Stopped),
-        };
-        match outcome? {
+        }
+        match outcome.ok_or(SandboxError::Stopped)? {
             Outcome::Reply(r) if r["ename"] == "KeyboardInterrupt" => Ok(()),
             other => Err(SandboxError::Probe(format!("interrupt check failed: {other:?}"))),
         }

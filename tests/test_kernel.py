@@ -1,0 +1,217 @@
+"""The kernel through jupyter_client: execution, output, rich display, input, interrupt."""
+
+import base64
+import time
+
+from conftest import of_type, stdout_text
+
+
+def test_state_survives_between_cells(kernel):
+    reply, _ = kernel.execute("state_a = 20")
+    assert reply["status"] == "ok"
+    reply, out = kernel.execute("state_b = state_a + 1\nstate_a * 2 + state_b - 19")
+    assert reply["status"] == "ok"
+    [result] = of_type(out, "execute_result")
+    assert result["content"]["data"]["text/plain"] == "42"
+    assert result["content"]["execution_count"] == reply["execution_count"]
+
+
+def test_execution_count_increments_and_silent_does_not(kernel):
+    r1, _ = kernel.execute("1")
+    r2, out = kernel.execute("2", silent=True)
+    r3, _ = kernel.execute("3")
+    assert r3["execution_count"] == r1["execution_count"] + 1
+    assert r2["execution_count"] == r1["execution_count"]
+    assert of_type(out, "execute_input") == [] and of_type(out, "execute_result") == []
+
+
+def test_output_streams_while_the_cell_runs_and_in_order(kernel):
+    code = "import time\nfor i in range(4):\n    print('line', i, flush=True)\n    time.sleep(0.25)\n'done'"
+    reply, out = kernel.execute(code)
+    streams = of_type(out, "stream")
+    assert stdout_text(out) == "".join(f"line {i}\n" for i in range(4))
+    # The first line reached the client well before the cell finished.
+    assert streams[0]["received"] < reply["received"] - 0.5
+    kinds = [m["msg_type"] for m in out]
+    assert kinds[0] == "execute_input" and kinds[-1] == "execute_result"
+
+
+def test_stderr_and_stdout_are_separate_streams(kernel):
+    _, out = kernel.execute("import sys\nprint('to out')\nprint('to err', file=sys.stderr)")
+    assert stdout_text(out) == "to out\n"
+    assert stdout_text(out, "stderr") == "to err\n"
+
+
+def test_error_has_ename_evalue_and_a_traceback_into_the_cell(kernel):
+    code = "def inner():\n    raise ValueError('bad value')\ninner()"
+    reply, out = kernel.execute(code)
+    assert reply["status"] == "error"
+    assert (reply["ename"], reply["evalue"]) == ("ValueError", "bad value")
+    [err] = of_type(out, "error")
+    tb = "\n".join(err["content"]["traceback"])
+    assert "Cell In[" in tb and "inner()" in tb and "raise ValueError('bad value')" in tb
+    assert "sandgate-driver" not in tb
+
+
+def test_syntax_error_is_reported(kernel):
+    reply, _ = kernel.execute("def broken(:\n  pass")
+    assert reply["status"] == "error" and reply["ename"] == "SyntaxError"
+
+
+def test_stop_on_error_aborts_queued_cells(kernel):
+    first = kernel.kc.execute("import time; time.sleep(0.5); raise RuntimeError('stop')")
+    second = kernel.kc.execute("after_abort = 1")
+    r1, _ = kernel.collect(first)
+    r2, _ = kernel.collect(second)
+    assert r1["status"] == "error"
+    assert r2["status"] == "aborted"
+    reply, out = kernel.execute("'after_abort' in globals()")
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "False"
+
+
+def test_dataframe_shows_as_html_table(kernel):
+    reply, out = kernel.execute("import pandas as pd\ndf = pd.DataFrame({'city': ['Oslo', 'Lima'], 'n': [3, 4]})\ndf")
+    assert reply["status"] == "ok"
+    data = of_type(out, "execute_result")[0]["content"]["data"]
+    assert "<table" in data["text/html"] and "Oslo" in data["text/html"]
+    assert "Lima" in data["text/plain"]
+
+
+def test_matplotlib_figure_is_displayed_as_png_without_show(kernel):
+    code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('inline')\nfig_made = True"
+    reply, out = kernel.execute(code)
+    assert reply["status"] == "ok"
+    [shown] = of_type(out, "display_data")
+    png = base64.b64decode(shown["content"]["data"]["image/png"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert "Figure" in shown["content"]["data"]["text/plain"]
+    # Figures are closed after being shown: the next cell shows nothing.
+    _, out = kernel.execute("x_after_plot = 1")
+    assert of_type(out, "display_data") == []
+
+
+def test_display_and_ipython_display_helpers(kernel):
+    code = ("from IPython.display import HTML, Markdown, display\n"
+            "display(HTML('<b>bold</b>'), Markdown('*md*'))\n"
+            "display({'a': 1}, raw=False)")
+    reply, out = kernel.execute(code)
+    shown = of_type(out, "display_data")
+    assert [m["content"]["data"].get("text/html") for m in shown][0] == "<b>bold</b>"
+    assert shown[1]["content"]["data"]["text/markdown"] == "*md*"
+    assert shown[2]["content"]["data"]["text/plain"] == "{'a': 1}"
+
+
+def test_object_reprs_svg_json_and_mimebundle(kernel):
+    code = ("class Rich:\n"
+            "    def _repr_svg_(self): return '<svg xmlns=\"http://www.w3.org/2000/svg\"/>'\n"
+            "    def _repr_json_(self): return {'k': [1, 2]}\n"
+            "    def __repr__(self): return 'Rich()'\n"
+            "Rich()")
+    _, out = kernel.execute(code)
+    data = of_type(out, "execute_result")[0]["content"]["data"]
+    assert data["image/svg+xml"].startswith("<svg")
+    assert data["application/json"] == {"k": [1, 2]}
+    assert data["text/plain"] == "Rich()"
+
+
+def test_input_goes_through_the_frontend(kernel):
+    msg_id = kernel.kc.execute("name = input('Who? ')\nprint('hello', name)", allow_stdin=True)
+    prompts = []
+
+    def answer(req):
+        prompts.append(req["content"]["prompt"])
+        return "Ada"
+
+    reply, out = kernel.collect(msg_id, stdin=answer)
+    assert reply["status"] == "ok"
+    assert prompts == ["Who? "]
+    assert stdout_text(out) == "hello Ada\n"
+
+
+def test_input_without_stdin_is_a_clear_error(kernel):
+    reply, _ = kernel.execute("input('x')", allow_stdin=False)
+    assert reply["status"] == "error" and reply["ename"] == "StdinNotImplementedError"
+
+
+def wait_for_execute_input(kernel, msg_id):
+    """Blocks until the kernel has announced the cell, i.e. it is running it."""
+    while True:
+        msg = kernel.kc.get_iopub_msg(timeout=10)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            return
+
+
+def test_interrupt_stops_a_busy_loop_within_a_second_and_keeps_state(kernel):
+    kernel.execute("kept = 'still here'")
+    msg_id = kernel.kc.execute("spins = 0\nwhile True:\n    spins += 1")
+    wait_for_execute_input(kernel, msg_id)
+    t0 = time.monotonic()
+    kernel.km.interrupt_kernel()
+    reply, _ = kernel.collect(msg_id, timeout=10)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    assert reply["received"] - t0 < 1.0
+    reply, out = kernel.execute("kept, spins > 0")
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "('still here', True)"
+
+
+def test_interrupt_ends_a_sleep(kernel):
+    msg_id = kernel.kc.execute("import time\ntime.sleep(60)")
+    wait_for_execute_input(kernel, msg_id)
+    t0 = time.monotonic()
+    kernel.km.interrupt_kernel()
+    reply, out = kernel.collect(msg_id, timeout=10)
+    assert reply["ename"] == "KeyboardInterrupt"
+    assert reply["received"] - t0 < 1.0
+    tb = "\n".join(of_type(out, "error")[0]["content"]["traceback"])
+    assert "time.sleep(60)" in tb
+
+
+def test_complete_inspect_and_is_complete(kernel):
+    kernel.execute("import math\nmy_variable = 3")
+    kc = kernel.kc
+    kc.complete("my_var", 6)
+    reply = kc.get_shell_msg(timeout=10)["content"]
+    assert "my_variable" in reply["matches"] and reply["cursor_start"] == 0
+    kc.complete("math.sq", 7)
+    assert "math.sqrt" in kc.get_shell_msg(timeout=10)["content"]["matches"]
+    kc.inspect("math.sqrt", 9)
+    reply = kc.get_shell_msg(timeout=10)["content"]
+    assert reply["found"] and "square root" in reply["data"]["text/plain"]
+    for code, status in [("x = 1", "complete"), ("for i in range(3):", "incomplete"), ("x = = 1", "invalid")]:
+        kc.is_complete(code)
+        assert kc.get_shell_msg(timeout=10)["content"]["status"] == status
+
+
+def test_history_tail_and_search(kernel):
+    kernel.execute("history_marker = 'hm'")
+    kernel.kc.history(hist_access_type="tail", n=1, output=False, raw=True)
+    reply = kernel.kc.get_shell_msg(timeout=10)["content"]
+    assert reply["history"][-1][2] == "history_marker = 'hm'"
+    kernel.kc.history(hist_access_type="search", pattern="history_marker*", output=False, raw=True)
+    assert len(kernel.kc.get_shell_msg(timeout=10)["content"]["history"]) == 1
+
+
+def test_kernel_info_describes_python_in_a_sandbox(kernel):
+    kernel.kc.kernel_info()
+    info = kernel.kc.get_shell_msg(timeout=10)["content"]
+    assert info["language_info"]["name"] == "python"
+    assert info["language_info"]["version"].startswith("3.15")
+    assert info["implementation"] == "sandgate" and info["protocol_version"] == "5.3"
+
+
+def test_magics_and_pip_give_clear_answers(kernel):
+    reply, out = kernel.execute("%matplotlib inline\nmagic_ok = 1")
+    assert reply["status"] == "ok"
+    reply, _ = kernel.execute("%pip install requests")
+    assert reply["ename"] == "UsageError" and "no network" in reply["evalue"]
+    reply, _ = kernel.execute("!ls")
+    assert reply["ename"] == "UsageError"
+
+
+def test_restart_gives_a_fresh_interpreter(start_kernel):
+    k = start_kernel()
+    k.execute("before_restart = 1")
+    k.km.restart_kernel(now=False)
+    k.kc.wait_for_ready(timeout=60)
+    reply, _ = k.execute("before_restart")
+    assert reply["ename"] == "NameError"

@@ -1,0 +1,214 @@
+"""What the sandbox refuses and how each limit is hit and recovered from, through a real client.
+
+Each test states the expected behaviour in its name and checks it; after every limit the same
+kernel must answer the next cell."""
+
+import ast
+import os
+import pathlib
+import time
+import uuid
+
+import zmq
+from jupyter_client.session import Session
+
+from conftest import of_type, stdout_text
+
+SECRET = "sandgate-test-secret-" + uuid.uuid4().hex
+
+
+def result(out):
+    return of_type(out, "execute_result")[0]["content"]["data"]["text/plain"]
+
+
+def alive(k):
+    reply, out = k.execute("6 * 7")
+    assert reply["status"] == "ok" and result(out) == "42"
+
+
+# --- escape attempts -------------------------------------------------------------------------
+
+def test_host_passwd_is_not_readable(kernel):
+    reply, _ = kernel.execute("open('/etc/passwd').read()")
+    assert reply["status"] == "error" and reply["ename"] == "FileNotFoundError"
+
+
+def test_dotdot_out_of_workspace_is_refused(kernel):
+    for path in ["/workspace/../../etc/passwd", "../../../../etc/hostname", "/workspace/.."]:
+        reply, _ = kernel.execute(f"import os\nos.listdir({path!r}) if {path!r}.endswith('..') else open({path!r}).read()")
+        assert reply["status"] == "error", path
+        assert reply["ename"] in ("PermissionError", "FileNotFoundError"), reply
+
+
+def test_symlink_out_of_workspace_is_refused(kernel):
+    target = kernel.workspace / "escape"
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    os.symlink("/etc/passwd", target)
+    reply, _ = kernel.execute("open('/workspace/escape').read()")
+    assert reply["status"] == "error"
+    reply, _ = kernel.execute("import os\nos.symlink('/etc', '/workspace/etc_link')\nos.listdir('/workspace/etc_link')")
+    assert reply["status"] == "error"
+
+
+def test_sockets_cannot_be_opened(kernel):
+    reply, _ = kernel.execute("import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 22))")
+    assert reply["status"] == "error" and reply["ename"] == "OSError"
+    reply, _ = kernel.execute("import urllib.request\nurllib.request.urlopen('http://127.0.0.1:1/')")
+    assert reply["status"] == "error"
+
+
+def test_host_environment_is_not_visible(start_kernel):
+    k = start_kernel(env={"SANDGATE_TEST_SECRET": SECRET})
+    reply, out = k.execute("import os\nsorted(os.environ)")
+    names = ast.literal_eval(result(out))
+    assert "SANDGATE_TEST_SECRET" not in names and "PATH" not in names
+    reply, out = k.execute(f"any({SECRET!r} in v for v in os.environ.values())")
+    assert result(out) == "False"
+
+
+def test_no_subprocesses(kernel):
+    reply, _ = kernel.execute("import subprocess\nsubprocess.run(['ls'])")
+    assert reply["status"] == "error"
+    alive(kernel)
+
+
+def test_workspace_files_are_real_and_stay_inside(kernel):
+    reply, _ = kernel.execute("open('/workspace/made_inside.txt', 'w').write('hello from the sandbox')")
+    assert reply["status"] == "ok"
+    assert (kernel.workspace / "made_inside.txt").read_text() == "hello from the sandbox"
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+def test_memory_cap_raises_memory_error_and_the_kernel_survives(start_kernel):
+    k = start_kernel(["--memory-mb", "256"])
+    k.execute("small = list(range(10))")
+    reply, _ = k.execute("hog = [bytearray(32 << 20) for _ in range(20)]")
+    assert reply["status"] == "error" and reply["ename"] == "MemoryError"
+    reply, out = k.execute("len(small)")
+    assert result(out) == "10"
+
+
+def test_cell_timeout_stops_the_cell_and_keeps_state(start_kernel):
+    k = start_kernel(["--cell-timeout-s", "2"])
+    k.execute("before = 'kept'")
+    t0 = time.monotonic()
+    reply, _ = k.execute("while True:\n    pass")
+    assert reply["ename"] == "TimeoutError" and "2 s" in reply["evalue"]
+    assert time.monotonic() - t0 < 5
+    reply, out = k.execute("before")
+    assert result(out) == "'kept'"
+
+
+def test_cell_timeout_also_ends_a_sleep(start_kernel):
+    k = start_kernel(["--cell-timeout-s", "1"])
+    t0 = time.monotonic()
+    reply, _ = k.execute("import time\ntime.sleep(30)")
+    assert reply["ename"] == "TimeoutError"
+    assert time.monotonic() - t0 < 4
+    alive(k)
+
+
+def test_output_cap_drops_the_rest_with_one_notice(start_kernel):
+    k = start_kernel(["--output-bytes", "100000"])
+    reply, out = k.execute("for i in range(20000):\n    print('line', i)\n'finished'")
+    assert reply["status"] == "ok"
+    assert len(stdout_text(out)) <= 100000
+    notices = stdout_text(out, "stderr")
+    assert notices.count("output limit reached") == 1
+    alive(k)
+
+
+def test_open_files_cap(start_kernel):
+    k = start_kernel(["--open-files", "20"])
+    reply, _ = k.execute("fs = [open(f'/tmp/f{i}', 'w') for i in range(50)]")
+    assert reply["status"] == "error" and "Errno 33" in reply["evalue"]
+    reply, _ = k.execute("import gc\ngc.collect()\nfs = [open(f'/tmp/g{i}', 'w') for i in range(10)]\n[f.close() for f in fs]")
+    assert reply["status"] == "ok"
+
+
+def test_deep_recursion_is_a_python_error(kernel):
+    reply, _ = kernel.execute("def down(n):\n    return down(n + 1)\ndown(0)")
+    assert reply["ename"] == "RecursionError"
+    alive(kernel)
+
+
+def test_native_stack_overflow_restarts_the_interpreter_with_a_clear_error(start_kernel):
+    k = start_kernel()
+    k.execute("import sys\nsys.setrecursionlimit(10**7)\nnested = []\nfor _ in range(10**6):\n    nested = [nested]")
+    reply, _ = k.execute("repr(nested)")
+    assert reply["status"] == "error"
+    assert reply["ename"] in ("RecursionError", "InterpreterRestarted"), reply
+    alive(k)
+
+
+def test_os_exit_restarts_the_interpreter(start_kernel):
+    k = start_kernel()
+    k.execute("gone = 1")
+    reply, out = k.execute("import os\nos._exit(3)")
+    assert reply["ename"] == "InterpreterRestarted" and "status 3" in reply["evalue"]
+    reply, _ = k.execute("gone")
+    assert reply["ename"] == "NameError"
+    alive(k)
+
+
+def test_second_interrupt_stops_native_code_that_ignores_the_first(start_kernel):
+    k = start_kernel()
+    k.execute("lost = 1")
+    # `sum` over a range runs in C and never checks for signals: the first interrupt stays
+    # pending, so a second one (at least 1 s later) stops the interpreter.
+    msg_id = k.kc.execute("sum(range(10**11))")
+    while True:
+        m = k.kc.get_iopub_msg(timeout=10)
+        if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "execute_input":
+            break
+    k.km.interrupt_kernel()
+    time.sleep(1.2)  # the escalation rule is "a second interrupt at least 1 s after the first"
+    k.km.interrupt_kernel()
+    reply, out = k.collect(msg_id, timeout=20)
+    assert reply["ename"] == "InterpreterRestarted" and "did not respond" in reply["evalue"]
+    assert of_type(out, "error")[0]["content"]["ename"] == "InterpreterRestarted"
+    reply, _ = k.execute("lost")
+    assert reply["ename"] == "NameError"
+    alive(k)
+
+
+# --- the wire --------------------------------------------------------------------------------
+
+def test_messages_with_a_bad_or_missing_signature_are_dropped(start_kernel):
+    k = start_kernel()
+    info = k.km.get_connection_info()
+    marker = "/workspace/forged_ran"
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+    try:
+        for key in (b"not-the-key", b""):
+            forger = Session(key=key, signature_scheme="hmac-sha256")
+            msg = forger.msg("execute_request", {"code": f"open({marker!r}, 'w').write('x')",
+                                                 "silent": False, "store_history": True,
+                                                 "user_expressions": {}, "allow_stdin": False})
+            forger.send(sock, msg)
+        # Shell requests are handled in order: once this later, valid request is answered,
+        # the forged ones would already have run.
+        reply, _ = k.execute("import os\nos.path.exists(" + repr(marker) + ")")
+        assert reply["status"] == "ok"
+        assert not (k.workspace / "forged_ran").exists()
+        assert sock.poll(0) == 0
+    finally:
+        sock.close(0)
+
+
+def test_garbage_frames_do_not_disturb_the_kernel(start_kernel):
+    k = start_kernel()
+    info = k.km.get_connection_info()
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+    try:
+        for frames in ([b"junk"], [b"<IDS|MSG>"], [b"<IDS|MSG>", b"sig", b"{"], [b"\xff" * 70000] * 3):
+            sock.send_multipart(frames)
+        alive(k)
+    finally:
+        sock.close(0)
