@@ -72,7 +72,10 @@ pub enum ImageError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io { path: path.to_owned(), source }
+    move |source| ImageError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The pins in `images/python-wasi/pins.json`.
@@ -102,7 +105,10 @@ impl Pins {
     }
 
     fn sha_of(&self, basename: &str) -> Option<&str> {
-        self.files.iter().find(|(k, _)| k.ends_with(basename)).map(|(_, v)| v.as_str())
+        self.files
+            .iter()
+            .find(|(k, _)| k.ends_with(basename))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -128,13 +134,17 @@ pub struct Image {
 impl Image {
     /// Where the guest sees matplotlib's data (matplotlib computes it from its own path).
     pub fn mpl_data_guest(&self) -> String {
-        format!("/usr/local/lib/python{}.zip/matplotlib/mpl-data", self.python_tag)
+        format!(
+            "/usr/local/lib/python{}.zip/matplotlib/mpl-data",
+            self.python_tag
+        )
     }
 }
 
 /// The image folder under `home`.
 pub fn image_dir(home: &Path, pins: &Pins) -> PathBuf {
-    home.join("images").join(format!("{}-{}", pins.name, pins.version))
+    home.join("images")
+        .join(format!("{}-{}", pins.name, pins.version))
 }
 
 /// Runs the embedded recipe to fetch the image into `dir`, showing pip's progress on stderr.
@@ -159,7 +169,9 @@ pub fn fetch(dir: &Path) -> Result<(), ImageError> {
         if status.success() {
             Ok(())
         } else {
-            Err(ImageError::Fetch(format!("the recipe exited with {status}")))
+            Err(ImageError::Fetch(format!(
+                "the recipe exited with {status}"
+            )))
         }
     })();
     let _ = std::fs::remove_dir_all(&work);
@@ -212,7 +224,11 @@ fn verify(dir: &Path, files: &[(PathBuf, &str)]) -> Result<(), ImageError> {
         .unwrap_or_default();
     let mut changed = false;
     for (path, want) in files {
-        let key = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let key = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         let (size, mtime_ns, inode) = stamp_of(path)?;
         let known = stamps.get(&key).is_some_and(|s| {
             s.size == size && s.mtime_ns == mtime_ns && s.inode == inode && s.sha256 == *want
@@ -229,7 +245,15 @@ fn verify(dir: &Path, files: &[(PathBuf, &str)]) -> Result<(), ImageError> {
                 want: want.to_string(),
             });
         }
-        stamps.insert(key, Stamp { size, mtime_ns, inode, sha256: got });
+        stamps.insert(
+            key,
+            Stamp {
+                size,
+                mtime_ns,
+                inode,
+                sha256: got,
+            },
+        );
         changed = true;
     }
     if changed {
@@ -263,14 +287,19 @@ pub fn prepare(
     let have: Option<serde_json::Value> = std::fs::read(dir.join("image.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let current = have.as_ref().and_then(|v| v.get("pins")).and_then(|p| {
-        serde_json::from_value::<Pins>(p.clone()).ok()
-    }) == Some(pins.clone());
+    let current = have
+        .as_ref()
+        .and_then(|v| v.get("pins"))
+        .and_then(|p| serde_json::from_value::<Pins>(p.clone()).ok())
+        == Some(pins.clone());
     if !current {
         match fetch_policy {
             Fetch::Never => return Err(ImageError::Missing { dir }),
             Fetch::IfMissing => {
-                progress(&format!("fetching the sandbox image into {} (first use only)", dir.display()));
+                progress(&format!(
+                    "fetching the sandbox image into {} (first use only)",
+                    dir.display()
+                ));
                 fetch(&dir)?;
             }
         }
@@ -278,14 +307,20 @@ pub fn prepare(
     let snapshot = dir.join("python-snapshot.wasm");
     let lib_dir = dir.join("lib");
     let zip = lib_dir.join(format!("python{}.zip", pins.python_tag));
-    let snapshot_sha = pins.sha_of("python-snapshot.wasm").unwrap_or_default().to_owned();
+    let snapshot_sha = pins
+        .sha_of("python-snapshot.wasm")
+        .unwrap_or_default()
+        .to_owned();
     let zip_sha = pins.sha_of("python-stdlib.zip").unwrap_or_default();
     for path in [&snapshot, &zip] {
         if !path.exists() {
             return Err(ImageError::Missing { dir: dir.clone() });
         }
     }
-    verify(&dir, &[(snapshot.clone(), snapshot_sha.as_str()), (zip, zip_sha)])?;
+    verify(
+        &dir,
+        &[(snapshot.clone(), snapshot_sha.as_str()), (zip, zip_sha)],
+    )?;
     let key = sandbox::compile_key(limits).map_err(|e| ImageError::Compile(e.to_string()))?;
     let cache = home.join("cache");
     std::fs::create_dir_all(&cache).map_err(io(&cache))?;
@@ -311,7 +346,9 @@ pub fn prepare(
             .status()
             .map_err(|e| ImageError::Compile(e.to_string()))?;
         if !status.success() {
-            return Err(ImageError::Compile(format!("the compiler process exited with {status}")));
+            return Err(ImageError::Compile(format!(
+                "the compiler process exited with {status}"
+            )));
         }
     }
     image.interrupt = std::fs::read(&flags_path)
@@ -329,7 +366,10 @@ pub fn prepare(
 pub fn compile_image(home: &Path, limits: &Limits) -> Result<(), ImageError> {
     let pins = Pins::builtin();
     let dir = image_dir(home, &pins);
-    let snapshot_sha = pins.sha_of("python-snapshot.wasm").unwrap_or_default().to_owned();
+    let snapshot_sha = pins
+        .sha_of("python-snapshot.wasm")
+        .unwrap_or_default()
+        .to_owned();
     let key = sandbox::compile_key(limits).map_err(|e| ImageError::Compile(e.to_string()))?;
     let stem = format!("{}-{}-{}", pins.name, &snapshot_sha[..16], key);
     let cache = home.join("cache");
@@ -339,7 +379,10 @@ pub fn compile_image(home: &Path, limits: &Limits) -> Result<(), ImageError> {
         let started = std::time::Instant::now();
         sandbox::compile(limits, &dir.join("python-snapshot.wasm"), &cwasm)
             .map_err(|e| ImageError::Compile(e.to_string()))?;
-        tracing::info!(seconds = started.elapsed().as_secs_f64(), "compiled the sandbox image");
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "compiled the sandbox image"
+        );
     }
     let image = Image {
         dir: dir.clone(),
@@ -352,7 +395,11 @@ pub fn compile_image(home: &Path, limits: &Limits) -> Result<(), ImageError> {
     };
     let workspace = std::env::temp_dir().join(format!("sandgate-probe-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&workspace).map_err(io(&workspace))?;
-    let config = sandbox::SandboxConfig { image, workspace: workspace.clone(), limits: limits.clone() };
+    let config = sandbox::SandboxConfig {
+        image,
+        workspace: workspace.clone(),
+        limits: limits.clone(),
+    };
     let flags = match sandbox::probe_interrupt(config, &dir.join("python-snapshot.wasm")) {
         Ok(flags) => Some(flags),
         Err(e) => {
@@ -389,7 +436,12 @@ mod tests {
         // Same size, different content, different mtime: must be re-hashed and refused.
         std::fs::write(&file, b"jello").unwrap();
         let filetime = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-        std::fs::File::options().write(true).open(&file).unwrap().set_modified(filetime).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_modified(filetime)
+            .unwrap();
         let err = verify(&dir, &[(file.clone(), good.as_str())]).unwrap_err();
         assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();

@@ -42,7 +42,12 @@ mod tests {
     #[test]
     fn argv_ends_with_connection_file() {
         let spec = kernel_json(Path::new("/bin/k"), &["--home".into(), "/h".into()]);
-        let argv: Vec<&str> = spec["argv"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let argv: Vec<&str> = spec["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
         assert_eq!(argv, ["/bin/k", "--home", "/h", "-f", "{connection_file}"]);
         assert_eq!(spec["interrupt_mode"], "message");
     }

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //!
-//! - [`wire`]: Jupyter's multipart wire format and its HMAC-SHA256 signatures.
+//! The wire format (framing and HMAC signatures) lives in the `sandgate-wire` crate
+//! (`kernel/wire/`), which the gateway shares without linking wasmtime.
+//!
 //! - [`server`]: the five ZeroMQ channels, the request handlers, status and history.
 //! - [`sandbox`]: the interpreter in wasmtime, its limits, its door to the kernel and the
 //!   guest-side driver (`sandbox/driver.py`). The only module that imports wasmtime.
@@ -16,4 +18,3 @@ pub mod image;
 pub mod kernelspec;
 pub mod sandbox;
 pub mod server;
-pub mod wire;

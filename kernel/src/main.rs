@@ -58,13 +58,19 @@ struct RunArgs {
     /// Fail with a clear error instead of fetching a missing image.
     #[arg(long, global = true)]
     no_fetch: bool,
+
+    /// Print `ready` on stdout once the kernel serves requests (for launchers such as the
+    /// gateway, which wait on that line instead of polling).
+    #[arg(long)]
+    notify_ready: bool,
 }
 
 impl RunArgs {
     fn limits(&self) -> Limits {
         Limits {
             memory_bytes: self.memory_mb << 20,
-            cell_timeout: (self.cell_timeout_s > 0).then(|| Duration::from_secs(self.cell_timeout_s)),
+            cell_timeout: (self.cell_timeout_s > 0)
+                .then(|| Duration::from_secs(self.cell_timeout_s)),
             output_bytes: self.output_bytes,
             open_files: self.open_files,
             ..Limits::default()
@@ -145,7 +151,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let home = sandgate_home(cli.run.home.as_deref())?;
     let limits = cli.run.limits();
-    let fetch = if cli.run.no_fetch { Fetch::Never } else { Fetch::IfMissing };
+    let fetch = if cli.run.no_fetch {
+        Fetch::Never
+    } else {
+        Fetch::IfMissing
+    };
     match cli.command {
         Some(Command::CompileImage) => {
             image::compile_image(&home, &limits)?;
@@ -158,7 +168,10 @@ fn main() -> Result<()> {
         }
         Some(Command::Where) => {
             println!("home:  {}", home.display());
-            println!("image: {}", image::image_dir(&home, &image::Pins::builtin()).display());
+            println!(
+                "image: {}",
+                image::image_dir(&home, &image::Pins::builtin()).display()
+            );
             println!("cache: {}", home.join("cache").display());
             Ok(())
         }
@@ -172,25 +185,39 @@ fn main() -> Result<()> {
                 extra.extend(["--home".to_owned(), h.canonicalize()?.display().to_string()]);
             }
             let dir = kernelspec::install(&jupyter_kernels_dir(prefix.as_deref())?, &exe, &extra)?;
-            println!("installed kernelspec {} in {}", kernelspec::NAME, dir.display());
+            println!(
+                "installed kernelspec {} in {}",
+                kernelspec::NAME,
+                dir.display()
+            );
             Ok(())
         }
         None => {
             let Some(file) = cli.connection_file else {
-                bail!("no connection file: Jupyter starts this kernel as `sandgate-kernel -f FILE`; \
-                       run `sandgate-kernel install` to register it, or see --help");
+                bail!(
+                    "no connection file: Jupyter starts this kernel as `sandgate-kernel -f FILE`; \
+                       run `sandgate-kernel install` to register it, or see --help"
+                );
             };
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read the connection file {}", file.display()))?;
             let connection = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a valid connection file", file.display()))?;
             let image = image::prepare(&home, &limits, fetch, &progress)?;
-            let workspace = cli.run.workspace.clone().unwrap_or_else(|| home.join("workspace"));
+            let workspace = cli
+                .run
+                .workspace
+                .clone()
+                .unwrap_or_else(|| home.join("workspace"));
             std::fs::create_dir_all(&workspace)
                 .with_context(|| format!("cannot create the workspace {}", workspace.display()))?;
             let config = server::KernelConfig {
                 connection,
-                sandbox: SandboxConfig { image, workspace, limits },
+                sandbox: SandboxConfig {
+                    image,
+                    workspace,
+                    limits,
+                },
             };
             // Like ipykernel: a kernel whose launcher died exits instead of lingering.
             let parent = std::os::unix::process::parent_id();
@@ -212,8 +239,17 @@ fn main() -> Result<()> {
                     std::future::pending::<()>().await;
                 };
                 let orphaned = watch_parent(parent);
+                let notify = cli.run.notify_ready;
+                let ready = move || {
+                    if notify {
+                        use std::io::Write;
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "ready");
+                        let _ = out.flush();
+                    }
+                };
                 tokio::select! {
-                    r = server::run(config, terminate) => r,
+                    r = server::run(config, terminate, ready) => r,
                     () = orphaned => {
                         tracing::warn!("the process that started this kernel is gone; exiting");
                         Ok(())

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError};
-use crate::wire::{self, Message, Signer};
+use sandgate_wire::{self as wire, Message, Signer};
 
 /// The protocol version spoken.
 pub const PROTOCOL_VERSION: &str = "5.3";
@@ -65,7 +65,9 @@ fn spawn_writer<S: SocketSend + Send + 'static>(mut socket: S, name: &'static st
     let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(SEND_QUEUE);
     tokio::spawn(async move {
         while let Some(frames) = rx.recv().await {
-            let Ok(message) = ZmqMessage::try_from(frames) else { continue };
+            let Ok(message) = ZmqMessage::try_from(frames) else {
+                continue;
+            };
             if let Err(e) = socket.send(message).await {
                 tracing::debug!(socket = name, error = %e, "send failed");
             }
@@ -108,7 +110,8 @@ impl Messenger {
     }
 
     async fn status(&self, parent: &Message, state: &str) {
-        self.publish(parent, "status", json!({"execution_state": state})).await;
+        self.publish(parent, "status", json!({"execution_state": state}))
+            .await;
     }
 
     async fn reply(&self, to: &Outbox, request: &Message, msg_type: &str, content: Value) {
@@ -134,7 +137,10 @@ async fn bind<S: Socket>(endpoint: String) -> Result<S, KernelError> {
     socket
         .bind(&endpoint)
         .await
-        .map_err(|e| KernelError::Bind { endpoint: endpoint.clone(), reason: e.to_string() })?;
+        .map_err(|e| KernelError::Bind {
+            endpoint: endpoint.clone(),
+            reason: e.to_string(),
+        })?;
     Ok(socket)
 }
 
@@ -166,25 +172,21 @@ fn spawn_reader(
     });
 }
 
-/// Runs the kernel until a `shutdown_request` (or `shutdown` resolves).
+/// Runs the kernel until a `shutdown_request` (or `shutdown` resolves). `ready` is called once
+/// every channel is bound and the interpreter has started, so requests are served at once.
 pub async fn run(
     config: KernelConfig,
     shutdown: impl std::future::Future<Output = ()>,
+    ready: impl FnOnce(),
 ) -> Result<(), KernelError> {
     let c = &config.connection;
-    let transport = match c.transport {
-        jupyter_protocol::connection_info::Transport::TCP => "tcp",
-        jupyter_protocol::connection_info::Transport::IPC => "ipc",
-    };
-    let endpoint = |port: u16| format!("{transport}://{}:{port}", c.ip);
     let signer = Signer::new(c.key.as_bytes());
 
-    let (shell_send, shell_recv) = bind::<zeromq::RouterSocket>(endpoint(c.shell_port)).await?.split();
-    let (control_send, control_recv) =
-        bind::<zeromq::RouterSocket>(endpoint(c.control_port)).await?.split();
-    let (stdin_send, stdin_recv) = bind::<zeromq::RouterSocket>(endpoint(c.stdin_port)).await?.split();
-    let iopub = bind::<zeromq::PubSocket>(endpoint(c.iopub_port)).await?;
-    let mut heartbeat = bind::<zeromq::RepSocket>(endpoint(c.hb_port)).await?;
+    let (shell_send, shell_recv) = bind::<zeromq::RouterSocket>(c.shell_url()).await?.split();
+    let (control_send, control_recv) = bind::<zeromq::RouterSocket>(c.control_url()).await?.split();
+    let (stdin_send, stdin_recv) = bind::<zeromq::RouterSocket>(c.stdin_url()).await?.split();
+    let iopub = bind::<zeromq::PubSocket>(c.iopub_url()).await?;
+    let mut heartbeat = bind::<zeromq::RepSocket>(c.hb_url()).await?;
     tokio::spawn(async move {
         while let Ok(ping) = heartbeat.recv().await {
             if heartbeat.send(ping).await.is_err() {
@@ -251,6 +253,7 @@ pub async fn run(
     };
     messenger.status(&hello, "starting").await;
     tokio::spawn(async move { executor.run(shell_rx).await });
+    ready();
 
     let control_sandbox = sandbox.clone();
     let control_messenger = messenger.clone();
@@ -261,19 +264,31 @@ pub async fn run(
             match msg.header.msg_type.as_str() {
                 "interrupt_request" => {
                     control_sandbox.interrupt();
-                    m.reply(&control_out, &msg, "interrupt_reply", json!({"status": "ok"})).await;
+                    m.reply(
+                        &control_out,
+                        &msg,
+                        "interrupt_reply",
+                        json!({"status": "ok"}),
+                    )
+                    .await;
                 }
                 "shutdown_request" => {
-                    let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                    let restart = msg
+                        .content
+                        .get("restart")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                     let content = json!({"status": "ok", "restart": restart});
-                    m.reply(&control_out, &msg, "shutdown_reply", content.clone()).await;
+                    m.reply(&control_out, &msg, "shutdown_reply", content.clone())
+                        .await;
                     m.publish(&msg, "shutdown_reply", content).await;
                     m.status(&msg, "idle").await;
                     let _ = stop_tx.send(true);
                     continue;
                 }
                 "kernel_info_request" => {
-                    m.reply(&control_out, &msg, "kernel_info_reply", info.clone()).await;
+                    m.reply(&control_out, &msg, "kernel_info_reply", info.clone())
+                        .await;
                 }
                 other => tracing::info!(msg_type = other, "ignored control message"),
             }
@@ -351,7 +366,13 @@ impl Executor {
                 },
             };
             let failed = self.handle(&msg).await;
-            if failed && msg.content.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true) {
+            if failed
+                && msg
+                    .content
+                    .get("stop_on_error")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(true)
+            {
                 // Abort what was already queued behind the failed cell, as ipykernel does.
                 while let Ok(next) = shell.try_recv() {
                     pending.push_back(next);
@@ -384,7 +405,8 @@ impl Executor {
         let mut failed = false;
         match msg.header.msg_type.as_str() {
             "kernel_info_request" => {
-                m.reply(&self.shell, msg, "kernel_info_reply", self.info.clone()).await;
+                m.reply(&self.shell, msg, "kernel_info_reply", self.info.clone())
+                    .await;
             }
             "execute_request" => failed = self.execute(msg).await,
             "complete_request" => {
@@ -410,17 +432,27 @@ impl Executor {
                 m.reply(&self.shell, msg, "history_reply", reply).await;
             }
             "comm_info_request" => {
-                m.reply(&self.shell, msg, "comm_info_reply", json!({"status": "ok", "comms": {}}))
-                    .await;
+                m.reply(
+                    &self.shell,
+                    msg,
+                    "comm_info_reply",
+                    json!({"status": "ok", "comms": {}}),
+                )
+                .await;
             }
             "comm_open" => {
                 // No comm targets exist in the sandbox: close it, as ipykernel does for an
                 // unknown target.
                 let id = msg.content.get("comm_id").cloned().unwrap_or(Value::Null);
-                m.publish(msg, "comm_close", json!({"comm_id": id, "data": {}})).await;
+                m.publish(msg, "comm_close", json!({"comm_id": id, "data": {}}))
+                    .await;
             }
             "shutdown_request" => {
-                let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                let restart = msg
+                    .content
+                    .get("restart")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 let content = json!({"status": "ok", "restart": restart});
                 m.reply(&self.shell, msg, "shutdown_reply", content).await;
                 let _ = self.stop.send(true);
@@ -439,7 +471,9 @@ impl Executor {
             Ok(Outcome::Restarted { reason }) => {
                 json!({"status": "error", "ename": "InterpreterRestarted", "evalue": reason, "traceback": []})
             }
-            Err(e) => json!({"status": "error", "ename": "KernelError", "evalue": e.to_string(), "traceback": []}),
+            Err(e) => {
+                json!({"status": "error", "ename": "KernelError", "evalue": e.to_string(), "traceback": []})
+            }
         }
     }
 
@@ -477,25 +511,28 @@ impl Executor {
                     }
                 },
                 reply = self.stdin_replies.recv() => {
-                    if let Some(reply) = reply {
-                        if reply.header.msg_type == "input_reply" {
+                    if let Some(reply) = reply
+                        && reply.header.msg_type == "input_reply" {
                             let value = reply.content.get("value").and_then(Value::as_str).map(str::to_owned);
                             self.sandbox.input_reply(value);
                         }
-                    }
                 }
             }
         }
     }
 
     /// Records a cell's text result in the history and hands back its outcome.
-    fn finish(&mut self, outcome: Outcome, parent: Option<(&Message, u64)>, output: String) -> Outcome {
-        if let Some((_, count)) = parent {
-            if !output.is_empty() {
-                if let Some(entry) = self.history.iter_mut().rev().find(|e| e.line == count) {
-                    entry.output = Some(output);
-                }
-            }
+    fn finish(
+        &mut self,
+        outcome: Outcome,
+        parent: Option<(&Message, u64)>,
+        output: String,
+    ) -> Outcome {
+        if let Some((_, count)) = parent
+            && !output.is_empty()
+            && let Some(entry) = self.history.iter_mut().rev().find(|e| e.line == count)
+        {
+            entry.output = Some(output);
         }
         outcome
     }
@@ -518,12 +555,20 @@ impl Executor {
                         }
                     }
                 }
-                m.publish(parent, "stream", json!({"name": name.as_str(), "text": text})).await;
+                m.publish(
+                    parent,
+                    "stream",
+                    json!({"name": name.as_str(), "text": text}),
+                )
+                .await;
                 if let Some(next) = next {
                     self.lookahead = Some(next);
                 }
             }
-            Event::Iopub { msg_type, mut content } => {
+            Event::Iopub {
+                msg_type,
+                mut content,
+            } => {
                 if msg_type == "execute_result" {
                     content["execution_count"] = json!(count);
                     if let Some(text) = content["data"]["text/plain"].as_str() {
@@ -536,12 +581,20 @@ impl Executor {
             // `run_in_sandbox` takes `Done` itself and never passes it here.
             Event::Done(_) => {}
             Event::InputRequest { prompt, password } => {
-                let allowed = parent.content.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false);
+                let allowed = parent
+                    .content
+                    .get("allow_stdin")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 if !allowed {
                     self.sandbox.input_reply(None);
                     return;
                 }
-                let mut msg = m.make(parent, "input_request", json!({"prompt": prompt, "password": password}));
+                let mut msg = m.make(
+                    parent,
+                    "input_request",
+                    json!({"prompt": prompt, "password": password}),
+                );
                 msg.identities = parent.identities.clone();
                 self.stdin.send(wire::serialize(&msg, &m.signer)).await;
             }
@@ -551,18 +604,41 @@ impl Executor {
     /// Runs a cell; true if it failed.
     async fn execute(&mut self, msg: &Message) -> bool {
         let m = self.messenger.clone();
-        let code = msg.content.get("code").and_then(Value::as_str).unwrap_or_default().to_owned();
-        let silent = msg.content.get("silent").and_then(Value::as_bool).unwrap_or(false);
-        let store = msg.content.get("store_history").and_then(Value::as_bool).unwrap_or(true) && !silent;
+        let code = msg
+            .content
+            .get("code")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let silent = msg
+            .content
+            .get("silent")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let store = msg
+            .content
+            .get("store_history")
+            .and_then(Value::as_bool)
+            .unwrap_or(true)
+            && !silent;
         if store {
             self.count += 1;
         }
         let count = self.count.max(1);
         if !silent {
-            m.publish(msg, "execute_input", json!({"code": code, "execution_count": count})).await;
+            m.publish(
+                msg,
+                "execute_input",
+                json!({"code": code, "execution_count": count}),
+            )
+            .await;
         }
         if store {
-            self.history.push(HistoryEntry { line: count, input: code.clone(), output: None });
+            self.history.push(HistoryEntry {
+                line: count,
+                input: code.clone(),
+                output: None,
+            });
         }
         let request = json!({
             "kind": "execute",
@@ -577,7 +653,9 @@ impl Executor {
         let mut reply = match outcome {
             Ok(Outcome::Reply(reply)) => reply,
             Ok(Outcome::Restarted { reason }) => {
-                let evalue = format!("{reason}. A fresh interpreter was started: variables and imports from earlier cells are gone.");
+                let evalue = format!(
+                    "{reason}. A fresh interpreter was started: variables and imports from earlier cells are gone."
+                );
                 let error = json!({"ename": "InterpreterRestarted", "evalue": evalue,
                                    "traceback": [format!("InterpreterRestarted: {evalue}")]});
                 m.publish(msg, "error", error.clone()).await;
@@ -586,7 +664,8 @@ impl Executor {
                 r
             }
             Err(e) => {
-                let error = json!({"ename": "KernelError", "evalue": e.to_string(), "traceback": []});
+                let error =
+                    json!({"ename": "KernelError", "evalue": e.to_string(), "traceback": []});
                 m.publish(msg, "error", error.clone()).await;
                 let mut r = error;
                 r["status"] = json!("error");
@@ -606,8 +685,14 @@ impl Executor {
     }
 
     fn history_reply(&self, content: &Value) -> Value {
-        let output = content.get("output").and_then(Value::as_bool).unwrap_or(false);
-        let kind = content.get("hist_access_type").and_then(Value::as_str).unwrap_or("tail");
+        let output = content
+            .get("output")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let kind = content
+            .get("hist_access_type")
+            .and_then(Value::as_str)
+            .unwrap_or("tail");
         let n = content.get("n").and_then(Value::as_u64).map(|n| n as usize);
         let entry = |e: &HistoryEntry| {
             if output {
@@ -619,12 +704,25 @@ impl Executor {
         let items: Vec<Value> = match kind {
             "range" => {
                 let start = content.get("start").and_then(Value::as_u64).unwrap_or(0);
-                let stop = content.get("stop").and_then(Value::as_u64).unwrap_or(u64::MAX);
-                self.history.iter().filter(|e| e.line >= start && e.line < stop).map(entry).collect()
+                let stop = content
+                    .get("stop")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(u64::MAX);
+                self.history
+                    .iter()
+                    .filter(|e| e.line >= start && e.line < stop)
+                    .map(entry)
+                    .collect()
             }
             "search" => {
-                let pattern = content.get("pattern").and_then(Value::as_str).unwrap_or("*");
-                let unique = content.get("unique").and_then(Value::as_bool).unwrap_or(false);
+                let pattern = content
+                    .get("pattern")
+                    .and_then(Value::as_str)
+                    .unwrap_or("*");
+                let unique = content
+                    .get("unique")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 let mut seen = std::collections::HashSet::new();
                 let mut hits: Vec<&HistoryEntry> = self
                     .history

@@ -117,7 +117,11 @@ impl DoorState {
 
     /// A turn starts. `driver` is handed out once, to the boot turn.
     pub(crate) fn begin(&mut self, request: Option<Value>, is_cell: bool, driver: &'static str) {
-        self.driver = if request.is_none() { Some(driver) } else { None };
+        self.driver = if request.is_none() {
+            Some(driver)
+        } else {
+            None
+        };
         self.request = request;
         self.is_cell = is_cell;
         self.reply = None;
@@ -147,38 +151,39 @@ impl DoorState {
             return Ok(Check::Continue);
         }
         let now = Instant::now();
-        if let Some((SoftStop::Timeout, since)) = self.soft {
-            if now.duration_since(since) >= self.grace {
-                return Err(HardStop::Timeout(self.timeout.map_or(0, |t| t.as_secs())));
-            }
+        if let Some((SoftStop::Timeout, since)) = self.soft
+            && now.duration_since(since) >= self.grace
+        {
+            return Err(HardStop::Timeout(self.timeout.map_or(0, |t| t.as_secs())));
         }
         if self.control.interrupt.swap(false, Ordering::SeqCst) {
             let Some(flags) = &self.flags else {
                 return Err(HardStop::NoSoftStop);
             };
-            if let Some((_, since)) = self.soft {
-                if flags.pending(memory) {
-                    // Python has not taken the last one: it is stuck in native code.
-                    if now.duration_since(since) >= Duration::from_secs(1) {
-                        return Err(HardStop::Unresponsive);
-                    }
-                    return Ok(Check::Continue);
+            if let Some((_, since)) = self.soft
+                && flags.pending(memory)
+            {
+                // Python has not taken the last one: it is stuck in native code.
+                if now.duration_since(since) >= Duration::from_secs(1) {
+                    return Err(HardStop::Unresponsive);
                 }
+                return Ok(Check::Continue);
             }
             flags.raise(memory);
             self.soft = Some((SoftStop::Interrupt, now));
             return Ok(Check::Interrupted);
         }
-        if let (Some(limit), Some(started)) = (self.timeout, self.cell_started) {
-            if !self.timed_out && now.duration_since(started) >= limit {
-                self.timed_out = true;
-                let Some(flags) = &self.flags else {
-                    return Err(HardStop::Timeout(limit.as_secs()));
-                };
-                flags.raise(memory);
-                self.soft = Some((SoftStop::Timeout, now));
-                return Ok(Check::Interrupted);
-            }
+        if let (Some(limit), Some(started)) = (self.timeout, self.cell_started)
+            && !self.timed_out
+            && now.duration_since(started) >= limit
+        {
+            self.timed_out = true;
+            let Some(flags) = &self.flags else {
+                return Err(HardStop::Timeout(limit.as_secs()));
+            };
+            flags.raise(memory);
+            self.soft = Some((SoftStop::Timeout, now));
+            return Ok(Check::Interrupted);
         }
         Ok(Check::Continue)
     }
@@ -240,10 +245,13 @@ impl HostMonotonicClock for GuestClock {
 /// through their caller, and a host function calling another directly has no caller instance.
 #[derive(Default)]
 pub(crate) struct Forwards {
-    path_open: Option<TypedFunc<(i32, i32, i32, i32, i32, i64, i64, i32, i32), i32>>,
+    path_open: Option<TypedFunc<PathOpenArgs, i32>>,
     fd_close: Option<TypedFunc<i32, i32>>,
     poll_oneoff: Option<TypedFunc<(i32, i32, i32, i32), i32>>,
 }
+
+/// `path_open(fd, dirflags, path, path_len, oflags, rights, inheriting, fdflags, fd_out)`.
+type PathOpenArgs = (i32, i32, i32, i32, i32, i64, i64, i32, i32);
 
 /// Imports the guest's memory and WASI's originals, re-exports the memory, and forwards each
 /// call unchanged.
@@ -336,7 +344,9 @@ fn door_call(
     };
     let len = len as u32 as usize;
     let answer = if len > MAX_DOOR_REQUEST {
-        error_answer(&format!("door request of {len} bytes is over the {MAX_DOOR_REQUEST}-byte cap"))
+        error_answer(&format!(
+            "door request of {len} bytes is over the {MAX_DOOR_REQUEST}-byte cap"
+        ))
     } else {
         let Some(range) = guest_slice(memory.data(&caller), ptr, len) else {
             return Ok(DOOR_FAULT);
@@ -398,9 +408,18 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(request) else {
         return Ok(error_answer("door requests are JSON objects"));
     };
-    let op = req.get("op").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let op = req
+        .get("op")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     Ok(match op.as_str() {
-        "request" => door.request.clone().unwrap_or(Value::Null).to_string().into_bytes(),
+        "request" => door
+            .request
+            .clone()
+            .unwrap_or(Value::Null)
+            .to_string()
+            .into_bytes(),
         "reply" => match req.remove("content") {
             Some(content @ Value::Object(_)) => {
                 door.reply = Some(content);
@@ -409,7 +428,10 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             _ => error_answer("a reply needs an object `content`"),
         },
         "publish" => {
-            let msg_type = req.get("msg_type").and_then(Value::as_str).and_then(publishable);
+            let msg_type = req
+                .get("msg_type")
+                .and_then(Value::as_str)
+                .and_then(publishable);
             match (msg_type, req.remove("content")) {
                 (Some(msg_type), Some(content @ Value::Object(_))) => {
                     match door.budget.take(request.len()) {
@@ -428,20 +450,32 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
         "stop_reason" => match door.soft {
             Some((SoftStop::Timeout, _)) => {
                 let limit = door.timeout.map_or(0, |t| t.as_secs());
-                json!({"reason": "timeout", "limit_s": limit}).to_string().into_bytes()
+                json!({"reason": "timeout", "limit_s": limit})
+                    .to_string()
+                    .into_bytes()
             }
             _ => json!({"reason": "interrupt"}).to_string().into_bytes(),
         },
         "input" => {
-            let prompt = req.get("prompt").and_then(Value::as_str).unwrap_or_default();
-            let password = req.get("password").and_then(Value::as_bool).unwrap_or(false);
+            let prompt = req
+                .get("prompt")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let password = req
+                .get("password")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             if prompt.len() > MAX_PROMPT {
                 return Ok(error_answer("the input prompt is too long"));
             }
             return wait_input(caller, prompt.to_owned(), password);
         }
         "probe" => {
-            let phase = req.get("phase").and_then(Value::as_str).unwrap_or_default().to_owned();
+            let phase = req
+                .get("phase")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
             probe(caller, &phase);
             OK.to_vec()
         }
@@ -470,7 +504,9 @@ fn wait_input(
             }
             Err(mpsc::RecvTimeoutError::Timeout) => match check(&mut *caller)? {
                 Check::Continue => {}
-                Check::Interrupted => return Ok(json!({"interrupted": true}).to_string().into_bytes()),
+                Check::Interrupted => {
+                    return Ok(json!({"interrupted": true}).to_string().into_bytes());
+                }
             },
         }
     }
@@ -478,7 +514,9 @@ fn wait_input(
 
 /// The interrupt probe's two halves (see `interrupt`): copy memory, then diff against it.
 fn probe(caller: &mut Caller<'_, Guest>, phase: &str) {
-    let Some(memory) = caller.data().memory else { return };
+    let Some(memory) = caller.data().memory else {
+        return;
+    };
     let now = memory.data(&*caller).to_vec();
     let door = &mut caller.data_mut().door;
     match phase {
@@ -517,7 +555,9 @@ fn poll_oneoff(
     nsubs: i32,
     nevents_ptr: i32,
 ) -> wasmtime::Result<i32> {
-    let Some(memory) = caller.data().memory else { return Ok(EFAULT) };
+    let Some(memory) = caller.data().memory else {
+        return Ok(EFAULT);
+    };
     let n = nsubs as u32 as usize;
     if n == 0 {
         return Ok(EINVAL);
@@ -540,7 +580,12 @@ fn poll_oneoff(
         let id = read_u32(s, 16);
         if tag != 0 || id > 1 {
             // An fd, or a CPU-time clock: WASI's own.
-            let forward = caller.data().forward.poll_oneoff.clone().ok_or_else(unbound)?;
+            let forward = caller
+                .data()
+                .forward
+                .poll_oneoff
+                .clone()
+                .ok_or_else(unbound)?;
             return forward.call(&mut caller, (subs_ptr, events_ptr, nsubs, nevents_ptr));
         }
         let (userdata, timeout, abstime) = (read_u64(s, 0), read_u64(s, 24), s[40] & 1 == 1);
@@ -603,16 +648,23 @@ fn path_open(
     if door.open_files.len() >= door.max_open_files as usize {
         return Ok(EMFILE);
     }
-    let forward = caller.data().forward.path_open.clone().ok_or_else(unbound)?;
-    let args = (fd, dirflags, path, path_len, oflags, rights, inheriting, fdflags, fd_out);
+    let forward = caller
+        .data()
+        .forward
+        .path_open
+        .clone()
+        .ok_or_else(unbound)?;
+    let args = (
+        fd, dirflags, path, path_len, oflags, rights, inheriting, fdflags, fd_out,
+    );
     let errno = forward.call(&mut caller, args)?;
-    if errno == 0 {
-        if let Some(memory) = caller.data().memory {
-            let data = memory.data(&caller);
-            if let Some(r) = guest_slice(data, fd_out, 4) {
-                let opened = read_u32(data, r.start);
-                caller.data_mut().door.open_files.insert(opened);
-            }
+    if errno == 0
+        && let Some(memory) = caller.data().memory
+    {
+        let data = memory.data(&caller);
+        if let Some(r) = guest_slice(data, fd_out, 4) {
+            let opened = read_u32(data, r.start);
+            caller.data_mut().door.open_files.insert(opened);
         }
     }
     Ok(errno)

@@ -745,6 +745,12 @@ def _is_complete(req):
         if last.rstrip().endswith(":"):
             indent += "    "
         return {"status": "incomplete", "indent": indent}
+    # As IPython: a block whose last line is still indented, with no blank line after it, is
+    # still being typed.
+    lines = code.split("\n")
+    last = lines[-1]
+    if len(lines) > 1 and last.strip() and last[0] in " \t":
+        return {"status": "incomplete", "indent": last[: len(last) - len(last.lstrip())]}
     return {"status": "complete"}
 
 

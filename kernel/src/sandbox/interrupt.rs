@@ -62,7 +62,11 @@ impl InterruptFlags {
 
     /// Sets the flags in `memory`. Returns false (and writes nothing) if a word lies outside it.
     pub fn raise(&self, memory: &mut [u8]) -> bool {
-        if self.words.iter().any(|w| w.addr as usize + 4 > memory.len()) {
+        if self
+            .words
+            .iter()
+            .any(|w| w.addr as usize + 4 > memory.len())
+        {
             return false;
         }
         for w in &self.words {
@@ -85,7 +89,10 @@ pub fn words_set(before: &[u8], after: &[u8]) -> Vec<FlagWord> {
         let a = u32::from_le_bytes([after[at], after[at + 1], after[at + 2], after[at + 3]]);
         let set = a & !b;
         if set != 0 {
-            out.push(FlagWord { addr: at as u32, bits: set });
+            out.push(FlagWord {
+                addr: at as u32,
+                bits: set,
+            });
         }
     }
     out
@@ -159,16 +166,16 @@ pub fn stack_top(wasm: &[u8]) -> Option<u32> {
         if id == 6 {
             let section = wasm.get(i..end)?;
             let mut j = 0;
-            let count = leb(section, &mut j)?;
-            for _ in 0..count {
-                let (ty, mutable) = (*section.get(j)?, *section.get(j + 1)?);
-                j += 2;
-                // Only a constant initialiser is read: `i32.const N end`.
-                if ty == 0x7f && mutable == 1 && *section.get(j)? == 0x41 {
-                    j += 1;
-                    return u32::try_from(sleb32(section, &mut j)?).ok();
-                }
+            // The first global must be a mutable i32 with a constant initialiser,
+            // `i32.const N end`; anything else is not a layout we know.
+            if leb(section, &mut j)? == 0 {
                 return None;
+            }
+            let (ty, mutable) = (*section.get(j)?, *section.get(j + 1)?);
+            j += 2;
+            if ty == 0x7f && mutable == 1 && *section.get(j)? == 0x41 {
+                j += 1;
+                return u32::try_from(sleb32(section, &mut j)?).ok();
             }
             return None;
         }
@@ -200,7 +207,10 @@ mod tests {
         let before = [0u8, 0, 0, 0, 1, 0, 0, 0, 0xff, 0, 0, 0];
         let after = [1u8, 0, 0, 0, 3, 0, 0, 0, 0x00, 0, 0, 0];
         let w = words_set(&before, &after);
-        assert_eq!(w, vec![FlagWord { addr: 0, bits: 1 }, FlagWord { addr: 4, bits: 2 }]);
+        assert_eq!(
+            w,
+            vec![FlagWord { addr: 0, bits: 1 }, FlagWord { addr: 4, bits: 2 }]
+        );
     }
 
     #[test]
@@ -228,7 +238,9 @@ mod tests {
 
     #[test]
     fn raise_refuses_out_of_bounds() {
-        let flags = InterruptFlags { words: vec![FlagWord { addr: 8, bits: 1 }] };
+        let flags = InterruptFlags {
+            words: vec![FlagWord { addr: 8, bits: 1 }],
+        };
         let mut small = [0u8; 8];
         assert!(!flags.raise(&mut small));
         let mut mem = [0u8; 12];

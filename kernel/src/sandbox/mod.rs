@@ -241,14 +241,21 @@ impl Sandbox {
             })
             .map_err(|e| SandboxError::Start(e.to_string()))?;
         ready_rx.recv().map_err(|_| SandboxError::Stopped)??;
-        Ok(Sandbox { commands: cmd_tx, control, input: input_tx, thread: Some(thread) })
+        Ok(Sandbox {
+            commands: cmd_tx,
+            control,
+            input: input_tx,
+            thread: Some(thread),
+        })
     }
 
     /// Sends a request to the driver. Its output, then its [`Event::Done`], arrive on the
     /// event queue. `is_cell` requests run under the cell limits (timeout, output cap) and can
     /// be interrupted.
     pub fn submit(&self, request: Value, is_cell: bool) -> Result<(), SandboxError> {
-        self.commands.send(Command { request, is_cell }).map_err(|_| SandboxError::Stopped)
+        self.commands
+            .send(Command { request, is_cell })
+            .map_err(|_| SandboxError::Stopped)
     }
 
     /// Asks the running cell to stop with `KeyboardInterrupt`. A second interrupt more than a
@@ -311,9 +318,14 @@ pub fn engine(limits: &Limits) -> Result<Engine, SandboxError> {
 /// minute on two cores; run in its own process so the compiler's memory goes with it).
 pub fn compile(limits: &Limits, wasm: &Path, out: &Path) -> Result<(), SandboxError> {
     let engine = engine(limits)?;
-    let load = |reason: String| SandboxError::Load { path: wasm.to_owned(), reason };
+    let load = |reason: String| SandboxError::Load {
+        path: wasm.to_owned(),
+        reason,
+    };
     let bytes = std::fs::read(wasm).map_err(|e| load(e.to_string()))?;
-    let compiled = engine.precompile_module(&bytes).map_err(|e| load(e.to_string()))?;
+    let compiled = engine
+        .precompile_module(&bytes)
+        .map_err(|e| load(e.to_string()))?;
     let tmp = out.with_extension("tmp");
     std::fs::write(&tmp, &compiled).map_err(|e| load(e.to_string()))?;
     std::fs::rename(&tmp, out).map_err(|e| load(e.to_string()))?;
@@ -336,7 +348,10 @@ fn load_module(engine: &Engine, cwasm: &Path) -> Result<Module, SandboxError> {
     // `deserialize_file` maps it, which is what lets instances share its memory image.
     #[allow(unsafe_code)]
     let module = unsafe { Module::deserialize_file(engine, cwasm) };
-    module.map_err(|e| SandboxError::Load { path: cwasm.to_owned(), reason: e.to_string() })
+    module.map_err(|e| SandboxError::Load {
+        path: cwasm.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 /// The state the guest's store carries.
@@ -350,6 +365,9 @@ pub(crate) struct Guest {
     clock: door::GuestClock,
 }
 
+/// `host_alloc(len) -> ptr` and `turn(ptr, len) -> status`.
+type Exports = (TypedFunc<i32, i32>, TypedFunc<(i32, i32), i32>);
+
 /// Everything the guest thread owns.
 struct Host {
     config: SandboxConfig,
@@ -362,7 +380,8 @@ struct Host {
     budget: Arc<OutputBudget>,
     root: tempdir::TempRoot,
     store: Option<Store<Guest>>,
-    turn: Option<(TypedFunc<i32, i32>, TypedFunc<(i32, i32), i32>)>,
+    /// The instance's `host_alloc` and `turn` exports.
+    turn: Option<Exports>,
     clock: door::GuestClock,
     serial: u64,
 }
@@ -384,7 +403,10 @@ mod tempdir {
                         #[cfg(unix)]
                         {
                             use std::os::unix::fs::PermissionsExt;
-                            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
+                            std::fs::set_permissions(
+                                &path,
+                                std::fs::Permissions::from_mode(0o700),
+                            )?;
                         }
                         for sub in ["usr/local/lib", "tmp/home/.matplotlib", "workspace"] {
                             std::fs::create_dir_all(path.join(sub))?;
@@ -424,10 +446,12 @@ impl Host {
             path: config.image.cwasm.clone(),
             reason: format!("{e:#}"),
         })?;
-        let pre = linker.instantiate_pre(&module).map_err(|e| SandboxError::Load {
-            path: config.image.cwasm.clone(),
-            reason: format!("{e:#}"),
-        })?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| SandboxError::Load {
+                path: config.image.cwasm.clone(),
+                reason: format!("{e:#}"),
+            })?;
         let wasi_only = door::WasiOnly::new(&engine).map_err(|e| SandboxError::Load {
             path: config.image.cwasm.clone(),
             reason: format!("{e:#}"),
@@ -462,18 +486,30 @@ impl Host {
         let mut wasi = WasiCtxBuilder::new();
         wasi.arg(ARGV0)
             .envs(GUEST_ENV)
-            .stdout(GuestOutput::new(StreamName::Stdout, self.sink.clone(), self.budget.clone()))
-            .stderr(GuestOutput::new(StreamName::Stderr, self.sink.clone(), self.budget.clone()))
+            .stdout(GuestOutput::new(
+                StreamName::Stdout,
+                self.sink.clone(),
+                self.budget.clone(),
+            ))
+            .stderr(GuestOutput::new(
+                StreamName::Stderr,
+                self.sink.clone(),
+                self.budget.clone(),
+            ))
             .monotonic_clock(self.clock.clone())
             .allow_blocking_current_thread(true);
         // The order of the first three matches the layout the image's snapshot was taken with.
         let ro = wasmtime_wasi::FsPerms::ReadOnly;
         let rw = wasmtime_wasi::FsPerms::ReadWrite;
         let image = &self.config.image;
-        wasi.preopened_dir(&image.lib_dir, "/usr/local/lib", ro).map_err(start)?;
-        wasi.preopened_dir(&image.mpl_data_dir, image.mpl_data_guest(), ro).map_err(start)?;
-        wasi.preopened_dir(self.root.path(), "/", rw).map_err(start)?;
-        wasi.preopened_dir(&self.config.workspace, "/workspace", rw).map_err(start)?;
+        wasi.preopened_dir(&image.lib_dir, "/usr/local/lib", ro)
+            .map_err(start)?;
+        wasi.preopened_dir(&image.mpl_data_dir, image.mpl_data_guest(), ro)
+            .map_err(start)?;
+        wasi.preopened_dir(self.root.path(), "/", rw)
+            .map_err(start)?;
+        wasi.preopened_dir(&self.config.workspace, "/workspace", rw)
+            .map_err(start)?;
         let guest = Guest {
             wasi: wasi.build_p1(),
             limits: StoreLimitsBuilder::new()
@@ -510,8 +546,12 @@ impl Host {
             .ok_or_else(|| SandboxError::Start("the image exports no memory".into()))?;
         store.data_mut().memory = Some(memory);
         self.wasi_only.bind(&mut store, memory).map_err(start)?;
-        let alloc = instance.get_typed_func::<i32, i32>(&mut store, "host_alloc").map_err(start)?;
-        let turn = instance.get_typed_func::<(i32, i32), i32>(&mut store, "turn").map_err(start)?;
+        let alloc = instance
+            .get_typed_func::<i32, i32>(&mut store, "host_alloc")
+            .map_err(start)?;
+        let turn = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "turn")
+            .map_err(start)?;
         self.store = Some(store);
         self.turn = Some((alloc, turn));
         self.run_turn(BOOT, None).map_err(SandboxError::Start)?;
@@ -532,8 +572,11 @@ impl Host {
             let len = i32::try_from(code.len()).map_err(|_| "turn too long".to_string())?;
             let p = alloc.call(&mut *store, len).map_err(|e| stop_reason(&e))?;
             let memory = store.data().memory.ok_or("no memory")?;
-            memory.write(&mut *store, p as u32 as usize, code.as_bytes()).map_err(|e| e.to_string())?;
-            turn.call(&mut *store, (p, len)).map_err(|e| stop_reason(&e))
+            memory
+                .write(&mut *store, p as u32 as usize, code.as_bytes())
+                .map_err(|e| e.to_string())?;
+            turn.call(&mut *store, (p, len))
+                .map_err(|e| stop_reason(&e))
         })();
         door::settle(store);
         store.data_mut().door.end();
@@ -551,7 +594,10 @@ impl Host {
         self.control.running.store(0, Ordering::SeqCst);
         match result {
             Ok(()) => {
-                let reply = self.store.as_mut().and_then(|s| s.data_mut().door.take_reply());
+                let reply = self
+                    .store
+                    .as_mut()
+                    .and_then(|s| s.data_mut().door.take_reply());
                 Outcome::Reply(reply.unwrap_or_else(|| {
                     json!({"status": "error", "ename": "KernelError",
                            "evalue": "the driver gave no reply", "traceback": []})
@@ -561,7 +607,9 @@ impl Host {
                 tracing::warn!(%reason, "interpreter lost; starting a fresh one");
                 match self.boot() {
                     Ok(()) => Outcome::Restarted { reason },
-                    Err(e) => Outcome::Restarted { reason: format!("{reason}; restart failed: {e}") },
+                    Err(e) => Outcome::Restarted {
+                        reason: format!("{reason}; restart failed: {e}"),
+                    },
                 }
             }
         }
@@ -606,7 +654,8 @@ pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFl
         .spawn(move || -> Result<InterruptFlags, SandboxError> {
             let mut host = Host::new(config2, EventSink(std_tx), Arc::default(), input_rx)?;
             let mut run = |trigger: &str| -> Result<Vec<interrupt::FlagWord>, SandboxError> {
-                host.run_turn(&interrupt::probe_code(trigger), None).map_err(SandboxError::Probe)?;
+                host.run_turn(&interrupt::probe_code(trigger), None)
+                    .map_err(SandboxError::Probe)?;
                 let store = host.store.as_mut().ok_or(SandboxError::Stopped)?;
                 store
                     .data_mut()
@@ -622,12 +671,17 @@ pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFl
             }
             let words = interrupt::stable_words(&runs, &controls, stack_top);
             if words.is_empty() || words.len() > interrupt::MAX_WORDS {
-                return Err(SandboxError::Probe(format!("{} candidate words", words.len())));
+                return Err(SandboxError::Probe(format!(
+                    "{} candidate words",
+                    words.len()
+                )));
             }
             Ok(InterruptFlags { words })
         })
         .map_err(|e| SandboxError::Start(e.to_string()))?;
-    let flags = handle.join().map_err(|_| SandboxError::Probe("probe thread panicked".into()))??;
+    let flags = handle
+        .join()
+        .map_err(|_| SandboxError::Probe("probe thread panicked".into()))??;
     verify_interrupt(config, flags.clone())?;
     Ok(flags)
 }
@@ -636,7 +690,9 @@ pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFl
 /// loop ended in `KeyboardInterrupt` with the interpreter still alive.
 fn verify_interrupt(mut config: SandboxConfig, flags: InterruptFlags) -> Result<(), SandboxError> {
     config.image.interrupt = Some(flags);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     let rt = rt.map_err(|e| SandboxError::Start(e.to_string()))?;
     rt.block_on(async move {
         let (tx, mut rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
@@ -659,7 +715,9 @@ fn verify_interrupt(mut config: SandboxConfig, flags: InterruptFlags) -> Result<
         }
         match outcome.ok_or(SandboxError::Stopped)? {
             Outcome::Reply(r) if r["ename"] == "KeyboardInterrupt" => Ok(()),
-            other => Err(SandboxError::Probe(format!("interrupt check failed: {other:?}"))),
+            other => Err(SandboxError::Probe(format!(
+                "interrupt check failed: {other:?}"
+            ))),
         }
     })
 }

@@ -26,7 +26,11 @@ pub(crate) struct OutputBudget {
 
 impl OutputBudget {
     pub(crate) fn new(cap: u64) -> Self {
-        OutputBudget { used: AtomicU64::new(0), cap, noticed: false.into() }
+        OutputBudget {
+            used: AtomicU64::new(0),
+            cap,
+            noticed: false.into(),
+        }
     }
 
     /// A new cell starts with the whole budget.
@@ -65,14 +69,22 @@ pub(crate) struct GuestOutput {
 
 impl GuestOutput {
     pub(crate) fn new(name: StreamName, sink: EventSink, budget: Arc<OutputBudget>) -> Self {
-        GuestOutput { name, sink, budget, carry: Arc::default() }
+        GuestOutput {
+            name,
+            sink,
+            budget,
+            carry: Arc::default(),
+        }
     }
 
     fn forward(&self, bytes: &[u8]) {
         match self.budget.take(bytes.len()) {
             Ok(()) => {}
             Err(Some(notice)) => {
-                self.sink.send(Event::Stream { name: StreamName::Stderr, text: notice });
+                self.sink.send(Event::Stream {
+                    name: StreamName::Stderr,
+                    text: notice,
+                });
                 return;
             }
             Err(None) => return,
@@ -93,7 +105,10 @@ impl GuestOutput {
             text
         };
         if !text.is_empty() {
-            self.sink.send(Event::Stream { name: self.name, text });
+            self.sink.send(Event::Stream {
+                name: self.name,
+                text,
+            });
         }
     }
 }
@@ -135,7 +150,11 @@ impl OutputStream for GuestOutput {
 }
 
 impl AsyncWrite for GuestOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.forward(buf);
         Poll::Ready(Ok(buf.len()))
     }
@@ -156,12 +175,15 @@ mod tests {
     fn output() -> (GuestOutput, std::sync::mpsc::Receiver<Event>) {
         let (tx, rx) = std::sync::mpsc::sync_channel(64);
         let sink = EventSink(tx);
-        (GuestOutput::new(StreamName::Stdout, sink, Arc::new(OutputBudget::new(10))), rx)
+        (
+            GuestOutput::new(StreamName::Stdout, sink, Arc::new(OutputBudget::new(10))),
+            rx,
+        )
     }
 
     #[test]
     fn split_utf8_is_joined() {
-        let (out, mut rx) = output();
+        let (out, rx) = output();
         let snow = "☃".as_bytes();
         out.forward(&snow[..1]);
         out.forward(&snow[1..]);
@@ -174,7 +196,7 @@ mod tests {
 
     #[test]
     fn cap_sends_one_notice_then_drops() {
-        let (out, mut rx) = output();
+        let (out, rx) = output();
         out.forward(b"0123456789");
         out.forward(b"more");
         out.forward(b"and more");

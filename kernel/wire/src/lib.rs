@@ -1,4 +1,6 @@
-//! Jupyter's wire format over ZeroMQ: multipart framing and HMAC-SHA256 signatures.
+//! `sandgate-wire`: Jupyter's wire format over ZeroMQ: multipart framing and HMAC-SHA256
+//! signatures. Shared by the kernel (`sandgate-kernel`) and the gateway (`sandgate`), so the
+//! gateway speaks to kernels without linking the sandbox.
 //!
 //! A message is `[identities…, "<IDS|MSG>", signature, header, parent_header, metadata,
 //! content, buffers…]`. The signature is the hex HMAC of the four JSON frames. Frames come from
@@ -55,7 +57,11 @@ pub struct Signer(Option<hmac::Key>);
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Signer(hmac-sha256)" } else { "Signer(none)" })
+        f.write_str(if self.0.is_some() {
+            "Signer(hmac-sha256)"
+        } else {
+            "Signer(none)"
+        })
     }
 }
 
@@ -67,7 +73,9 @@ impl Signer {
 
     /// The hex signature of the four JSON frames.
     pub fn sign(&self, parts: [&[u8]; 4]) -> Vec<u8> {
-        let Some(key) = &self.0 else { return Vec::new() };
+        let Some(key) = &self.0 else {
+            return Vec::new();
+        };
         let mut ctx = hmac::Context::with_key(key);
         for p in parts {
             ctx.update(p);
@@ -108,11 +116,32 @@ pub struct Message {
 }
 
 fn json(frame: &'static str, bytes: &[u8]) -> Result<Value, WireError> {
-    serde_json::from_slice(bytes).map_err(|e| WireError::BadJson { frame, reason: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| WireError::BadJson {
+        frame,
+        reason: e.to_string(),
+    })
 }
 
-/// Parses and authenticates one multipart message.
-pub fn parse(frames: Vec<Bytes>, signer: &Signer) -> Result<Message, WireError> {
+/// A message whose signature has been checked but whose JSON frames are still bytes: what a
+/// relay (the gateway) needs to forward a message without parsing all of it.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    /// ZeroMQ routing identities (for ROUTER sockets).
+    pub identities: Vec<Bytes>,
+    /// The header, JSON.
+    pub header: Bytes,
+    /// The parent's header, JSON.
+    pub parent_header: Bytes,
+    /// Metadata, JSON.
+    pub metadata: Bytes,
+    /// Content, JSON.
+    pub content: Bytes,
+    /// Binary buffers (not covered by the signature).
+    pub buffers: Vec<Bytes>,
+}
+
+/// Splits and authenticates one multipart message, leaving its JSON unparsed.
+pub fn parse_raw(frames: Vec<Bytes>, signer: &Signer) -> Result<RawMessage, WireError> {
     if frames.len() > MAX_FRAMES {
         return Err(WireError::TooManyFrames(frames.len()));
     }
@@ -120,7 +149,10 @@ pub fn parse(frames: Vec<Bytes>, signer: &Signer) -> Result<Message, WireError> 
     if total > MAX_MESSAGE_BYTES {
         return Err(WireError::TooLarge(total));
     }
-    let delim = frames.iter().position(|f| f.as_ref() == DELIMITER).ok_or(WireError::NoDelimiter)?;
+    let delim = frames
+        .iter()
+        .position(|f| f.as_ref() == DELIMITER)
+        .ok_or(WireError::NoDelimiter)?;
     let after = frames.len() - delim - 1;
     if after < 5 {
         return Err(WireError::Truncated(after));
@@ -128,40 +160,82 @@ pub fn parse(frames: Vec<Bytes>, signer: &Signer) -> Result<Message, WireError> 
     let mut rest = frames.into_iter();
     let identities: Vec<Bytes> = rest.by_ref().take(delim).collect();
     let _delimiter = rest.next();
-    let (Some(sig), Some(h), Some(p), Some(m), Some(c)) =
-        (rest.next(), rest.next(), rest.next(), rest.next(), rest.next())
-    else {
+    let (Some(sig), Some(header), Some(parent_header), Some(metadata), Some(content)) = (
+        rest.next(),
+        rest.next(),
+        rest.next(),
+        rest.next(),
+        rest.next(),
+    ) else {
         return Err(WireError::Truncated(after));
     };
-    signer.verify(&sig, [&h, &p, &m, &c])?;
-    let header: Header = serde_json::from_slice(&h)
-        .map_err(|e| WireError::BadJson { frame: "header", reason: e.to_string() })?;
-    Ok(Message {
+    signer.verify(&sig, [&header, &parent_header, &metadata, &content])?;
+    Ok(RawMessage {
         identities,
         header,
-        parent_header: json("parent_header", &p)?,
-        metadata: json("metadata", &m)?,
-        content: json("content", &c)?,
+        parent_header,
+        metadata,
+        content,
         buffers: rest.collect(),
     })
 }
 
-/// Frames for `message`, signed.
-pub fn serialize(message: &Message, signer: &Signer) -> Vec<Bytes> {
-    let header = serde_json::to_vec(&message.header).expect("a header serialises");
-    let parent = serde_json::to_vec(&message.parent_header).expect("JSON serialises");
-    let metadata = serde_json::to_vec(&message.metadata).expect("JSON serialises");
-    let content = serde_json::to_vec(&message.content).expect("JSON serialises");
-    let sig = signer.sign([&header, &parent, &metadata, &content]);
-    let mut frames = message.identities.clone();
+/// Parses and authenticates one multipart message.
+pub fn parse(frames: Vec<Bytes>, signer: &Signer) -> Result<Message, WireError> {
+    let raw = parse_raw(frames, signer)?;
+    let header: Header = serde_json::from_slice(&raw.header).map_err(|e| WireError::BadJson {
+        frame: "header",
+        reason: e.to_string(),
+    })?;
+    Ok(Message {
+        identities: raw.identities,
+        header,
+        parent_header: json("parent_header", &raw.parent_header)?,
+        metadata: json("metadata", &raw.metadata)?,
+        content: json("content", &raw.content)?,
+        buffers: raw.buffers,
+    })
+}
+
+/// Frames for a message whose JSON parts are already serialised, signed.
+pub fn serialize_raw(message: &RawMessage, signer: &Signer) -> Vec<Bytes> {
+    let sig = signer.sign([
+        &message.header,
+        &message.parent_header,
+        &message.metadata,
+        &message.content,
+    ]);
+    let mut frames = Vec::with_capacity(message.identities.len() + 6 + message.buffers.len());
+    frames.extend(message.identities.iter().cloned());
     frames.push(Bytes::from_static(DELIMITER));
     frames.push(sig.into());
-    frames.push(header.into());
-    frames.push(parent.into());
-    frames.push(metadata.into());
-    frames.push(content.into());
+    frames.push(message.header.clone());
+    frames.push(message.parent_header.clone());
+    frames.push(message.metadata.clone());
+    frames.push(message.content.clone());
     frames.extend(message.buffers.iter().cloned());
     frames
+}
+
+/// Frames for `message`, signed.
+pub fn serialize(message: &Message, signer: &Signer) -> Vec<Bytes> {
+    let raw = RawMessage {
+        identities: message.identities.clone(),
+        header: serde_json::to_vec(&message.header)
+            .expect("a header serialises")
+            .into(),
+        parent_header: serde_json::to_vec(&message.parent_header)
+            .expect("JSON serialises")
+            .into(),
+        metadata: serde_json::to_vec(&message.metadata)
+            .expect("JSON serialises")
+            .into(),
+        content: serde_json::to_vec(&message.content)
+            .expect("JSON serialises")
+            .into(),
+        buffers: message.buffers.clone(),
+    };
+    serialize_raw(&raw, signer)
 }
 
 #[cfg(test)]
@@ -203,10 +277,16 @@ mod tests {
     #[test]
     fn wrong_key_and_missing_signature_are_refused() {
         let frames = serialize(&sample(), &Signer::new(b"other"));
-        assert_eq!(parse(frames, &Signer::new(b"secret")).unwrap_err(), WireError::BadSignature);
+        assert_eq!(
+            parse(frames, &Signer::new(b"secret")).unwrap_err(),
+            WireError::BadSignature
+        );
         let mut frames = serialize(&sample(), &Signer::new(b"secret"));
         frames[2] = Bytes::new();
-        assert_eq!(parse(frames, &Signer::new(b"secret")).unwrap_err(), WireError::MissingSignature);
+        assert_eq!(
+            parse(frames, &Signer::new(b"secret")).unwrap_err(),
+            WireError::MissingSignature
+        );
     }
 
     #[test]
@@ -223,7 +303,11 @@ mod tests {
         let cases: Vec<Vec<Bytes>> = vec![
             vec![],
             vec![Bytes::from_static(DELIMITER)],
-            vec![Bytes::from_static(b"x"), Bytes::from_static(DELIMITER), Bytes::from_static(b"zz")],
+            vec![
+                Bytes::from_static(b"x"),
+                Bytes::from_static(DELIMITER),
+                Bytes::from_static(b"zz"),
+            ],
             vec![Bytes::from_static(DELIMITER); 7],
             (0..MAX_FRAMES + 1).map(|_| Bytes::new()).collect(),
         ];
@@ -235,7 +319,13 @@ mod tests {
         let sig = signer.sign(parts);
         let mut frames = vec![Bytes::from_static(DELIMITER), sig.into()];
         frames.extend(parts.iter().map(|p| Bytes::copy_from_slice(p)));
-        assert!(matches!(parse(frames, &signer), Err(WireError::BadJson { frame: "header", .. })));
+        assert!(matches!(
+            parse(frames, &signer),
+            Err(WireError::BadJson {
+                frame: "header",
+                ..
+            })
+        ));
     }
 
     #[test]

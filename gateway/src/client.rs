@@ -1,0 +1,709 @@
+//! One `sandgate-kernel` process: launching it with a fresh connection file and key, and the
+//! gateway's ZeroMQ client for its five channels.
+//!
+//! The gateway holds one set of sockets per kernel process and relays every WebSocket client
+//! through them (the session layer routes replies back by `parent_header.msg_id`). The shell and
+//! stdin sockets share one ZeroMQ identity, because the kernel sends `input_request` on stdin to
+//! the identity that sent the `execute_request` on shell.
+//!
+//! Every message from the kernel is checked against the kernel's key before anything reads it;
+//! one that fails is dropped and logged. The kernel process gets an empty environment: nothing of
+//! the gateway's (model keys, tokens) reaches it.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sandgate_wire::{RawMessage, Signer};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::sync::{mpsc, watch};
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+/// The kernel's channels that carry messages (the heartbeat is the client's own business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// Requests and replies.
+    Shell,
+    /// Interrupt, shutdown and other requests that must not wait behind a cell.
+    Control,
+    /// `input_request` / `input_reply`.
+    Stdin,
+    /// Broadcast output and status.
+    Iopub,
+}
+
+impl Channel {
+    /// The name Jupyter's WebSocket protocols use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Shell => "shell",
+            Channel::Control => "control",
+            Channel::Stdin => "stdin",
+            Channel::Iopub => "iopub",
+        }
+    }
+
+    /// Parses a channel name; `None` for anything else.
+    pub fn parse(name: &str) -> Option<Channel> {
+        Some(match name {
+            "shell" => Channel::Shell,
+            "control" => Channel::Control,
+            "stdin" => Channel::Stdin,
+            "iopub" => Channel::Iopub,
+            _ => return None,
+        })
+    }
+}
+
+/// Errors of launching or talking to a kernel process.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The process could not be started.
+    #[error("cannot start the kernel process {binary}: {source}")]
+    Spawn {
+        /// The kernel binary.
+        binary: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process ended before it was ready.
+    #[error("the kernel process exited during start-up ({status}): {stderr}")]
+    EarlyExit {
+        /// Its exit status.
+        status: String,
+        /// The end of what it printed on stderr.
+        stderr: String,
+    },
+    /// It was not ready in time.
+    #[error("the kernel did not start within {0} s")]
+    StartTimeout(u64),
+    /// A socket could not connect.
+    #[error("cannot connect to the kernel's {channel} channel: {reason}")]
+    Connect {
+        /// Which channel.
+        channel: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Writing the connection file failed.
+    #[error("cannot write the connection file {path}: {source}")]
+    ConnectionFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The process is gone.
+    #[error("the kernel process is gone")]
+    Gone,
+}
+
+/// How to start kernel processes.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The `sandgate-kernel` binary.
+    pub binary: PathBuf,
+    /// Arguments before `-f` (home, limits, `--no-fetch`).
+    pub args: Vec<OsString>,
+    /// Where connection files are written (mode 0600; they hold the key).
+    pub runtime_dir: PathBuf,
+    /// How long a start may take before it is abandoned.
+    pub startup_timeout: Duration,
+    /// Interval between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats missed in a row before the kernel counts as dead.
+    pub heartbeat_misses: u32,
+    /// Extra environment for the kernel process (only `SANDGATE_LOG` is passed through).
+    pub env: Vec<(OsString, OsString)>,
+}
+
+/// Something the kernel process sent or did.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A message, authenticated, on `channel`.
+    Message(Channel, RawMessage),
+    /// The process ended (exit status in words), or stopped answering heartbeats.
+    Died(String),
+}
+
+/// A running, ready kernel process.
+pub struct Process {
+    /// The kernel id this process was launched for.
+    pub id: uuid::Uuid,
+    /// Its process id.
+    pub pid: Option<u32>,
+    signer: Signer,
+    shell: mpsc::Sender<Vec<Bytes>>,
+    control: mpsc::Sender<Vec<Bytes>>,
+    stdin: mpsc::Sender<Vec<Bytes>>,
+    /// Set to true to kill the process (the watcher task owns the `Child`).
+    kill: watch::Sender<bool>,
+    /// Becomes true when the process has exited.
+    exited: watch::Receiver<bool>,
+    conn_file: PathBuf,
+    /// The session id the gateway's own requests (kernel_info, interrupt) carry.
+    session: String,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .finish()
+    }
+}
+
+/// A fresh random key for signing, 32 bytes as hex.
+fn new_key() -> String {
+    use ring::rand::SecureRandom;
+    let mut key = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut key)
+        .expect("the system random source works");
+    hex::encode(key)
+}
+
+/// Five free TCP ports on 127.0.0.1 (bound and released, as jupyter_client does).
+fn free_ports() -> std::io::Result<[u16; 5]> {
+    let listeners: Vec<std::net::TcpListener> = (0..5)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<Result<_, _>>()?;
+    let mut ports = [0u16; 5];
+    for (p, l) in ports.iter_mut().zip(&listeners) {
+        *p = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+fn write_private(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(body)?;
+    file.sync_all()
+}
+
+/// A header for a message the gateway itself sends.
+pub fn header(msg_type: &str, session: &str) -> Value {
+    json!({
+        "msg_id": uuid::Uuid::new_v4().to_string(),
+        "msg_type": msg_type,
+        "username": "sandgate",
+        "session": session,
+        "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "version": "5.3",
+    })
+}
+
+/// Serialises a message the gateway itself makes.
+pub fn own_message(header: &Value, content: &Value) -> RawMessage {
+    RawMessage {
+        identities: Vec::new(),
+        header: serde_json::to_vec(header).expect("JSON").into(),
+        parent_header: Bytes::from_static(b"{}"),
+        metadata: Bytes::from_static(b"{}"),
+        content: serde_json::to_vec(content).expect("JSON").into(),
+        buffers: Vec::new(),
+    }
+}
+
+/// The `msg_id` inside a header (or parent header) frame, if it has one.
+pub fn msg_id_of(header: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids {
+        #[serde(default)]
+        msg_id: Option<String>,
+    }
+    serde_json::from_slice::<Ids>(header).ok()?.msg_id
+}
+
+/// The `msg_type` inside a header frame.
+pub fn msg_type_of(header: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Types {
+        #[serde(default)]
+        msg_type: Option<String>,
+    }
+    serde_json::from_slice::<Types>(header).ok()?.msg_type
+}
+
+async fn connect<S: Socket>(
+    mut socket: S,
+    endpoint: &str,
+    channel: &'static str,
+) -> Result<S, ClientError> {
+    socket
+        .connect(endpoint)
+        .await
+        .map_err(|e| ClientError::Connect {
+            channel,
+            reason: e.to_string(),
+        })?;
+    Ok(socket)
+}
+
+fn spawn_sender<S: SocketSend + Send + 'static>(mut socket: S) -> mpsc::Sender<Vec<Bytes>> {
+    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(256);
+    tokio::spawn(async move {
+        while let Some(frames) = rx.recv().await {
+            let Ok(message) = ZmqMessage::try_from(frames) else {
+                continue;
+            };
+            if let Err(e) = socket.send(message).await {
+                tracing::debug!(error = %e, "send to kernel failed");
+            }
+        }
+    });
+    tx
+}
+
+fn spawn_receiver<S: SocketRecv + Send + 'static>(
+    mut socket: S,
+    channel: Channel,
+    signer: Signer,
+    kernel: uuid::Uuid,
+    tx: mpsc::Sender<Incoming>,
+) {
+    tokio::spawn(async move {
+        loop {
+            let frames = match socket.recv().await {
+                Ok(m) => m.into_vec(),
+                Err(e) => {
+                    tracing::debug!(%kernel, channel = channel.as_str(), error = %e, "receive ended");
+                    return;
+                }
+            };
+            match sandgate_wire::parse_raw(frames, &signer) {
+                Ok(msg) => {
+                    if tx.send(Incoming::Message(channel, msg)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(
+                    %kernel,
+                    channel = channel.as_str(),
+                    error = %e,
+                    "dropped a message from the kernel"
+                ),
+            }
+        }
+    });
+}
+
+impl Process {
+    /// Starts a kernel process for kernel `id`, waits until it serves requests, and returns it
+    /// with the stream of what it sends.
+    pub async fn launch(
+        spec: &LaunchSpec,
+        id: uuid::Uuid,
+    ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
+        let started = std::time::Instant::now();
+        let key = new_key();
+        let ports = free_ports().map_err(|source| ClientError::ConnectionFile {
+            path: spec.runtime_dir.clone(),
+            source,
+        })?;
+        let info = json!({
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            "shell_port": ports[0],
+            "iopub_port": ports[1],
+            "stdin_port": ports[2],
+            "control_port": ports[3],
+            "hb_port": ports[4],
+            "key": key,
+            "signature_scheme": "hmac-sha256",
+            "kernel_name": crate::kernelspec::NAME,
+        });
+        let conn_file = spec.runtime_dir.join(format!("kernel-{id}.json"));
+        write_private(&conn_file, &serde_json::to_vec_pretty(&info).expect("JSON")).map_err(
+            |source| ClientError::ConnectionFile {
+                path: conn_file.clone(),
+                source,
+            },
+        )?;
+        let result = Self::start(spec, id, key, ports, &conn_file).await;
+        match &result {
+            Ok(_) => tracing::info!(
+                kernel = %id,
+                ms = started.elapsed().as_millis() as u64,
+                "kernel process ready"
+            ),
+            Err(_) => {
+                let _ = std::fs::remove_file(&conn_file);
+            }
+        }
+        result
+    }
+
+    async fn start(
+        spec: &LaunchSpec,
+        id: uuid::Uuid,
+        key: String,
+        ports: [u16; 5],
+        conn_file: &Path,
+    ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
+        let mut command = tokio::process::Command::new(&spec.binary);
+        command
+            .args(&spec.args)
+            .arg("--notify-ready")
+            .arg("-f")
+            .arg(conn_file)
+            .env_clear()
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(|source| ClientError::Spawn {
+            binary: spec.binary.clone(),
+            source,
+        })?;
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        // The kernel's stderr goes to the gateway's log, and its last lines are kept to explain
+        // a failed start.
+        let (tail_tx, tail_rx) = watch::channel(String::new());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tail: std::collections::VecDeque<String> = Default::default();
+            while let Ok(Some(line)) = lines.next_line().await {
+                tracing::info!(kernel = %id, "kernel: {line}");
+                tail.push_back(line);
+                if tail.len() > 20 {
+                    tail.pop_front();
+                }
+                let _ = tail_tx.send(tail.iter().cloned().collect::<Vec<_>>().join("\n"));
+            }
+        });
+        let mut stdout = BufReader::new(stdout);
+        let timeout = spec.startup_timeout;
+        let ready = async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stdout.read_line(&mut line).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(_) if line.trim() == "ready" => return true,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let is_ready = tokio::select! {
+            r = tokio::time::timeout(timeout, ready) => r.ok(),
+            status = child.wait() => {
+                // Give the stderr reader the last lines: wait for its pipe to close.
+                let mut tail_rx = tail_rx.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while tail_rx.changed().await.is_ok() {}
+                }).await;
+                let stderr = tail_rx.borrow().clone();
+                return Err(ClientError::EarlyExit {
+                    status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                    stderr,
+                });
+            }
+        };
+        match is_ready {
+            Some(true) => {}
+            Some(false) => {
+                let status = child.wait().await;
+                let mut tail_rx = tail_rx.clone();
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while tail_rx.changed().await.is_ok() {}
+                })
+                .await;
+                return Err(ClientError::EarlyExit {
+                    status: status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|e| e.to_string()),
+                    stderr: tail_rx.borrow().clone(),
+                });
+            }
+            None => {
+                let _ = child.kill().await;
+                return Err(ClientError::StartTimeout(timeout.as_secs()));
+            }
+        }
+        // Drain stdout so the kernel never blocks writing to it.
+        tokio::spawn(async move {
+            let mut sink = [0u8; 1024];
+            while let Ok(n) = stdout.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+
+        let endpoint = |port: u16| format!("tcp://127.0.0.1:{port}");
+        let signer = Signer::new(key.as_bytes());
+        let identity = zeromq::util::PeerIdentity::try_from(
+            format!("sandgate-{}", uuid::Uuid::new_v4().simple()).into_bytes(),
+        )
+        .expect("a short identity is valid");
+        let mut options = zeromq::SocketOptions::default();
+        options.peer_identity(identity.clone());
+        let shell = connect(
+            zeromq::DealerSocket::with_options(options),
+            &endpoint(ports[0]),
+            "shell",
+        )
+        .await?;
+        let mut options = zeromq::SocketOptions::default();
+        options.peer_identity(identity);
+        let stdin = connect(
+            zeromq::DealerSocket::with_options(options),
+            &endpoint(ports[2]),
+            "stdin",
+        )
+        .await?;
+        let control = connect(zeromq::DealerSocket::new(), &endpoint(ports[3]), "control").await?;
+        let mut iopub = connect(zeromq::SubSocket::new(), &endpoint(ports[1]), "iopub").await?;
+        iopub
+            .subscribe("")
+            .await
+            .map_err(|e| ClientError::Connect {
+                channel: "iopub",
+                reason: e.to_string(),
+            })?;
+        let hb_endpoint = endpoint(ports[4]);
+        let heartbeat = connect(zeromq::ReqSocket::new(), &hb_endpoint, "heartbeat").await?;
+
+        let (tx, rx) = mpsc::channel(1024);
+        let (shell_send, shell_recv) = shell.split();
+        let (stdin_send, stdin_recv) = stdin.split();
+        let (control_send, control_recv) = control.split();
+        spawn_receiver(shell_recv, Channel::Shell, signer.clone(), id, tx.clone());
+        spawn_receiver(stdin_recv, Channel::Stdin, signer.clone(), id, tx.clone());
+        spawn_receiver(
+            control_recv,
+            Channel::Control,
+            signer.clone(),
+            id,
+            tx.clone(),
+        );
+        spawn_receiver(iopub, Channel::Iopub, signer.clone(), id, tx.clone());
+
+        let (kill_tx, mut kill_rx) = watch::channel(false);
+        let (exited_tx, exited_rx) = watch::channel(false);
+        let died = tx.clone();
+        let conn_path = conn_file.to_owned();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                () = crate::until_true(&mut kill_rx) => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let _ = std::fs::remove_file(&conn_path);
+            let _ = exited_tx.send(true);
+            let words = match status {
+                Ok(s) => format!("the kernel process exited ({s})"),
+                Err(e) => format!("the kernel process was lost: {e}"),
+            };
+            let _ = died.send(Incoming::Died(words)).await;
+        });
+        spawn_heartbeat(
+            hb_endpoint,
+            heartbeat,
+            spec.heartbeat_interval,
+            spec.heartbeat_misses,
+            tx,
+            exited_rx.clone(),
+        );
+
+        let process = Process {
+            id,
+            pid,
+            signer,
+            shell: spawn_sender(shell_send),
+            control: spawn_sender(control_send),
+            stdin: spawn_sender(stdin_send),
+            kill: kill_tx,
+            exited: exited_rx,
+            conn_file: conn_file.to_owned(),
+            session: uuid::Uuid::new_v4().to_string(),
+        };
+        let mut rx = rx;
+        process.nudge(&mut rx, spec.startup_timeout).await?;
+        Ok((process, rx))
+    }
+
+    /// Sends `kernel_info_request` until both its reply and an iopub message about it arrive,
+    /// so the iopub subscription is known to be live before any client's request is relayed
+    /// (a subscription takes effect a moment after it is sent; messages published before that
+    /// are lost).
+    async fn nudge(
+        &self,
+        rx: &mut mpsc::Receiver<Incoming>,
+        limit: Duration,
+    ) -> Result<(), ClientError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut wait = Duration::from_millis(250);
+        loop {
+            let id = self
+                .request(Channel::Shell, "kernel_info_request", json!({}))
+                .await?;
+            let (mut replied, mut published) = (false, false);
+            let round = tokio::time::Instant::now() + wait;
+            while !(replied && published) {
+                let until = round.min(deadline);
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some(Incoming::Message(channel, m))) => {
+                        if msg_id_of(&m.parent_header).as_deref() == Some(id.as_str()) {
+                            match channel {
+                                Channel::Iopub => published = true,
+                                _ => replied = true,
+                            }
+                        }
+                    }
+                    Ok(Some(Incoming::Died(reason))) => {
+                        return Err(ClientError::EarlyExit {
+                            status: reason,
+                            stderr: String::new(),
+                        });
+                    }
+                    Ok(None) => return Err(ClientError::Gone),
+                    Err(_) if tokio::time::Instant::now() >= deadline => {
+                        self.kill().await;
+                        return Err(ClientError::StartTimeout(limit.as_secs()));
+                    }
+                    Err(_) => break,
+                }
+            }
+            if replied && published {
+                return Ok(());
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Signs and sends a message on `channel` (iopub is receive-only and is refused).
+    pub async fn send(&self, channel: Channel, message: &RawMessage) -> Result<(), ClientError> {
+        let outbox = match channel {
+            Channel::Shell => &self.shell,
+            Channel::Control => &self.control,
+            Channel::Stdin => &self.stdin,
+            Channel::Iopub => return Ok(()),
+        };
+        let frames = sandgate_wire::serialize_raw(message, &self.signer);
+        outbox.send(frames).await.map_err(|_| ClientError::Gone)
+    }
+
+    /// Sends a request the gateway makes itself; returns its `msg_id`.
+    pub async fn request(
+        &self,
+        channel: Channel,
+        msg_type: &str,
+        content: Value,
+    ) -> Result<String, ClientError> {
+        let header = header(msg_type, &self.session);
+        let id = header["msg_id"].as_str().unwrap_or_default().to_owned();
+        self.send(channel, &own_message(&header, &content)).await?;
+        Ok(id)
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&self) -> bool {
+        *self.exited.borrow()
+    }
+
+    /// Waits until the process has exited.
+    pub async fn wait_exit(&self) {
+        let mut exited = self.exited.clone();
+        let _ = exited.wait_for(|e| *e).await;
+    }
+
+    /// Kills the process (SIGKILL) and waits for it to end.
+    pub async fn kill(&self) {
+        let _ = self.kill.send(true);
+        self.wait_exit().await;
+    }
+
+    /// Asks the kernel to shut down, waits up to `grace` for it to exit, then kills it.
+    pub async fn shutdown(&self, grace: Duration) {
+        if self.has_exited() {
+            return;
+        }
+        let _ = self
+            .request(
+                Channel::Control,
+                "shutdown_request",
+                json!({"restart": false}),
+            )
+            .await;
+        if tokio::time::timeout(grace, self.wait_exit()).await.is_err() {
+            tracing::warn!(kernel = %self.id, "kernel did not exit after shutdown_request; killing it");
+            self.kill().await;
+        }
+    }
+
+    /// The connection file (removed when the process ends).
+    pub fn connection_file(&self) -> &Path {
+        &self.conn_file
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.kill.send(true);
+    }
+}
+
+/// Pings the kernel's heartbeat; after `misses` unanswered intervals in a row, reports it dead.
+fn spawn_heartbeat(
+    endpoint: String,
+    mut socket: zeromq::ReqSocket,
+    interval: Duration,
+    misses: u32,
+    tx: mpsc::Sender<Incoming>,
+    mut exited: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut missed = 0u32;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = crate::until_true(&mut exited) => return,
+                _ = tick.tick() => {}
+            }
+            let ping = ZmqMessage::from(Bytes::from_static(b"ping"));
+            let answered = tokio::time::timeout(interval, async {
+                socket.send(ping).await.ok()?;
+                socket.recv().await.ok()
+            })
+            .await;
+            if let Ok(Some(_)) = answered {
+                missed = 0;
+                continue;
+            }
+            missed += 1;
+            if missed >= misses {
+                let _ = tx
+                    .send(Incoming::Died(format!(
+                        "the kernel stopped answering its heartbeat ({missed} missed)"
+                    )))
+                    .await;
+                return;
+            }
+            // A REQ socket that lost its reply cannot send again: start a fresh one.
+            socket = match connect(zeromq::ReqSocket::new(), &endpoint, "heartbeat").await {
+                Ok(s) => s,
+                Err(_) => continue,
+            };
+        }
+    });
+}

@@ -1,0 +1,340 @@
+//! The gateway's one typed configuration. Every default is written here, next to its field, and
+//! repeated in the README's configuration table.
+//!
+//! Sources, later ones winning: these defaults, the TOML file (`--config`, `$SANDGATE_CONFIG`, or
+//! `DATA_DIR/sandgate.toml` if it exists), environment variables, then command-line flags (both
+//! read by `main.rs`, which is the only place that reads them). Unknown keys in the file are an
+//! error, not a silent typo.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration (unknown keys included).
+    #[error("invalid configuration file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's words (line and column included).
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything the gateway can be told.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1`: only this machine can connect.
+    pub ip: IpAddr,
+    /// Port to listen on. Default 8888 (0 picks a free port, printed at start).
+    pub port: u16,
+    /// Data folder: image, compiled-module cache, workspace, runtime files. Default
+    /// `$SANDGATE_HOME`, else `$XDG_DATA_HOME/sandgate`, else `~/.local/share/sandgate`
+    /// (resolved by `main.rs`; empty here means "not set").
+    pub data_dir: PathBuf,
+    /// The `sandgate-kernel` binary. Default: the one next to the `sandgate` binary.
+    pub kernel_binary: PathBuf,
+    /// Log format: `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// Authentication and origin rules.
+    pub auth: AuthConfig,
+    /// Kernel lifecycle.
+    pub kernels: KernelsConfig,
+    /// Limits of each kernel's sandbox.
+    pub sandbox: SandboxConfig,
+    /// HTTP limits.
+    pub http: HttpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: 8888,
+            data_dir: PathBuf::new(),
+            kernel_binary: PathBuf::new(),
+            log_format: LogFormat::Text,
+            auth: AuthConfig::default(),
+            kernels: KernelsConfig::default(),
+            sandbox: SandboxConfig::default(),
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines with key=value fields.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Who may use the gateway.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Hex SHA-256 of the access token. The token itself is never stored: give it through
+    /// `$SANDGATE_TOKEN` / `--token`, or let the gateway generate one on first start (printed
+    /// once; its hash is kept in `DATA_DIR/token.sha256`). Default: none.
+    pub token_sha256: Option<String>,
+    /// Turn authentication off. Default false. Refused unless the gateway listens on a loopback
+    /// address.
+    pub disable: bool,
+    /// Origins (exact `scheme://host[:port]`) allowed to open WebSockets besides the gateway's
+    /// own. Default none: browsers on other origins are refused.
+    pub allow_origins: Vec<String>,
+    /// Origins allowed cross-origin REST calls (CORS). Default none: CORS is off.
+    pub cors_origins: Vec<String>,
+    /// Accept any `Host` header. Default false: when listening on loopback, only requests whose
+    /// `Host` is a local name are served (a defence against DNS rebinding).
+    pub allow_remote_access: bool,
+    /// Extra host names accepted as local. Default none (`localhost`, `127.0.0.1` and `::1`
+    /// always are).
+    pub local_hostnames: Vec<String>,
+}
+
+/// Kernel lifecycle settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelsConfig {
+    /// Most kernels running at once. Default 32. Past it, starting one is refused with 503.
+    pub max_kernels: usize,
+    /// Ready kernels kept warm so a start returns at once. Default 2; 0 turns the pool off.
+    pub pool_size: usize,
+    /// Shut down kernels idle this many seconds. Default 0: never.
+    pub cull_idle_timeout_s: u64,
+    /// Seconds between culling passes. Default 60.
+    pub cull_interval_s: u64,
+    /// Cull idle kernels even with clients connected. Default false.
+    pub cull_connected: bool,
+    /// Cull kernels that are busy. Default false.
+    pub cull_busy: bool,
+    /// Seconds a kernel may take to start. Default 60 (a first start compiles the image).
+    pub startup_timeout_s: u64,
+    /// Seconds a kernel has to exit after `shutdown_request` before it is killed. Default 5.
+    pub shutdown_grace_s: u64,
+    /// Seconds between heartbeats. Default 3.
+    pub heartbeat_interval_s: u64,
+    /// Heartbeats missed in a row before a kernel counts as dead. Default 3.
+    pub heartbeat_misses: u32,
+    /// Automatic restarts of a crashed kernel allowed per `restart_window_s`. Default 5.
+    pub restart_limit: usize,
+    /// The window of `restart_limit`, seconds. Default 60.
+    pub restart_window_s: u64,
+}
+
+impl Default for KernelsConfig {
+    fn default() -> Self {
+        KernelsConfig {
+            max_kernels: 32,
+            pool_size: 2,
+            cull_idle_timeout_s: 0,
+            cull_interval_s: 60,
+            cull_connected: false,
+            cull_busy: false,
+            startup_timeout_s: 60,
+            shutdown_grace_s: 5,
+            heartbeat_interval_s: 3,
+            heartbeat_misses: 3,
+            restart_limit: 5,
+            restart_window_s: 60,
+        }
+    }
+}
+
+/// What each kernel's sandbox may use (passed to `sandgate-kernel`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The guest's memory, MiB. Default 2048; past it Python raises `MemoryError`.
+    pub memory_mb: u64,
+    /// Wall-clock seconds one cell may run. Default 600; 0 for no limit.
+    pub cell_timeout_s: u64,
+    /// Bytes of output one cell may publish. Default 8 MiB; the rest is dropped with a notice.
+    pub output_bytes: u64,
+    /// Files the guest may hold open. Default 256.
+    pub open_files: u32,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            memory_mb: 2048,
+            cell_timeout_s: 600,
+            output_bytes: 8 << 20,
+            open_files: 256,
+        }
+    }
+}
+
+/// HTTP limits.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Largest request body, bytes. Default 16 MiB.
+    pub max_body_bytes: usize,
+    /// Largest WebSocket message from a client, bytes. Default 64 MiB.
+    pub max_ws_message_bytes: usize,
+    /// Seconds a client has to send its request headers (slow clients are cut off). Default 15.
+    pub header_timeout_s: u64,
+    /// Seconds between WebSocket pings; a client that misses two pongs is closed. Default 30.
+    pub ws_ping_interval_s: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 16 << 20,
+            max_ws_message_bytes: 64 << 20,
+            header_timeout_s: 15,
+            ws_ping_interval_s: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML file's text.
+    pub fn from_toml(path: &std::path::Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks values that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kernels;
+        if k.max_kernels == 0 {
+            return Err(ConfigError::Invalid(
+                "kernels.max_kernels must be at least 1".into(),
+            ));
+        }
+        if k.cull_interval_s == 0 || k.heartbeat_interval_s == 0 || k.startup_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "kernels.cull_interval_s, heartbeat_interval_s and startup_timeout_s must be \
+                 at least 1"
+                    .into(),
+            ));
+        }
+        if k.heartbeat_misses == 0 {
+            return Err(ConfigError::Invalid(
+                "kernels.heartbeat_misses must be at least 1".into(),
+            ));
+        }
+        if self.sandbox.memory_mb < 64 {
+            return Err(ConfigError::Invalid(
+                "sandbox.memory_mb must be at least 64 (the interpreter needs it to start)".into(),
+            ));
+        }
+        if self.auth.disable && !self.ip.is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "auth.disable is only allowed when listening on a loopback address, not {}",
+                self.ip
+            )));
+        }
+        if let Some(h) = &self.auth.token_sha256
+            && (h.len() != 64 || hex::decode(h).is_err())
+        {
+            return Err(ConfigError::Invalid(
+                "auth.token_sha256 must be 64 hex digits (the SHA-256 of the token)".into(),
+            ));
+        }
+        for origin in self
+            .auth
+            .allow_origins
+            .iter()
+            .chain(&self.auth.cors_origins)
+        {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.ends_with('/')
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "origin {origin:?} must look like scheme://host[:port], without a path"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The lifecycle part, as the session layer takes it.
+    pub fn lifecycle(&self) -> crate::session::LifecycleConfig {
+        let k = &self.kernels;
+        crate::session::LifecycleConfig {
+            max_kernels: k.max_kernels,
+            pool_size: k.pool_size,
+            cull_idle_timeout: (k.cull_idle_timeout_s > 0)
+                .then(|| Duration::from_secs(k.cull_idle_timeout_s)),
+            cull_interval: Duration::from_secs(k.cull_interval_s),
+            cull_connected: k.cull_connected,
+            cull_busy: k.cull_busy,
+            shutdown_grace: Duration::from_secs(k.shutdown_grace_s),
+            restart_limit: k.restart_limit,
+            restart_window: Duration::from_secs(k.restart_window_s),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = Config::from_toml("x.toml".as_ref(), "").unwrap();
+        assert_eq!(c, Config::default());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Config::from_toml("x.toml".as_ref(), "[kernels]\npool_sise = 3\n").unwrap_err();
+        assert!(err.to_string().contains("pool_sise"), "{err}");
+        let err = Config::from_toml("x.toml".as_ref(), "colour = 'red'\n").unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn values_are_read_and_checked() {
+        let c = Config::from_toml(
+            "x.toml".as_ref(),
+            "port = 9000\n[kernels]\npool_size = 0\ncull_idle_timeout_s = 600\n",
+        )
+        .unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.kernels.pool_size, 0);
+        assert_eq!(
+            c.lifecycle().cull_idle_timeout,
+            Some(Duration::from_secs(600))
+        );
+        let mut bad = c.clone();
+        bad.kernels.max_kernels = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = c.clone();
+        bad.auth.disable = true;
+        bad.ip = IpAddr::from([0, 0, 0, 0]);
+        assert!(bad.validate().is_err());
+        let mut bad = c;
+        bad.auth.allow_origins = vec!["https://a.example/".into()];
+        assert!(bad.validate().is_err());
+    }
+}
