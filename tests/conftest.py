@@ -124,3 +124,264 @@ def of_type(outputs, msg_type):
 
 def stdout_text(outputs, name="stdout"):
     return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+# --- the gateway -------------------------------------------------------------------------------
+
+GATEWAY = pathlib.Path(os.environ.get("SANDGATE_GATEWAY", ROOT / "target" / "release" / "sandgate"))
+TOKEN = "test-token-" + os.urandom(8).hex()
+
+
+def sandgate_home():
+    """Where `sandgate-kernel install` put the image and its compiled cache."""
+    if os.environ.get("SANDGATE_HOME"):
+        return pathlib.Path(os.environ["SANDGATE_HOME"])
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return pathlib.Path(xdg) / "sandgate"
+
+
+class Gateway:
+    """A `sandgate` process on a free port with its own data folder (sharing the prepared
+    image), and helpers for its REST API."""
+
+    def __init__(self, data_dir, args=(), env=None, token=TOKEN):
+        import subprocess
+        self.data_dir = pathlib.Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        home = sandgate_home()
+        for shared in ("images", "cache"):
+            link = self.data_dir / shared
+            if not link.exists():
+                link.symlink_to(home / shared)
+        self.token = token
+        full_env = {**os.environ, **(env or {})}
+        if token is not None:
+            full_env["SANDGATE_TOKEN"] = token
+        self.proc = subprocess.Popen(
+            [str(GATEWAY), "--port", "0", "--data-dir", str(self.data_dir), *args],
+            stdout=subprocess.PIPE, stderr=open(self.data_dir / "gateway.log", "ab"), env=full_env, text=True)
+        self.url = None
+        # Wait for the line that names the port (the gateway prints it once it listens).
+        for line in self.proc.stdout:
+            if "listening on " in line:
+                self.url = line.split("listening on ", 1)[1].strip()
+                break
+        if self.url is None:
+            raise RuntimeError(f"the gateway did not start; see {self.data_dir / 'gateway.log'}")
+        self.ws_url = self.url.replace("http://", "ws://")
+
+    def headers(self, extra=None):
+        h = {"Authorization": f"token {self.token}"} if self.token else {}
+        h.update(extra or {})
+        return h
+
+    _OWN = object()
+
+    def request(self, method, path, body=None, headers=None, raw=None, token=_OWN):
+        """(status, parsed JSON or bytes, response headers). `token=None` sends no token."""
+        import urllib.error
+        import urllib.request
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        hdrs = {"Content-Type": "application/json"}
+        token = self.token if token is Gateway._OWN else token
+        if token is not None:
+            hdrs["Authorization"] = f"token {token}"
+        hdrs.update(headers or {})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, payload, rh = r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            status, payload, rh = e.code, e.read(), e.headers
+        if "json" in rh.get("Content-Type", "") and payload:
+            payload = json.loads(payload)
+        return status, payload, rh
+
+    def start_kernel(self, name=None):
+        status, model, _ = self.request("POST", "/api/kernels", {"name": name} if name else {})
+        assert status == 201, model
+        return model
+
+    def log(self):
+        return (self.data_dir / "gateway.log").read_text(errors="replace")
+
+    def stop(self):
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def start_gateway(tmp_path_factory):
+    """Starts gateways; every one is stopped at the end of the session."""
+    if not GATEWAY.exists():
+        pytest.exit(f"{GATEWAY} is missing: build it with `cargo build --release`", 2)
+    started = []
+
+    def start(args=(), env=None, token=TOKEN):
+        g = Gateway(tmp_path_factory.mktemp("gateway"), args, env, token)
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        g.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway):
+    """One gateway shared by tests that only use their own kernels."""
+    return start_gateway(["--pool-size", "1"])
+
+
+class KernelSocket:
+    """A WebSocket client on one kernel (legacy JSON or v1 binary protocol)."""
+
+    def __init__(self, gw, kernel_id, session_id=None, v1=False, headers=None, query="", origin=None):
+        import websocket
+        self.session = session_id or str(__import__("uuid").uuid4())
+        url = f"{gw.ws_url}/api/kernels/{kernel_id}/channels?session_id={self.session}{query}"
+        hdrs = [f"{k}: {v}" for k, v in (gw.headers() if headers is None else headers).items()]
+        self.v1 = v1
+        extra = {"origin": origin} if origin else {}
+        self.ws = websocket.create_connection(url, header=hdrs, timeout=TIMEOUT, **extra,
+                                              subprotocols=["v1.kernel.websocket.jupyter.org"] if v1 else None)
+
+    def send(self, msg_type, content, channel="shell"):
+        import uuid
+        header = {"msg_id": str(uuid.uuid4()), "msg_type": msg_type, "username": "test", "session": self.session,
+                  "date": "2026-01-01T00:00:00.000Z", "version": "5.3"}
+        if self.v1:
+            parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
+            self.ws.send_binary(encode_v1(channel, parts))
+        else:
+            self.ws.send(json.dumps({"header": header, "parent_header": {}, "metadata": {}, "content": content,
+                                     "channel": channel}))
+        return header["msg_id"]
+
+    def recv(self):
+        import websocket
+        op, data = self.ws.recv_data()
+        if op == websocket.ABNF.OPCODE_BINARY and self.v1:
+            channel, parts = decode_v1(data)
+            msg = {"channel": channel, "header": json.loads(parts[0]), "parent_header": json.loads(parts[1]),
+                   "metadata": json.loads(parts[2]), "content": json.loads(parts[3]), "buffers": parts[4:]}
+            msg["msg_type"] = msg["header"]["msg_type"]
+            return msg
+        if op == websocket.ABNF.OPCODE_CLOSE:
+            raise ConnectionError(data)
+        return json.loads(data)
+
+    def execute(self, code, timeout=TIMEOUT, **content):
+        """Runs code; returns (reply content, [iopub messages of this request between busy and idle])."""
+        msg_id = self.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                               "user_expressions": {}, "allow_stdin": False, **content})
+        return self.collect(msg_id, timeout)
+
+    def collect(self, msg_id, timeout=TIMEOUT):
+        self.ws.settimeout(timeout)
+        reply, outputs, idle = None, [], False
+        while reply is None or not idle:
+            msg = self.recv()
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["channel"] == "iopub":
+                if msg["msg_type"] == "status":
+                    idle = msg["content"]["execution_state"] == "idle"
+                else:
+                    outputs.append(msg)
+            elif msg["msg_type"].endswith("_reply"):
+                reply = msg["content"]
+        return reply, outputs
+
+    def close(self):
+        try:
+            self.ws.close()
+        except Exception:
+            pass
+
+
+def encode_v1(channel, parts):
+    """`v1.kernel.websocket.jupyter.org` framing, written from the protocol's description."""
+    chan = channel.encode()
+    offsets = [8 * (len(parts) + 3)]
+    offsets.append(offsets[-1] + len(chan))
+    for p in parts:
+        offsets.append(offsets[-1] + len(p))
+    out = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
+    return out + chan + b"".join(parts)
+
+
+def decode_v1(data):
+    n = int.from_bytes(data[:8], "little")
+    offsets = [int.from_bytes(data[8 * (i + 1):8 * (i + 2)], "little") for i in range(n)]
+    channel = data[offsets[0]:offsets[1]].decode()
+    parts = [data[offsets[i]:offsets[i + 1]] for i in range(1, n - 1)]
+    return channel, parts
+
+
+# --- JupyterLab in front of a gateway ------------------------------------------------------------
+
+class Lab(Gateway):
+    """A real `jupyter lab --gateway-url=...` (jupyter_server's gateway client) in front of a
+    Sandgate gateway. Shares the REST helpers of `Gateway`; its own token guards it."""
+
+    def __init__(self, gateway, root_dir):
+        import socket
+        import subprocess
+        self.data_dir = pathlib.Path(root_dir)
+        self.token = "lab-" + os.urandom(8).hex()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.data_dir / "config"),
+               "JUPYTER_RUNTIME_DIR": str(self.data_dir / "runtime")}
+        self.log_path = self.data_dir / "lab.log"
+        self.proc = subprocess.Popen(
+            [str(pathlib.Path(sys.executable).with_name("jupyter")), "lab", "--allow-root", "--no-browser",
+             f"--ServerApp.port={port}", "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1",
+             f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.data_dir}",
+             f"--gateway-url={gateway.url}", f"--GatewayClient.auth_token={gateway.token}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+        self.url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}"
+        # jupyter_server logs its URL once it serves; read its log lines until then.
+        with open(self.log_path, "w") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                if f"127.0.0.1:{port}/lab" in line:
+                    break
+            else:
+                raise RuntimeError(f"JupyterLab did not start; see {self.log_path}")
+        import threading
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        with open(self.log_path, "a") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                log.flush()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def start_lab(tmp_path_factory):
+    """Starts JupyterLab servers in front of gateways; all are stopped at the end."""
+    started = []
+
+    def start(gateway):
+        lab = Lab(gateway, tmp_path_factory.mktemp("lab"))
+        started.append(lab)
+        return lab
+
+    yield start
+    for lab in started:
+        lab.stop()
