@@ -212,3 +212,43 @@ def test_garbage_frames_do_not_disturb_the_kernel(start_kernel):
         alive(k)
     finally:
         sock.close(0)
+
+
+# --- the image -------------------------------------------------------------------------------
+
+def _kernel_bin():
+    from conftest import KERNEL
+    return str(KERNEL)
+
+
+def test_a_missing_image_says_how_to_fetch_it(tmp_path):
+    import subprocess
+    r = subprocess.run([_kernel_bin(), "prepare", "--home", str(tmp_path), "--no-fetch"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "missing" in r.stderr and "sandgate-kernel prepare" in r.stderr
+
+
+def test_a_corrupt_image_is_refused_with_a_clear_error(tmp_path):
+    """One flipped byte in the interpreter (same size, new mtime) fails the SHA-256 check."""
+    import shutil
+    import subprocess
+    from conftest import sandgate_home
+    src = next((sandgate_home() / "images").iterdir())
+    dst = tmp_path / "images" / src.name
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name == "python-snapshot.wasm":
+            shutil.copyfile(entry, dst / entry.name)
+        elif entry.name != "verified.json":
+            (dst / entry.name).symlink_to(entry)
+    (tmp_path / "cache").symlink_to(sandgate_home() / "cache")
+    with open(dst / "python-snapshot.wasm", "r+b") as f:
+        f.seek(1 << 20)
+        b = f.read(1)
+        f.seek(1 << 20)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = subprocess.run([_kernel_bin(), "prepare", "--home", str(tmp_path), "--no-fetch"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "corrupt" in r.stderr and "python-snapshot.wasm" in r.stderr and "SHA-256" in r.stderr

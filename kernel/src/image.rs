@@ -32,7 +32,7 @@ const PINS_JSON: &str = include_str!("../../images/python-wasi/pins.json");
 pub enum ImageError {
     /// The image is not there and may not be fetched.
     #[error(
-        "the sandbox image is missing at {dir}. Fetch it with `sandgate-kernel fetch` \
+        "the sandbox image is missing at {dir}. Fetch it with `sandgate-kernel prepare` \
          (or `python3 images/python-wasi/fetch.py`)"
     )]
     Missing {
@@ -45,7 +45,7 @@ pub enum ImageError {
     /// A file does not match its pinned hash.
     #[error(
         "the sandbox image file {path} is corrupt: SHA-256 {got}, expected {want}. \
-         Remove {dir} and run `sandgate-kernel fetch` again"
+         Remove {dir} and run `sandgate-kernel prepare` again"
     )]
     Corrupt {
         /// The file.

@@ -51,25 +51,48 @@ pub struct KernelConfig {
     pub sandbox: SandboxConfig,
 }
 
-/// Sends frames on one socket from many tasks.
+/// What a socket's writer task is asked to do.
+enum Outgoing {
+    /// Send these frames.
+    Frames(Vec<Bytes>),
+    /// Answer once everything queued before this has been sent.
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Sends frames on one socket from many tasks, in the order they were queued.
 #[derive(Clone)]
-struct Outbox(mpsc::Sender<Vec<Bytes>>);
+struct Outbox(mpsc::Sender<Outgoing>);
 
 impl Outbox {
     async fn send(&self, frames: Vec<Bytes>) {
-        let _ = self.0.send(frames).await;
+        let _ = self.0.send(Outgoing::Frames(frames)).await;
+    }
+
+    /// Waits until everything queued so far is on the wire.
+    async fn flush(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.0.send(Outgoing::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
 fn spawn_writer<S: SocketSend + Send + 'static>(mut socket: S, name: &'static str) -> Outbox {
-    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(SEND_QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(SEND_QUEUE);
     tokio::spawn(async move {
-        while let Some(frames) = rx.recv().await {
-            let Ok(message) = ZmqMessage::try_from(frames) else {
-                continue;
-            };
-            if let Err(e) = socket.send(message).await {
-                tracing::debug!(socket = name, error = %e, "send failed");
+        while let Some(item) = rx.recv().await {
+            match item {
+                Outgoing::Frames(frames) => {
+                    let Ok(message) = ZmqMessage::try_from(frames) else {
+                        continue;
+                    };
+                    if let Err(e) = socket.send(message).await {
+                        tracing::debug!(socket = name, error = %e, "send failed");
+                    }
+                }
+                Outgoing::Flush(done) => {
+                    let _ = done.send(());
+                }
             }
         }
     });
@@ -255,6 +278,7 @@ pub async fn run(
     tokio::spawn(async move { executor.run(shell_rx).await });
     ready();
 
+    let control_flush = control_out.clone();
     let control_sandbox = sandbox.clone();
     let control_messenger = messenger.clone();
     tokio::spawn(async move {
@@ -300,8 +324,10 @@ pub async fn run(
         () = shutdown => {}
         _ = stop_rx.wait_for(|stop| *stop) => {}
     }
-    // Give the writer tasks a moment to put the last replies on the wire.
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // The last replies (shutdown_reply, status) are on the wire before the process ends.
+    for outbox in [&messenger.iopub, &shell_out, &control_flush] {
+        outbox.flush().await;
+    }
     Ok(())
 }
 

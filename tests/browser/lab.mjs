@@ -5,11 +5,13 @@
 // and the inline PNG. A screenshot is saved after every step (and on failure) to
 // tests/artifacts/browser-*.png.
 //
-// Usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] URL
+// Usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] [--via launcher|menu] URL
 //   URL: JupyterLab's address with its token, e.g. http://127.0.0.1:8889/lab?token=abc
 //        (or the environment variable LAB_URL).
+//   --via: create the notebook from the Launcher card of the kernel (default; falls back to the
+//        menu when there is no such card) or from File > New > Notebook and the kernel dialog.
 // Environment: CHROMIUM (default /usr/bin/chromium), ARTIFACTS_DIR, SANDGATE_KERNEL_DISPLAY_NAME,
-//   LAB_TIMEOUT_SCALE (multiplies every timeout; default 1).
+//   LAB_TIMEOUT_SCALE (multiplies every timeout, and the overall limit of 300 s; default 1).
 // Exit status: 0 when every step passed, 1 on a failed step (with a message on stderr), 2 on bad usage.
 
 import fs from 'node:fs';
@@ -25,11 +27,13 @@ function parseArgs(argv) {
     url: process.env.LAB_URL,
     artifacts: process.env.ARTIFACTS_DIR || path.resolve(here, '..', 'artifacts'),
     kernel: process.env.SANDGATE_KERNEL_DISPLAY_NAME || 'Python 3 (Sandgate sandbox)',
+    via: 'launcher',
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--artifacts') opts.artifacts = argv[++i];
     else if (a === '--kernel-display-name') opts.kernel = argv[++i];
+    else if (a === '--via') opts.via = argv[++i];
     else if (a === '-h' || a === '--help') opts.help = true;
     else if (a.startsWith('-')) throw new Error(`unknown option ${a}`);
     else opts.url = a;
@@ -44,8 +48,12 @@ try {
   console.error(`lab.mjs: ${e.message}`);
   process.exit(2);
 }
+if (!['launcher', 'menu'].includes(opts.via)) {
+  console.error(`lab.mjs: --via must be launcher or menu, not ${opts.via}`);
+  process.exit(2);
+}
 if (opts.help || !opts.url) {
-  console.error('usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] URL-WITH-TOKEN (or LAB_URL)');
+  console.error('usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] [--via launcher|menu] URL-WITH-TOKEN (or LAB_URL)');
   process.exit(opts.help ? 0 : 2);
 }
 
@@ -57,6 +65,9 @@ const T = {
   plot: 120_000 * scale, // first `import pandas, matplotlib` in the sandbox takes a few seconds
   action: 15_000 * scale, // clicks, typing
 };
+
+// A bound on the whole run, so that a hang still ends with a message and a screenshot.
+const deadline = 300_000 * scale;
 
 const started = Date.now();
 const elapsed = () => ((Date.now() - started) / 1000).toFixed(1) + 's';
@@ -127,13 +138,17 @@ async function run(name, fn) {
 
 class StepError extends Error {}
 
+const escapeRegExp = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+const exactText = (s) => new RegExp(`^\\s*${escapeRegExp(s)}\\s*$`);
+
 // Fails at once when the page shows an error dialog, a kernel error, or an error output,
 // instead of waiting for the full timeout.
 async function waitFor(locator, { timeout, what, cell }) {
   const failures = [page.locator('.jp-Dialog').filter({ hasText: /error|failed|could not|unable/i })];
   if (cell) {
-    failures.push(cell.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'));
-    failures.push(cell.locator('.jp-OutputArea-output').filter({ hasText: /Traceback|Error:/ }));
+    // An error (or a traceback on stderr) in the cell's output; other stderr text, like a warning, is fine.
+    failures.push(cell.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
+      .filter({ hasText: /Traceback|Error\b/ }));
   }
   let any = locator;
   for (const f of failures) any = any.or(f);
@@ -152,11 +167,16 @@ async function waitFor(locator, { timeout, what, cell }) {
 
 // JupyterLab asks which kernel to use in a "Select Kernel" dialog in some situations (no default
 // kernel, a notebook opened without one): choose the Sandgate kernel there.
+const kernelDialog = page.locator('.jp-Dialog').filter({ has: page.locator('select') });
 async function answerKernelDialog() {
-  const dialog = page.locator('.jp-Dialog').filter({ has: page.locator('select') });
+  const dialog = kernelDialog;
   if (!(await dialog.first().isVisible())) return false;
-  log('a kernel selection dialog is open: choosing the Sandgate kernel');
+  log(`a kernel selection dialog is open: choosing "${opts.kernel}"`);
   const select = dialog.first().locator('select').first();
+  const options = (await select.locator('option').allInnerTexts()).map((o) => o.trim());
+  if (!options.includes(opts.kernel)) {
+    throw new StepError(`the kernel selection dialog does not offer "${opts.kernel}" (it offers ${JSON.stringify(options)})`);
+  }
   await select.selectOption({ label: opts.kernel });
   await dialog.first().locator('.jp-Dialog-button.jp-mod-accept').click();
   await dialog.first().waitFor({ state: 'hidden' });
@@ -165,6 +185,7 @@ async function answerKernelDialog() {
 
 const notebook = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden)').first();
 const cells = notebook.locator('.jp-Notebook .jp-Cell');
+const statusIdle = page.locator('.jp-StatusBar-TextItem', { hasText: new RegExp(`^\\s*${escapeRegExp(opts.kernel)} \\| Idle\\s*$`) });
 
 async function runCell(index, code, what) {
   const cell = cells.nth(index);
@@ -182,49 +203,68 @@ async function runCell(index, code, what) {
 }
 
 let failed = null;
+const overall = setTimeout(async () => {
+  console.error(`lab.mjs: FAILED: still at step "${step}" after the overall limit of ${deadline / 1000}s`);
+  if (diagnostics.length) console.error(`what the page reported:\n  ${diagnostics.join('\n  ')}`);
+  await screenshot('failure');
+  await context.close().catch(() => {});
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+  process.exit(1);
+}, deadline);
 try {
   await run('open JupyterLab', async () => {
-    await page.goto(opts.url, { waitUntil: 'domcontentloaded', timeout: T.load });
+    // `reset` starts from JupyterLab's default workspace (just a Launcher), whatever was open before.
+    const url = new URL(opts.url);
+    url.searchParams.set('reset', '');
+    await page.goto(url.href, { waitUntil: 'domcontentloaded', timeout: T.load });
     await waitFor(page.locator('#jp-main-dock-panel'), { timeout: T.load, what: "JupyterLab's main area" });
+    await waitFor(page.locator('.jp-Launcher .jp-LauncherCard').or(notebook), {
+      timeout: T.load, what: 'the Launcher',
+    });
     await screenshot('lab');
   });
 
   await run(`create a notebook on "${opts.kernel}"`, async () => {
     const card = page.locator('.jp-Launcher .jp-LauncherCard[data-category="Notebook"]')
-      .filter({ has: page.locator('.jp-LauncherCard-label', { hasText: opts.kernel }) });
-    let viaLauncher = true;
-    try {
-      await card.first().waitFor({ state: 'visible', timeout: T.load });
-    } catch {
-      viaLauncher = false;
-      const shown = await page.locator('.jp-LauncherCard[data-category="Notebook"]').allInnerTexts();
-      log(`no Launcher card for "${opts.kernel}" (notebook cards: ${JSON.stringify(shown)}); using File > New > Notebook`);
+      .filter({ has: page.locator('.jp-LauncherCard-label', { hasText: exactText(opts.kernel) }) });
+    let viaLauncher = opts.via === 'launcher';
+    if (viaLauncher) {
+      try {
+        await card.first().waitFor({ state: 'visible', timeout: T.load });
+      } catch {
+        viaLauncher = false;
+        const shown = await page.locator('.jp-LauncherCard[data-category="Notebook"]').allInnerTexts();
+        log(`no Launcher card for "${opts.kernel}" (notebook cards: ${JSON.stringify(shown)}); using File > New > Notebook`);
+      }
     }
     if (viaLauncher) {
       await card.first().click();
     } else {
       await page.locator('.lm-MenuBar-itemLabel', { hasText: /^File$/ }).click();
-      await page.locator('.lm-Menu-item', { hasText: /^New/ }).first().hover();
+      await page.locator('.lm-Menu-item[data-type="submenu"]', { hasText: /^\s*New\s*$/ }).first().hover();
       await page.locator('.lm-Menu-item[data-command="notebook:create-new"]').click();
     }
-    // Either the notebook comes up or JupyterLab asks for a kernel first.
-    const kernelDialog = page.locator('.jp-Dialog').filter({ has: page.locator('select') });
-    await waitFor(notebook.or(kernelDialog), { timeout: T.kernel, what: 'the new notebook' });
-    await answerKernelDialog();
-    await notebook.waitFor({ state: 'visible', timeout: T.kernel });
+    await waitFor(notebook, { timeout: T.kernel, what: 'the new notebook' });
+    // JupyterLab may ask for the kernel ("Select Kernel"), e.g. for File > New > Notebook.
+    const named = notebook.locator('.jp-KernelName', { hasText: exactText(opts.kernel) });
+    const deadline = Date.now() + T.kernel;
+    for (;;) {
+      await waitFor(named.or(kernelDialog), {
+        timeout: Math.max(1, deadline - Date.now()), what: `the notebook's kernel to be "${opts.kernel}"`,
+      });
+      if (!(await answerKernelDialog())) break;
+    }
   });
 
   await run('wait for the kernel to be idle', async () => {
-    // A dialog can also appear after the panel (e.g. once the kernelspecs arrive).
-    const kernelName = notebook.locator('.jp-KernelName');
-    const idle = notebook.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]');
-    const deadline = Date.now() + T.kernel;
-    for (;;) {
-      const kernelDialog = page.locator('.jp-Dialog').filter({ has: page.locator('select') });
-      await waitFor(idle.or(kernelDialog), { timeout: Math.max(1, deadline - Date.now()), what: 'the kernel to become idle' });
-      if (!(await answerKernelDialog())) break;
-    }
-    const name = (await kernelName.first().innerText()).trim();
+    // The status bar (which follows the active notebook, the only one here since the workspace
+    // was reset) says "<kernel> | Idle" once JupyterLab has connected to the started kernel.
+    // The toolbar's execution indicator alone is not enough: it says idle before there is a kernel.
+    await waitFor(statusIdle, { timeout: T.kernel, what: `the status bar to say "${opts.kernel} | Idle"` });
+    await waitFor(notebook.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]'), {
+      timeout: T.kernel, what: "the notebook toolbar's kernel indicator to say idle",
+    });
+    const name = (await notebook.locator('.jp-KernelName').first().innerText()).trim();
     if (name !== opts.kernel) throw new StepError(`the notebook's kernel is "${name}", not "${opts.kernel}"`);
     log(`kernel "${name}" is idle`);
     await screenshot('notebook');
@@ -264,14 +304,13 @@ try {
   });
 
   await run('kernel idle after the run', async () => {
-    await waitFor(notebook.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]'), {
-      timeout: T.print, what: 'the kernel to be idle again',
-    });
+    await waitFor(statusIdle, { timeout: T.print, what: 'the kernel to be idle again' });
   });
 } catch (e) {
   failed = e;
 }
 
+clearTimeout(overall);
 if (failed) {
   const message = failed instanceof StepError ? failed.message : (failed.stack || String(failed));
   console.error(`lab.mjs: FAILED at step "${step}" after ${elapsed()}: ${message}`);

@@ -342,10 +342,13 @@ pub fn compile_key(limits: &Limits) -> Result<String, SandboxError> {
 }
 
 fn load_module(engine: &Engine, cwasm: &Path) -> Result<Module, SandboxError> {
-    // SAFETY: `cwasm` is written only by `compile` above, into the kernel's own cache folder,
-    // under a name keyed by the image's SHA-256 and the engine's compatibility hash; the image
-    // module checks its size and mtime stamp against the one recorded when it was compiled.
-    // `deserialize_file` maps it, which is what lets instances share its memory image.
+    // SAFETY: `deserialize_file` trusts the file to be wasmtime's own output. `cwasm` is
+    // written only by `compile` above (to a temporary name, then renamed, so it is never seen
+    // half-written), into the cache folder of the Sandgate home, under a name keyed by the
+    // image's SHA-256 and the engine's compatibility hash; wasmtime itself refuses a file made
+    // by another version or with other settings. The folder belongs to the operator: whoever can
+    // write there can already run code as this user. Mapping the file is what lets instances
+    // share its memory image.
     #[allow(unsafe_code)]
     let module = unsafe { Module::deserialize_file(engine, cwasm) };
     module.map_err(|e| SandboxError::Load {

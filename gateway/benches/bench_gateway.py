@@ -1,0 +1,613 @@
+#!/usr/bin/env python3
+"""Gateway benchmark: the `sandgate` gateway against the reference, Jupyter Kernel Gateway with
+ipykernel, in the same run, both on 127.0.0.1.
+
+Run it from the repository root with the project's virtualenv (it needs websocket-client and
+jupyter_kernel_gateway) after `cargo build --release` and `sandgate-kernel install`:
+
+    .venv/bin/python gateway/benches/bench_gateway.py [--runs N] [--rtt-runs M] [--kernels K] [--json out.json]
+
+The gateways:
+
+- Sandgate: `target/release/sandgate --port 0 --data-dir TMP` with the token in SANDGATE_TOKEN,
+  JSON logs, and TMP/images, TMP/cache symlinked to the installed image and compiled module.
+  Ready once it prints `listening on URL`.
+- the reference: `jupyter kernelgateway` from the virtualenv (KG_AUTH_TOKEN, KG_LIST_KERNELS),
+  default kernel `python3` (ipykernel). Ready once it logs `is available at URL` and answers
+  GET /api.
+
+Clients speak the Jupyter Server REST API and the legacy JSON WebSocket protocol
+(`/api/kernels/{id}/channels`), with `Authorization: token T`, as JupyterLab's gateway client does.
+
+What is measured:
+
+- start: from `POST /api/kernels` until the kernel's WebSocket has delivered the reply to a
+  `kernel_info_request` sent right after connecting and the `idle` status it caused (what
+  JupyterLab waits for). The kernel is then deleted, and the next start waits until
+  GET /api/kernels no longer lists it, the gateway's process tree is back to its idle size and,
+  for the warm pool, the pool is full again. Sandgate is measured twice: "pool warm"
+  (`--pool-size P`, P >= 1, every start finds a ready kernel; the pool's fill is read from the
+  gateway's log lines `kernel process ready` and `kernel started`) and "pool empty"
+  (`--pool-size 0`, every start launches a kernel). The reference has no pool for POSTed
+  kernels. The three take turns so background load hits them alike; one unmeasured round
+  first. Median and p95 over `--runs` starts each.
+- round trip: on one kernel per gateway, from sending `execute_request` for `1+1` over the
+  WebSocket until its `execute_reply` and `idle` have come back; the gateways take turns; after
+  `--warmup` unmeasured runs. Median and p95 over `--rtt-runs`.
+- memory: a fresh gateway alone on the machine (Sandgate with `--pool-size 0 --max-kernels 64`,
+  so no pooled kernels are counted) starts `--kernels` kernels one after another, each to
+  `idle` as above; once GET /api/kernels shows them all idle, the PSS (/proc/PID/smaps_rollup)
+  of the gateway process and of every process descending from it is summed. Reported: the
+  total, the gateway process alone, and the total divided by the number of kernels.
+
+Targets: warm-pool start under 50 ms median, round trip no slower than the reference, memory
+per idle kernel under a third of the reference's.
+"""
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import kernel_gateway
+import websocket
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+VENV_BIN = pathlib.Path(sys.executable).parent
+TOKEN = "bench-" + os.urandom(12).hex()
+LISTEN_TIMEOUT = 60
+HTTP_TIMEOUT = 120
+READY_TIMEOUT = 120
+SETTLE_TIMEOUT = 60
+STOP_TIMEOUT = 60
+IOPUB_RETRY = 1.0
+POLL_INTERVAL = 0.01
+TARGET_WARM_START_MS = 50
+
+
+def default_home():
+    """Where `sandgate-kernel install` put the image and its compiled cache."""
+    if os.environ.get("SANDGATE_HOME"):
+        return pathlib.Path(os.environ["SANDGATE_HOME"])
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return pathlib.Path(xdg) / "sandgate"
+
+
+def progress(text):
+    print(f"[bench_gateway] {text}", file=sys.stderr, flush=True)
+
+
+def poll_until(test, timeout, what):
+    """Checks `test()` every few ms until it returns something true, for at most `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = test()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(POLL_INTERVAL)
+
+
+class Output:
+    """Copies a child's output stream to a log file on a thread, and lets callers wait until the
+    lines seen so far pass a test."""
+
+    def __init__(self, stream, log_path):
+        self.lines = []
+        self.closed = False
+        self.cond = threading.Condition()
+        threading.Thread(target=self._pump, args=(stream, log_path), daemon=True).start()
+
+    def _pump(self, stream, log_path):
+        with open(log_path, "w") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                with self.cond:
+                    self.lines.append(line)
+                    self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def wait(self, test, timeout, what):
+        """Returns `test(lines)` once it is true; raises `TimeoutError` after `timeout` s or once
+        the stream closed without it."""
+        with self.cond:
+            self.cond.wait_for(lambda: test(self.lines) or self.closed, timeout)
+            value = test(self.lines)
+        if not value:
+            raise TimeoutError(f"{what}: not seen within {timeout} s"
+                               + (" (the process closed its output)" if self.closed else ""))
+        return value
+
+
+class PoolCount:
+    """Sandgate's warm-pool fill, read from its JSON log: each `kernel process ready` is a
+    launched kernel, each `kernel started` a POST that took one."""
+
+    def __init__(self):
+        self.ready, self.taken, self.seen = set(), set(), 0
+
+    def __call__(self, lines):
+        for line in lines[self.seen:]:
+            try:
+                fields = json.loads(line).get("fields", {})
+            except ValueError:
+                continue
+            if fields.get("message") == "kernel process ready":
+                self.ready.add(fields.get("kernel"))
+            elif fields.get("message") == "kernel started":
+                self.taken.add(fields.get("kernel"))
+        self.seen = len(lines)
+        return len(self.ready - self.taken)
+
+
+def process_table():
+    """{pid: (parent pid, start time in clock ticks)} of every process."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def pss_kib(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no Pss line for process {pid}")
+
+
+class Gateway:
+    """A gateway process that leads its own process group, with helpers for its REST API and
+    kernel WebSockets. `stop` ends it and every process descending from it."""
+
+    def __init__(self, label, argv, env, cwd, kernel_name, ready_stream, ready_marker, idle_children):
+        self.label = label
+        self.kernel_name = kernel_name
+        self.idle_children = idle_children
+        self.tree = {}
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.stdout = Output(self.proc.stdout, cwd / "stdout.log")
+        self.stderr = Output(self.proc.stderr, cwd / "stderr.log")
+        stream = self.stdout if ready_stream == "stdout" else self.stderr
+        try:
+            line = stream.wait(lambda lines: next((ln for ln in lines if ready_marker in ln), None),
+                               LISTEN_TIMEOUT, f"{label}: `{ready_marker}` (logs in {cwd})")
+            self.url = line.split(ready_marker, 1)[1].split()[0].rstrip("/")
+            self.ws_url = self.url.replace("http://", "ws://", 1)
+            status, _ = self.request("GET", "/api")
+            if status != 200:
+                raise RuntimeError(f"{label}: GET /api answered {status}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def request(self, method, path, body=None):
+        """(status, parsed JSON body or None)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers={
+            "Authorization": f"token {TOKEN}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as r:
+                status, payload = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, payload = e.code, e.read()
+        return status, (json.loads(payload) if payload else None)
+
+    def start_kernel(self):
+        status, model = self.request("POST", "/api/kernels", {"name": self.kernel_name})
+        if status != 201 or not isinstance(model, dict) or "id" not in model:
+            raise RuntimeError(f"{self.label}: POST /api/kernels answered {status}: {model}")
+        return model["id"]
+
+    def delete_kernel(self, kernel_id):
+        status, body = self.request("DELETE", f"/api/kernels/{kernel_id}")
+        if status != 204:
+            raise RuntimeError(f"{self.label}: DELETE /api/kernels/{kernel_id} answered {status}: {body}")
+
+    def kernels(self):
+        status, models = self.request("GET", "/api/kernels")
+        if status != 200 or not isinstance(models, list):
+            raise RuntimeError(f"{self.label}: GET /api/kernels answered {status}: {models}")
+        return models
+
+    def connect(self, kernel_id):
+        return KernelSocket(f"{self.ws_url}/api/kernels/{kernel_id}/channels")
+
+    def descendants(self):
+        """{pid: start time} of the processes descending from the gateway, which are recorded so
+        that `stop` can end them even after the gateway is gone."""
+        table = process_table()
+        children = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        found, todo = {}, list(children.get(self.proc.pid, []))
+        while todo:
+            pid = todo.pop()
+            found[pid] = table[pid][1]
+            todo.extend(children.get(pid, []))
+        self.tree.update(found)
+        return found
+
+    def settle(self, deleted=None):
+        """Waits until `deleted` is no longer listed and only the idle processes remain."""
+        if deleted is not None:
+            poll_until(lambda: all(k["id"] != deleted for k in self.kernels()), SETTLE_TIMEOUT,
+                       f"{self.label}: kernel {deleted} still listed after DELETE")
+        poll_until(lambda: len(self.descendants()) == self.idle_children, SETTLE_TIMEOUT,
+                   f"{self.label}: {self.idle_children} child processes")
+
+    def memory(self):
+        """(PSS KiB of the gateway process, {pid: PSS KiB} of its descendants)."""
+        return pss_kib(self.proc.pid), {pid: pss_kib(pid) for pid in self.descendants()}
+
+    def stop(self):
+        """SIGTERM (the gateway shuts its kernels down), SIGKILL to its process group after
+        STOP_TIMEOUT, then SIGKILL to any recorded descendant still running."""
+        if self.proc.poll() is None:
+            self.descendants()
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                progress(f"{self.label} did not stop within {STOP_TIMEOUT} s; killing its process group")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        table = process_table()
+        for pid, started in self.tree.items():
+            if pid in table and table[pid][1] == started:
+                progress(f"{self.label}: killing leftover process {pid}")
+                os.kill(pid, signal.SIGKILL)
+
+
+class PooledSandgate(Gateway):
+    """Sandgate with a warm pool: settled also means the pool is full."""
+
+    def __init__(self, pool_size, **kw):
+        super().__init__(idle_children=pool_size, **kw)
+        self.pool_size = pool_size
+        self.pool = PoolCount()
+
+    def settle(self, deleted=None):
+        super().settle(deleted)
+        self.stderr.wait(lambda lines: self.pool(lines) >= self.pool_size, SETTLE_TIMEOUT,
+                         f"{self.label}: a full pool of {self.pool_size}")
+
+
+def start_sandgate(binary, home, tmp, label, pool_size, max_kernels):
+    data = tmp / label
+    data.mkdir(parents=True)
+    for shared in ("images", "cache"):
+        (data / shared).symlink_to(home / shared)
+    argv = [str(binary), "--port", "0", "--data-dir", str(data), "--log-format", "json",
+            "--pool-size", str(pool_size), "--max-kernels", str(max_kernels)]
+    kw = dict(label=label, argv=argv, env={**os.environ, "SANDGATE_TOKEN": TOKEN}, cwd=data,
+              kernel_name="sandgate-python", ready_stream="stdout", ready_marker="listening on ")
+    return PooledSandgate(pool_size, **kw) if pool_size else Gateway(idle_children=0, **kw)
+
+
+def start_kernel_gateway(tmp, label):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cwd = tmp / label
+    env = {**os.environ, "KG_AUTH_TOKEN": TOKEN, "KG_LIST_KERNELS": "True",
+           "JUPYTER_RUNTIME_DIR": str(cwd / "runtime")}
+    argv = [str(VENV_BIN / "jupyter"), "kernelgateway", "--ip=127.0.0.1", f"--port={port}",
+            "--port_retries=0"]
+    return Gateway(label, argv, env, cwd, kernel_name="python3", ready_stream="stderr",
+                   ready_marker="is available at ", idle_children=0)
+
+
+class KernelSocket:
+    """A kernel's WebSocket, legacy JSON protocol."""
+
+    def __init__(self, url):
+        self.session = str(uuid.uuid4())
+        # No Origin header: JupyterLab's gateway client connects from the server side.
+        self.ws = websocket.create_connection(f"{url}?session_id={self.session}", timeout=HTTP_TIMEOUT,
+                                              header=[f"Authorization: token {TOKEN}"], suppress_origin=True)
+
+    def send(self, msg_type, content):
+        header = {"msg_id": str(uuid.uuid4()), "msg_type": msg_type, "username": "bench",
+                  "session": self.session, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "version": "5.3"}
+        self.ws.send(json.dumps({"header": header, "parent_header": {}, "metadata": {}, "content": content,
+                                 "channel": "shell", "buffers": []}))
+        return header["msg_id"]
+
+    def recv(self, deadline, what):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(what)
+        self.ws.settimeout(left)
+        try:
+            return json.loads(self.ws.recv())
+        except websocket.WebSocketTimeoutException:
+            raise TimeoutError(what) from None
+
+    def await_reply_and_idle(self, msg_id, deadline, idle_within):
+        """Waits for the reply to `msg_id` (until `deadline`), then for its `idle` status (for
+        `idle_within` s). Returns the reply's content, or None if the idle did not come."""
+        while True:
+            msg = self.recv(deadline, f"no reply to {msg_id}")
+            if msg.get("channel") == "shell" and msg["parent_header"].get("msg_id") == msg_id:
+                reply = msg["content"]
+                break
+        idle_deadline = time.monotonic() + idle_within
+        while True:
+            try:
+                msg = self.recv(idle_deadline, "")
+            except TimeoutError:
+                return None
+            if (msg.get("channel") == "iopub" and msg["parent_header"].get("msg_id") == msg_id
+                    and msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"):
+                return reply
+
+    def await_ready(self, timeout):
+        """Sends `kernel_info_request` until one gets its reply and its idle (a new one only when
+        a reply came without its idle). Returns how many extra requests that took."""
+        deadline = time.monotonic() + timeout
+        retries = 0
+        while self.await_reply_and_idle(self.send("kernel_info_request", {}), deadline, IOPUB_RETRY) is None:
+            retries += 1
+        return retries
+
+    def execute(self, code, timeout):
+        msg_id = self.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                               "user_expressions": {}, "allow_stdin": False})
+        deadline = time.monotonic() + timeout
+        reply = self.await_reply_and_idle(msg_id, deadline, timeout)
+        if reply is None:
+            raise TimeoutError(f"no idle after executing {code!r}")
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"{code!r} failed: {reply}")
+
+    def close(self):
+        self.ws.close()
+
+
+def start_to_idle(gw):
+    """Starts a kernel through `gw` and waits until it is idle; returns (id, ms, extra requests)."""
+    started = time.perf_counter()
+    kernel_id = gw.start_kernel()
+    ws = gw.connect(kernel_id)
+    try:
+        retries = ws.await_ready(READY_TIMEOUT)
+        elapsed = (time.perf_counter() - started) * 1000
+    finally:
+        ws.close()
+    return kernel_id, elapsed, retries
+
+
+def measure_starts(gateways, runs):
+    """Start-to-idle times in ms per gateway label, the gateways taking turns; round 0 is not
+    counted. Also the extra kernel_info requests per label."""
+    times = {gw.label: [] for gw in gateways}
+    retries = {gw.label: 0 for gw in gateways}
+    for gw in gateways:
+        gw.settle()
+    for round_ in range(runs + 1):
+        for gw in gateways:
+            kernel_id, ms, extra = start_to_idle(gw)
+            gw.delete_kernel(kernel_id)
+            gw.settle(deleted=kernel_id)
+            if round_ > 0:
+                times[gw.label].append(ms)
+                retries[gw.label] += extra
+        if round_ % 5 == 0 or round_ == runs:
+            progress(f"start round {round_}/{runs} done")
+    return times, retries
+
+
+def measure_roundtrips(gateways, warmup, runs, code="1+1"):
+    """WebSocket round trips in ms per gateway label: one kernel each, taking turns."""
+    sockets = {}
+    try:
+        for gw in gateways:
+            kernel_id, _, _ = start_to_idle(gw)
+            sockets[gw.label] = (gw, kernel_id, gw.connect(kernel_id))
+        times = {label: [] for label in sockets}
+        for i in range(warmup + runs):
+            for label, (_, _, ws) in sockets.items():
+                started = time.perf_counter()
+                ws.execute(code, READY_TIMEOUT)
+                if i >= warmup:
+                    times[label].append((time.perf_counter() - started) * 1000)
+    finally:
+        for gw, kernel_id, ws in sockets.values():
+            ws.close()
+            gw.delete_kernel(kernel_id)
+    return times
+
+
+def measure_memory(gw, count):
+    """Starts `count` kernels to idle, then sums PSS over the gateway's process tree."""
+    ids = []
+    for i in range(count):
+        ids.append(start_to_idle(gw)[0])
+        if (i + 1) % 10 == 0:
+            progress(f"{gw.label}: {i + 1}/{count} kernels idle")
+    poll_until(lambda: sum(k["execution_state"] == "idle" for k in gw.kernels() if k["id"] in ids) == count,
+               SETTLE_TIMEOUT, f"{gw.label}: all {count} kernels idle in GET /api/kernels")
+    gateway_kib, kernels_kib = gw.memory()
+    return {"kernels": count, "processes": len(kernels_kib), "gateway_mib": gateway_kib / 1024,
+            "descendants_mib": sum(kernels_kib.values()) / 1024,
+            "total_mib": (gateway_kib + sum(kernels_kib.values())) / 1024,
+            "per_kernel_mib": (gateway_kib + sum(kernels_kib.values())) / 1024 / count}
+
+
+def p95(samples):
+    """Nearest-rank 95th percentile."""
+    ordered = sorted(samples)
+    return ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
+
+
+def metric(name, label, unit, sandgate, reference=None, target=None, chart=None):
+    """One row of the results: `target` is (text, passes(sandgate, reference)); `chart` is (panel,
+    bar label) for `gateway/benches/chart.rs`."""
+    return {
+        "name": name,
+        "label": label,
+        "unit": unit,
+        "sandgate": sandgate,
+        "reference": reference,
+        "ratio": sandgate / reference if reference else None,
+        "target": target[0] if target else None,
+        "met": target[1](sandgate, reference) if target else None,
+        "chart": {"panel": chart[0], "label": chart[1]} if chart else None,
+    }
+
+
+def print_table(metrics, reference_name):
+    def fmt(value, unit):
+        return "n/a" if value is None else f"{value:.3g} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+    print(f"| metric | Sandgate | {reference_name} | Sandgate / reference | target |")
+    print("|---|---:|---:|---:|---|")
+    for m in metrics:
+        ratio = "n/a" if m["ratio"] is None else f"{m['ratio']:.2f}"
+        target = "" if m["target"] is None else f"{m['target']}: {'met' if m['met'] else 'missed'}"
+        print(f"| {m['label']} | {fmt(m['sandgate'], m['unit'])} | {fmt(m['reference'], m['unit'])} "
+              f"| {ratio} | {target} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="measured starts per gateway (default 20)")
+    parser.add_argument("--rtt-runs", type=int, default=200, help="measured round trips per gateway (default 200)")
+    parser.add_argument("--warmup", type=int, default=20, help="unmeasured round trips first (default 20)")
+    parser.add_argument("--kernels", type=int, default=50, help="idle kernels for the memory phase (default 50)")
+    parser.add_argument("--pool-size", type=int, default=2, help="Sandgate's warm pool (default 2; at least 1)")
+    parser.add_argument("--gateway", type=pathlib.Path, default=ROOT / "target" / "release" / "sandgate",
+                        help="the sandgate binary (default target/release/sandgate)")
+    parser.add_argument("--home", type=pathlib.Path, default=default_home(),
+                        help="the installed Sandgate home with images/ and cache/ (default $SANDGATE_HOME "
+                             "or ~/.local/share/sandgate)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the gateways' folders and logs")
+    args = parser.parse_args()
+    if args.pool_size < 1:
+        parser.error("--pool-size must be at least 1 (the pool-empty case is measured anyway)")
+    if not args.gateway.exists():
+        sys.exit(f"{args.gateway} is missing: build it with `cargo build --release`")
+    if not any((args.home / "cache").glob("*.cwasm")):
+        sys.exit(f"no compiled module in {args.home / 'cache'}: run `sandgate-kernel install` first")
+    max_kernels = max(64, args.kernels + 1)
+
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="sandgate-gw-bench-"))
+    progress(f"gateway folders and logs in {tmp}")
+    gateways = []
+
+    def launch(start, *a):
+        gw = start(*a)
+        gateways.append(gw)
+        return gw
+
+    try:
+        warm = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-pool", args.pool_size, max_kernels)
+        empty = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-nopool", 0, max_kernels)
+        kg = launch(start_kernel_gateway, tmp, "kernel-gateway")
+        starts, retries = measure_starts([warm, empty, kg], args.runs)
+        progress("round trips")
+        rtts = measure_roundtrips([warm, kg], args.warmup, args.rtt_runs)
+        for gw in (warm, empty, kg):
+            gw.stop()
+        memory = {}
+        gw = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-memory", 0, max_kernels)
+        progress(f"memory: {args.kernels} kernels on {gw.label}")
+        memory["sandgate"] = measure_memory(gw, args.kernels)
+        gw.stop()
+        gw = launch(start_kernel_gateway, tmp, "kernel-gateway-memory")
+        progress(f"memory: {args.kernels} kernels on {gw.label}")
+        memory["reference"] = measure_memory(gw, args.kernels)
+        gw.stop()
+    finally:
+        for gw in gateways:
+            gw.stop()
+        if not args.keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    sg_mem, kg_mem = memory["sandgate"], memory["reference"]
+    not_slower = ("no slower than the reference", lambda s, r: s <= r)
+    third = ("< 1/3 of the reference", lambda s, r: s < r / 3)
+    warm_target = (f"< {TARGET_WARM_START_MS} ms", lambda s, r: s < TARGET_WARM_START_MS)
+    w, e, k = starts[warm.label], starts[empty.label], starts[kg.label]
+    metrics = [
+        metric("start_warm_median", "start to idle, pool warm (median)", "ms", statistics.median(w),
+               statistics.median(k), warm_target, chart=("start", "gateway, pool warm")),
+        metric("start_warm_p95", "start to idle, pool warm (p95)", "ms", p95(w), p95(k)),
+        metric("start_empty_median", "start to idle, pool empty (median)", "ms", statistics.median(e),
+               statistics.median(k), chart=("start", "gateway, pool empty")),
+        metric("start_empty_p95", "start to idle, pool empty (p95)", "ms", p95(e), p95(k)),
+        metric("rtt_median", "WebSocket `1+1` round trip (median)", "ms", statistics.median(rtts[warm.label]),
+               statistics.median(rtts[kg.label]), not_slower, chart=("roundtrip", "gateway (WebSocket)")),
+        metric("rtt_p95", "WebSocket `1+1` round trip (p95)", "ms", p95(rtts[warm.label]), p95(rtts[kg.label])),
+        metric("memory_per_kernel", f"PSS per idle kernel ({args.kernels} kernels, total / {args.kernels})", "MiB",
+               sg_mem["per_kernel_mib"], kg_mem["per_kernel_mib"], third, chart=("memory", f"gateway, {args.kernels} kernels")),
+        metric("memory_total", f"PSS of gateway + {args.kernels} idle kernels", "MiB",
+               sg_mem["total_mib"], kg_mem["total_mib"]),
+        metric("memory_gateway", f"PSS of the gateway process alone (with {args.kernels} kernels)", "MiB",
+               sg_mem["gateway_mib"], kg_mem["gateway_mib"]),
+    ]
+    reference_name = f"Kernel Gateway {kernel_gateway.__version__} + ipykernel"
+    print(f"\nGateways on 127.0.0.1: {args.runs} starts each (Sandgate pool warm: --pool-size {args.pool_size}; "
+          f"pool empty: --pool-size 0), {args.rtt_runs} round trips each after {args.warmup} warm-up, memory with "
+          f"{args.kernels} kernels (Sandgate --pool-size 0: {sg_mem['processes']} kernel processes; reference: "
+          f"{kg_mem['processes']}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n")
+    print_table(metrics, reference_name)
+    if any(retries.values()):
+        print(f"\nextra kernel_info requests (iopub idle not seen within {IOPUB_RETRY} s): {retries}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "benchmark": "gateway",
+            "subject": "Sandgate (sandgate)",
+            "reference": reference_name,
+            "environment": {
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "load_average": os.getloadavg(),
+                "gateway_binary": str(args.gateway),
+                "gateway_binary_mtime": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                      time.localtime(args.gateway.stat().st_mtime)),
+            },
+            "runs": {"starts": args.runs, "round_trips": args.rtt_runs, "warmup": args.warmup,
+                     "pool_size": args.pool_size, "memory_kernels": args.kernels},
+            "metrics": metrics,
+            "memory": {"sandgate": sg_mem, "reference": kg_mem},
+            "samples_ms": {"start": {"sandgate_pool_warm": w, "sandgate_pool_empty": e, "reference": k},
+                           "round_trip": {"sandgate": rtts[warm.label], "reference": rtts[kg.label]}},
+            "kernel_info_retries": retries,
+        }, indent=2))
+        progress(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
