@@ -266,16 +266,25 @@ fn spawn_sender<S: SocketSend + Send + 'static>(mut socket: S) -> mpsc::Sender<V
     tx
 }
 
-fn spawn_receiver<S: SocketRecv + Send + 'static>(
-    mut socket: S,
+/// Reads one channel until the process exits (a socket whose peer is gone would otherwise
+/// keep trying to reconnect to it).
+fn spawn_receiver(
+    mut socket: Box<dyn SocketRecv + Send>,
     channel: Channel,
     signer: Signer,
     kernel: uuid::Uuid,
     tx: mpsc::Sender<Incoming>,
+    mut exited: watch::Receiver<bool>,
 ) {
     tokio::spawn(async move {
         loop {
-            let frames = match socket.recv().await {
+            let received = tokio::select! {
+                // What already arrived is read before the exit is noticed.
+                biased;
+                r = socket.recv() => r,
+                () = crate::until_true(&mut exited) => return,
+            };
+            let frames = match received {
                 Ok(m) => m.into_vec(),
                 Err(e) => {
                     tracing::debug!(%kernel, channel = channel.as_str(), error = %e, "receive ended");
@@ -480,22 +489,27 @@ impl Process {
         let heartbeat = connect(zeromq::ReqSocket::new(), &hb_endpoint, "heartbeat").await?;
 
         let (tx, rx) = mpsc::channel(1024);
+        let (kill_tx, mut kill_rx) = watch::channel(false);
+        let (exited_tx, exited_rx) = watch::channel(false);
         let (shell_send, shell_recv) = shell.split();
         let (stdin_send, stdin_recv) = stdin.split();
         let (control_send, control_recv) = control.split();
-        spawn_receiver(shell_recv, Channel::Shell, signer.clone(), id, tx.clone());
-        spawn_receiver(stdin_recv, Channel::Stdin, signer.clone(), id, tx.clone());
-        spawn_receiver(
-            control_recv,
-            Channel::Control,
-            signer.clone(),
-            id,
-            tx.clone(),
-        );
-        spawn_receiver(iopub, Channel::Iopub, signer.clone(), id, tx.clone());
-
-        let (kill_tx, mut kill_rx) = watch::channel(false);
-        let (exited_tx, exited_rx) = watch::channel(false);
+        let receivers: [(Box<dyn SocketRecv + Send>, Channel); 4] = [
+            (Box::new(shell_recv), Channel::Shell),
+            (Box::new(stdin_recv), Channel::Stdin),
+            (Box::new(control_recv), Channel::Control),
+            (Box::new(iopub), Channel::Iopub),
+        ];
+        for (socket, channel) in receivers {
+            spawn_receiver(
+                socket,
+                channel,
+                signer.clone(),
+                id,
+                tx.clone(),
+                exited_rx.clone(),
+            );
+        }
         let died = tx.clone();
         let conn_path = conn_file.to_owned();
         tokio::spawn(async move {

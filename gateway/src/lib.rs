@@ -23,6 +23,7 @@ pub mod config;
 pub mod http;
 pub mod kernelspec;
 pub mod session;
+pub mod workspace;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -147,8 +147,8 @@ async function waitFor(locator, { timeout, what, cell }) {
   const failures = [page.locator('.jp-Dialog').filter({ hasText: /error|failed|could not|unable/i })];
   if (cell) {
     // An error (or a traceback on stderr) in the cell's output; other stderr text, like a warning, is fine.
-    failures.push(cell.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')
-      .filter({ hasText: /Traceback|Error\b/ }));
+    failures.push(cell.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"], '
+      + '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]').filter({ hasText: /Traceback|Error\b/ }));
   }
   let any = locator;
   for (const f of failures) any = any.or(f);

@@ -1,0 +1,102 @@
+"""JupyterLab in a real browser, in front of Sandgate: headless Chromium, driven by Playwright
+(tests/browser/lab.mjs), opens `jupyter lab --gateway-url=...`, creates a notebook on the
+Sandgate kernel, prints 42, then shows a pandas DataFrame as an HTML table and an inline
+matplotlib PNG. Screenshots go to tests/artifacts/browser-*.png, with JupyterLab's and the
+gateway's logs beside them (browser-jupyterlab.log, browser-gateway.log).
+
+Needs Node.js and Chromium (Debian's `chromium`, or the CHROMIUM variable); playwright-core is
+installed from tests/browser/package-lock.json with `npm ci` when it is missing."""
+
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT
+
+BROWSER_DIR = ROOT / "tests" / "browser"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+NODE = shutil.which("node")
+SCALE = float(os.environ.get("LAB_TIMEOUT_SCALE", "1"))
+# lab.mjs bounds its own run (300 s times the scale) and reports where it stood; this is the backstop.
+RUN_TIMEOUT = 300 * SCALE + 60
+
+missing = [what for what, ok in (
+    ("node (Debian: apt-get install -y nodejs npm)", NODE),
+    (f"Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)", os.access(CHROMIUM, os.X_OK)),
+) if not ok]
+pytestmark = pytest.mark.skipif(bool(missing), reason="browser test needs " + " and ".join(missing))
+
+
+def ensure_playwright():
+    if (BROWSER_DIR / "node_modules" / "playwright-core" / "package.json").exists():
+        return
+    npm = shutil.which("npm")
+    assert npm, "npm is missing: it installs playwright-core (cd tests/browser && npm ci)"
+    r = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=BROWSER_DIR, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"`npm ci` in {BROWSER_DIR} failed:\n{r.stdout}\n{r.stderr}"
+
+
+def tail(text, lines=60):
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def test_jupyterlab_in_chromium_runs_a_notebook_on_sandgate(start_gateway, start_lab):
+    ensure_playwright()
+    gw = start_gateway()
+    status, specs, _ = gw.request("GET", "/api/kernelspecs")
+    assert status == 200 and "sandgate-python" in specs["kernelspecs"], specs
+    display_name = specs["kernelspecs"]["sandgate-python"]["spec"]["display_name"]
+
+    lab = start_lab(gw)
+    try:
+        # Keep the "official Jupyter news?" toast out of the screenshots (and the browser off the
+        # network): JupyterLab reads user settings from its (per-test) config dir on every load.
+        settings = lab.data_dir / "config" / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
+        settings.mkdir(parents=True, exist_ok=True)
+        (settings / "notification.jupyterlab-settings").write_text(
+            '{"fetchNews": "false", "checkForUpdates": false}')
+
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [NODE, str(BROWSER_DIR / "lab.mjs"), "--artifacts", str(ARTIFACTS),
+             "--kernel-display-name", display_name, f"{lab.url}/lab?token={lab.token}"],
+            cwd=ROOT, env={**os.environ, "CHROMIUM": CHROMIUM}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # node and the Chromium it started
+            output, _ = proc.communicate()
+            output += f"\n(killed after {RUN_TIMEOUT:.0f} s)"
+        took = time.monotonic() - started
+        print(output)
+        print(f"lab.mjs took {took:.1f} s")
+
+        # The notebook's kernel lives in the gateway, and is idle once the cells ran.
+        try:
+            status, kernels, _ = gw.request("GET", "/api/kernels")
+            kernels_seen = kernels if status == 200 else f"HTTP {status}: {kernels}"
+        except OSError as e:
+            kernels_seen = f"GET /api/kernels on the gateway failed: {e}"
+    finally:
+        lab.stop()
+        shutil.copyfile(lab.log_path, ARTIFACTS / "browser-jupyterlab.log")
+        (ARTIFACTS / "browser-gateway.log").write_text(gw.log())
+
+    assert proc.returncode == 0, (
+        f"the browser run failed (exit {proc.returncode}); screenshots in {ARTIFACTS}/browser-*.png\n"
+        f"--- lab.mjs\n{output}\n--- JupyterLab (last lines)\n{tail(lab.log())}\n"
+        f"--- gateway (last lines)\n{tail(gw.log())}")
+    assert isinstance(kernels_seen, list) and [k["name"] for k in kernels_seen] == ["sandgate-python"], (
+        f"{kernels_seen}\n--- gateway (last lines)\n{tail(gw.log())}")
+    assert kernels_seen[0]["execution_state"] == "idle", kernels_seen
+    for shot in ("browser-3-print.png", "browser-4-dataframe-plot.png"):
+        assert (ARTIFACTS / shot).stat().st_size > 10_000, shot
