@@ -161,6 +161,7 @@ fn panel(
             (0.5, top / 2.0),
             (FONT, 16)
                 .into_font()
+                .color(&BLACK)
                 .pos(Pos::new(HPos::Center, VPos::Center)),
         )])?;
         return Ok(());

@@ -83,9 +83,9 @@ impl Auth {
 
     /// The token a request carries: `Authorization: token T` or `Bearer T`, or, when
     /// `query_allowed` (WebSocket upgrades, which browsers cannot give headers), `?token=T`.
-    fn presented<'a>(
-        headers: &'a HeaderMap,
-        query: Option<&'a str>,
+    pub fn presented(
+        headers: &HeaderMap,
+        query: Option<&str>,
         query_allowed: bool,
     ) -> Option<String> {
         if let Some(value) = headers

@@ -333,7 +333,8 @@ impl Process {
             "signature_scheme": "hmac-sha256",
             "kernel_name": crate::kernelspec::NAME,
         });
-        let conn_file = spec.runtime_dir.join(format!("kernel-{id}.json"));
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let conn_file = spec.runtime_dir.join(format!("kernel-{id}-{suffix}.json"));
         write_private(&conn_file, &serde_json::to_vec_pretty(&info).expect("JSON")).map_err(
             |source| ClientError::ConnectionFile {
                 path: conn_file.clone(),

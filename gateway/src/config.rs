@@ -61,6 +61,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// HTTP limits.
     pub http: HttpConfig,
+    /// The encrypted workspace.
+    pub workspace: WorkspaceSettings,
 }
 
 impl Default for Config {
@@ -75,6 +77,42 @@ impl Default for Config {
             kernels: KernelsConfig::default(),
             sandbox: SandboxConfig::default(),
             http: HttpConfig::default(),
+            workspace: WorkspaceSettings::default(),
+        }
+    }
+}
+
+/// The encrypted workspace.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkspaceSettings {
+    /// A file holding the master key (64 hex digits), e.g. a mounted secret. Default none: the
+    /// key comes from `$SANDGATE_MASTER_KEY`, else a passphrase (`$SANDGATE_PASSPHRASE`), else
+    /// the access token opens it.
+    pub master_key_file: Option<PathBuf>,
+    /// Memory-backed folder for the plaintext copies kernels see at `/workspace`. Default
+    /// `/dev/shm` (tmpfs); a folder on disk is refused unless `allow_disk_live_dir`.
+    pub live_dir: PathBuf,
+    /// Accept a `live_dir` that is not memory-backed. Default false.
+    pub allow_disk_live_dir: bool,
+    /// Bytes of files one workspace may hold. Default 1 GiB.
+    pub max_bytes: u64,
+    /// Files and folders one workspace may hold. Default 10000.
+    pub max_files: usize,
+    /// Seconds between syncs of running kernels' files (they are also synced after each cell).
+    /// Default 10.
+    pub sync_interval_s: u64,
+}
+
+impl Default for WorkspaceSettings {
+    fn default() -> Self {
+        WorkspaceSettings {
+            master_key_file: None,
+            live_dir: PathBuf::from("/dev/shm"),
+            allow_disk_live_dir: false,
+            max_bytes: 1 << 30,
+            max_files: 10_000,
+            sync_interval_s: 10,
         }
     }
 }
@@ -239,6 +277,11 @@ impl Config {
         if k.heartbeat_misses == 0 {
             return Err(ConfigError::Invalid(
                 "kernels.heartbeat_misses must be at least 1".into(),
+            ));
+        }
+        if self.workspace.sync_interval_s == 0 || self.workspace.max_files == 0 {
+            return Err(ConfigError::Invalid(
+                "workspace.sync_interval_s and workspace.max_files must be at least 1".into(),
             ));
         }
         if self.sandbox.memory_mb < 64 {

@@ -8,10 +8,12 @@
 //!
 //! - [`config`]: the typed configuration and its documented defaults.
 //! - [`auth`]: the access token (stored as a hash), `Host` and `Origin` rules.
-//! - [`http`]: Jupyter Server's REST API and the kernel WebSocket (routes, errors, framings).
+//! - [`http`]: Jupyter Server's REST API and the kernel WebSocket (routes, errors, framings),
+//!   the Contents API.
 //! - [`session`]: kernel lifecycle: warm pool, restart, automatic restart, culling, limits,
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
+//! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //!
 //! The binary (`main.rs`) reads the command line, environment and config file, builds a
@@ -45,6 +47,9 @@ pub struct Runtime {
     pub kernel_binary: PathBuf,
     /// The data folder (resolved).
     pub data_dir: PathBuf,
+    /// What opens the workspace key at start; `None` means the access token opens it when the
+    /// first request carries it.
+    pub key_source: Option<workspace::keys::MasterSource>,
 }
 
 /// Errors that stop the gateway.
@@ -59,6 +64,15 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    /// The workspace could not be set up.
+    #[error(transparent)]
+    Workspace(#[from] workspace::WorkspaceError),
+    /// The live folder is on disk.
+    #[error(
+        "the live workspace folder {0} is not memory-backed, so plaintext would reach the disk; \
+         set workspace.live_dir to a tmpfs folder, or workspace.allow_disk_live_dir = true"
+    )]
+    LiveOnDisk(PathBuf),
 }
 
 fn private_dir(path: PathBuf) -> Result<PathBuf, GatewayError> {
@@ -75,13 +89,15 @@ fn private_dir(path: PathBuf) -> Result<PathBuf, GatewayError> {
     Ok(path)
 }
 
-/// The launch settings for kernel processes under this configuration.
+/// The launch settings for kernel processes under this configuration; `workspace` is the
+/// folder they see at `/workspace`.
 pub fn launch_spec(
     config: &config::Config,
     rt: &Runtime,
+    workspace: PathBuf,
 ) -> Result<client::LaunchSpec, GatewayError> {
     let runtime_dir = private_dir(rt.data_dir.join("runtime"))?;
-    let workspace = private_dir(rt.data_dir.join("workspace"))?;
+    let workspace = private_dir(workspace)?;
     let s = &config.sandbox;
     let args: Vec<std::ffi::OsString> = vec![
         "--home".into(),
@@ -109,17 +125,65 @@ pub fn launch_spec(
     })
 }
 
-/// Serves the gateway on `listener` until `shutdown` resolves, then closes every WebSocket and
-/// shuts every kernel down.
+/// The workspaces of this configuration: stores under `DATA_DIR/workspaces`, keys in
+/// `DATA_DIR/keys.json`, live folders in a memory-backed folder named after the data folder
+/// (so a restart finds what a crash left there, and saves it).
+pub fn open_workspaces(
+    config: &config::Config,
+    data_dir: &std::path::Path,
+) -> Result<workspace::Workspaces, GatewayError> {
+    let w = &config.workspace;
+    if !w.allow_disk_live_dir && !workspace::is_memory_backed(&w.live_dir) {
+        return Err(GatewayError::LiveOnDisk(w.live_dir.clone()));
+    }
+    let tag = ring::digest::digest(
+        &ring::digest::SHA256,
+        data_dir.as_os_str().as_encoded_bytes(),
+    );
+    let live_root = w
+        .live_dir
+        .join(format!("sandgate-{}", hex::encode(&tag.as_ref()[..8])));
+    Ok(workspace::Workspaces::new(workspace::WorkspaceConfig {
+        root: data_dir.join("workspaces"),
+        keys: data_dir.join("keys.json"),
+        live_root,
+        quota: workspace::store::Quota {
+            max_bytes: w.max_bytes,
+            max_files: w.max_files,
+        },
+        sync_interval: Duration::from_secs(w.sync_interval_s),
+    })?)
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then closes every WebSocket,
+/// shuts every kernel down, saves the workspaces and removes their plaintext live folders.
 pub async fn run(
     listener: TcpListener,
     config: config::Config,
     rt: Runtime,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
-    let launch = launch_spec(&config, &rt)?;
-    let kernels = session::Kernels::new(config.lifecycle(), launch);
+    let workspaces = Arc::new(open_workspaces(&config, &rt.data_dir)?);
+    if let Some(source) = rt.key_source.clone() {
+        workspaces.unlock(source).await?;
+        workspaces.space(auth::DEFAULT_USER).await?;
+    }
+    let launch = launch_spec(&config, &rt, workspaces.live_dir(auth::DEFAULT_USER))?;
+    let observer = Arc::new(workspace::history::HistoryObserver::new(workspaces.clone()));
+    let kernels = session::Kernels::new(config.lifecycle(), launch, observer);
     kernels.spawn_background();
+    let syncer = {
+        let workspaces = workspaces.clone();
+        let every = Duration::from_secs(config.workspace.sync_interval_s);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                workspaces.sync_all().await;
+            }
+        })
+    };
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     let loopback = listener
         .local_addr()
@@ -128,6 +192,7 @@ pub async fn run(
     let app = Arc::new(http::App {
         auth: auth::Auth::new(rt.token_hash),
         kernels: kernels.clone(),
+        workspaces: workspaces.clone(),
         sessions: http::sessions::Sessions::default(),
         started: chrono::Utc::now(),
         loopback,
@@ -137,5 +202,7 @@ pub async fn run(
     http::serve(listener, app, closing_tx, shutdown).await;
     tracing::info!("shutting down every kernel");
     kernels.shutdown_all().await;
+    syncer.abort();
+    workspaces.close().await;
     Ok(())
 }

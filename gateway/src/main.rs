@@ -8,6 +8,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use sandgate::config::{Config, LogFormat};
+use sandgate::workspace::keys::{MasterSource, Secret};
 
 /// A Jupyter-compatible kernel gateway: every kernel runs in its own wasmtime sandbox (no
 /// network, no host files but its workspace, capped memory, time and output).
@@ -37,6 +38,10 @@ enum Cmd {
         #[arg(long, env = "SANDGATE_HOME")]
         data_dir: Option<PathBuf>,
     },
+    /// Re-encrypt every workspace under a new data key (run with the gateway stopped; an
+    /// interrupted rotation resumes when run again). The key is opened as the gateway opens it:
+    /// SANDGATE_MASTER_KEY, workspace.master_key_file, SANDGATE_PASSPHRASE or SANDGATE_TOKEN.
+    RotateKey(ServeArgs),
     /// Fetch, verify and compile the sandbox image, then exit.
     Prepare {
         /// The data folder.
@@ -182,6 +187,32 @@ fn prepare_image(kernel: &Path, data_dir: &Path) -> Result<()> {
 
 const TOKEN_FILE: &str = "token.sha256";
 
+/// What opens the workspace key, from the environment and configuration (the token is the
+/// fallback, handled by the caller).
+fn explicit_key_source(config: &Config) -> Result<Option<MasterSource>> {
+    if let Some(hex) = std::env::var("SANDGATE_MASTER_KEY")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        let key = Secret::from_hex(&hex).context("SANDGATE_MASTER_KEY must be 64 hex digits")?;
+        return Ok(Some(MasterSource::Key(key)));
+    }
+    if let Some(path) = &config.workspace.master_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read workspace.master_key_file {}", path.display()))?;
+        let key = Secret::from_hex(&text)
+            .with_context(|| format!("{} must hold 64 hex digits", path.display()))?;
+        return Ok(Some(MasterSource::Key(key)));
+    }
+    if let Some(p) = std::env::var("SANDGATE_PASSPHRASE")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        return Ok(Some(MasterSource::Passphrase(p)));
+    }
+    Ok(None)
+}
+
 fn write_token_hash(data_dir: &Path, token: &str) -> Result<()> {
     let path = data_dir.join(TOKEN_FILE);
     let tmp = data_dir.join(format!("{TOKEN_FILE}.tmp"));
@@ -254,6 +285,22 @@ fn main() -> Result<()> {
         Some(Cmd::Token { data_dir }) => {
             let dir = resolve_data_dir(data_dir.as_deref())?;
             let token = sandgate::auth::new_token();
+            let keys = dir.join("keys.json");
+            if sandgate::workspace::keys::slot_kinds(&keys)
+                .iter()
+                .any(|k| k == "token")
+            {
+                // The old token opens the workspace key; the new one must too.
+                let old = std::env::var("SANDGATE_TOKEN").ok().filter(|t| !t.is_empty()).context(
+                    "the workspace key is opened by the access token: set SANDGATE_TOKEN to the \
+                     current token so the new one can be given the same access",
+                )?;
+                let mut ring = sandgate::workspace::keys::Keyring::open_or_create(
+                    &keys,
+                    &MasterSource::Token(old),
+                )?;
+                ring.set_slot(&MasterSource::Token(token.clone()))?;
+            }
             write_token_hash(&dir, &token)?;
             println!("{token}");
             eprintln!(
@@ -270,6 +317,27 @@ fn main() -> Result<()> {
             };
             return prepare_image(&kernel_binary(&config)?, &dir);
         }
+        Some(Cmd::RotateKey(args)) => {
+            let data_dir = resolve_data_dir(args.data_dir.as_deref())?;
+            let config = load_config(&args, &data_dir)?;
+            let source = match explicit_key_source(&config)? {
+                Some(s) => s,
+                None => MasterSource::Token(args.token.clone().filter(|t| !t.is_empty()).context(
+                    "give the key: SANDGATE_MASTER_KEY, workspace.master_key_file, \
+                         SANDGATE_PASSPHRASE or SANDGATE_TOKEN",
+                )?),
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            return runtime.block_on(async move {
+                let workspaces = sandgate::open_workspaces(&config, &data_dir)?;
+                workspaces.unlock(source).await?;
+                let n = tokio::task::spawn_blocking(move || workspaces.rotate()).await??;
+                println!("sandgate: re-encrypted {n} files under a new data key");
+                anyhow::Ok(())
+            });
+        }
         Some(Cmd::Serve(args)) => args,
         None => cli.serve,
     };
@@ -279,6 +347,20 @@ fn main() -> Result<()> {
     let kernel = kernel_binary(&config)?;
     prepare_image(&kernel, &data_dir)?;
     let (hash, new_token) = token_hash(&args, &config, &data_dir)?;
+    let key_source = match explicit_key_source(&config)? {
+        Some(s) => Some(s),
+        None if config.auth.disable => bail!(
+            "with auth.disable there is no token to open the workspace key: set \
+             SANDGATE_MASTER_KEY, workspace.master_key_file or SANDGATE_PASSPHRASE"
+        ),
+        // The token opens it: now if it is known, else when the first request brings it.
+        None => args
+            .token
+            .clone()
+            .filter(|t| !t.is_empty())
+            .or_else(|| new_token.clone())
+            .map(MasterSource::Token),
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -312,6 +394,7 @@ fn main() -> Result<()> {
             token_hash: hash,
             kernel_binary: kernel,
             data_dir,
+            key_source,
         };
         sandgate::run(listener, config, rt, shutdown_signal()).await?;
         anyhow::Ok(())

@@ -51,6 +51,8 @@ pub struct App {
     pub auth: Auth,
     /// The kernels.
     pub kernels: Kernels,
+    /// The encrypted workspaces.
+    pub workspaces: Arc<crate::workspace::Workspaces>,
     /// `/api/sessions`.
     pub sessions: sessions::Sessions,
     /// When the gateway started.
@@ -204,6 +206,25 @@ async fn dispatch(
     }
     let is_ws = matches!(route, Route::Channels(_));
     let user = app.auth.check(req.headers(), req.uri().query(), is_ws)?;
+    if !app.workspaces.is_unlocked()
+        && let Some(token) = crate::auth::Auth::presented(req.headers(), req.uri().query(), is_ws)
+    {
+        // The access token opens the workspace key (when no other key source was given).
+        match app
+            .workspaces
+            .unlock(crate::workspace::keys::MasterSource::Token(token))
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = app.workspaces.space(user).await {
+                    tracing::error!(error = %e, "cannot open the workspace");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the access token does not open the workspace key")
+            }
+        }
+    }
     let max_body = app.config.http.max_body_bytes;
     let kernels = &app.kernels;
     match route {

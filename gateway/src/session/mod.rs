@@ -75,6 +75,23 @@ pub enum SessionError {
 
 type Ready = (Process, mpsc::Receiver<Incoming>);
 
+/// Something that watches every kernel's messages as they are relayed (the workspace's
+/// history recorder). It must not block: it is called on the kernel's pump.
+pub trait Observer: Send + Sync + 'static {
+    /// A message from `kernel`'s process, after it was authenticated.
+    fn message(&self, kernel: &Arc<Kernel>, channel: Channel, message: &sandgate_wire::RawMessage);
+    /// `kernel` was shut down (or culled).
+    fn kernel_ended(&self, kernel: &Arc<Kernel>);
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn message(&self, _: &Arc<Kernel>, _: Channel, _: &sandgate_wire::RawMessage) {}
+    fn kernel_ended(&self, _: &Arc<Kernel>) {}
+}
+
 struct Inner {
     config: LifecycleConfig,
     launch: LaunchSpec,
@@ -86,6 +103,7 @@ struct Inner {
     filling: AtomicUsize,
     pool_changed: Notify,
     closing: AtomicBool,
+    observer: Arc<dyn Observer>,
 }
 
 /// Every kernel of the gateway.
@@ -95,7 +113,11 @@ pub struct Kernels(Arc<Inner>);
 impl Kernels {
     /// A manager that launches processes with `launch`. Call [`Kernels::spawn_background`] to
     /// start the pool filler and the culler.
-    pub fn new(config: LifecycleConfig, launch: LaunchSpec) -> Kernels {
+    pub fn new(
+        config: LifecycleConfig,
+        launch: LaunchSpec,
+        observer: Arc<dyn Observer>,
+    ) -> Kernels {
         Kernels(Arc::new(Inner {
             config,
             launch,
@@ -105,6 +127,7 @@ impl Kernels {
             filling: AtomicUsize::new(0),
             pool_changed: Notify::new(),
             closing: AtomicBool::new(false),
+            observer,
         }))
     }
 
@@ -258,7 +281,10 @@ impl Kernels {
         tokio::spawn(async move {
             while let Some(event) = incoming.recv().await {
                 match event {
-                    Incoming::Message(channel, message) => kernel.dispatch(channel, message).await,
+                    Incoming::Message(channel, message) => {
+                        me.0.observer.message(&kernel, channel, &message);
+                        kernel.dispatch(channel, message).await
+                    }
                     Incoming::Died(reason) => {
                         me.on_death(&kernel, &process, reason).await;
                         return;
@@ -407,6 +433,7 @@ impl Kernels {
         if let Some(p) = process {
             p.shutdown(self.0.config.shutdown_grace).await;
         }
+        self.0.observer.kernel_ended(kernel);
         tracing::info!(kernel = %kernel.id, "kernel shut down");
     }
 

@@ -1,9 +1,474 @@
-//! The encrypted workspace: every user's notebooks, data and outputs, encrypted at rest.
+//! The encrypted workspace: every user's notebooks, data and outputs, encrypted at rest, and
+//! the plaintext copy kernels see at `/workspace`, kept only in memory.
 //!
 //! - [`keys`]: master key sources, sealed data keys, per-workspace keys (HKDF), rotation.
 //! - [`path`]: workspace paths, checked once (no traversal in any encoding).
 //! - [`store`]: one workspace's encrypted, atomic, tamper-evident store with quotas.
+//! - [`live`]: the live folder (tmpfs) and its sync with the store.
+//! - [`history`]: outputs and executed cells saved as they happen.
+//!
+//! Until the key is unlocked (at start with an explicit key source or `SANDGATE_TOKEN`, else by
+//! the first request that carries the access token), stores cannot be opened; kernels already
+//! started see an empty `/workspace` that is filled the moment the key is unlocked.
 
+pub mod history;
 pub mod keys;
+pub mod live;
 pub mod path;
 pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use keys::{KeyError, Keyring, MasterSource};
+use path::WsPath;
+use store::{Quota, Store, StoreError};
+
+/// Settings of the workspaces.
+#[derive(Debug, Clone)]
+pub struct WorkspaceConfig {
+    /// Where encrypted stores live (`DATA_DIR/workspaces`).
+    pub root: PathBuf,
+    /// The key file (`DATA_DIR/keys.json`).
+    pub keys: PathBuf,
+    /// Where live folders live: a memory-backed folder (default `/dev/shm/sandgate-…`).
+    pub live_root: PathBuf,
+    /// Per-workspace caps.
+    pub quota: Quota,
+    /// How often live folders are synced while kernels run (besides after each cell).
+    pub sync_interval: Duration,
+}
+
+/// Errors of the workspaces.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// The key is not unlocked yet.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A store error.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The live folder failed.
+    #[error("live workspace folder {path}: {source}")]
+    Live {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One user's workspace: the store, the live folder, and what the last sync saw.
+pub struct Space {
+    /// The user.
+    pub user: String,
+    /// The encrypted store.
+    pub store: Arc<Store>,
+    live_path: PathBuf,
+    live: cap_std::fs::Dir,
+    snapshot: tokio::sync::Mutex<live::Snapshot>,
+}
+
+impl std::fmt::Debug for Space {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Space").field("user", &self.user).finish()
+    }
+}
+
+impl Space {
+    /// Syncs the live folder into the store (serialised per workspace).
+    pub async fn sync(self: &Arc<Self>) -> live::SyncReport {
+        let mut snapshot = self.snapshot.lock().await;
+        let me = self.clone();
+        let previous = snapshot.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            live::sync_to_store(&me.live, &me.store, &previous)
+        })
+        .await;
+        match done {
+            Ok((next, report)) => {
+                *snapshot = next;
+                if !report.saved.is_empty() || !report.removed.is_empty() {
+                    tracing::debug!(user = %self.user, saved = report.saved.len(), removed = report.removed.len(), "workspace synced");
+                }
+                for (path, why) in &report.refused {
+                    tracing::warn!(user = %self.user, %path, %why, "a workspace file was not saved");
+                }
+                report
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "workspace sync failed");
+                live::SyncReport::default()
+            }
+        }
+    }
+
+    /// Writes a file into the store and the live folder.
+    pub async fn write(
+        self: &Arc<Self>,
+        path: WsPath,
+        data: Vec<u8>,
+        make_parents: bool,
+    ) -> Result<store::Entry, WorkspaceError> {
+        let mut snapshot = self.snapshot.lock().await;
+        let me = self.clone();
+        let (entry, seen) = blocking(move || -> Result<_, WorkspaceError> {
+            let entry = me.store.write(&path, &data, make_parents)?;
+            let seen =
+                live::put(&me.live, &path, &data).map_err(|source| WorkspaceError::Live {
+                    path: me.live_path.clone(),
+                    source,
+                })?;
+            Ok((entry, (path, seen)))
+        })
+        .await?;
+        for a in seen.0.ancestors() {
+            snapshot.insert(
+                a,
+                live::Seen {
+                    kind: store::Kind::Dir,
+                    size: 0,
+                    mtime: 0,
+                },
+            );
+        }
+        snapshot.insert(seen.0, seen.1);
+        Ok(entry)
+    }
+
+    /// Makes a folder in both.
+    pub async fn mkdir(self: &Arc<Self>, path: WsPath) -> Result<store::Entry, WorkspaceError> {
+        let mut snapshot = self.snapshot.lock().await;
+        let me = self.clone();
+        let p = path.clone();
+        let entry = blocking(move || -> Result<_, WorkspaceError> {
+            let e = me.store.mkdir(&p, false)?;
+            live::mkdir(&me.live, &p).map_err(|source| WorkspaceError::Live {
+                path: me.live_path.clone(),
+                source,
+            })?;
+            Ok(e)
+        })
+        .await?;
+        snapshot.insert(
+            path,
+            live::Seen {
+                kind: store::Kind::Dir,
+                size: 0,
+                mtime: 0,
+            },
+        );
+        Ok(entry)
+    }
+
+    /// Deletes from both.
+    pub async fn delete(self: &Arc<Self>, path: WsPath) -> Result<(), WorkspaceError> {
+        let mut snapshot = self.snapshot.lock().await;
+        let me = self.clone();
+        let p = path.clone();
+        blocking(move || -> Result<_, WorkspaceError> {
+            me.store.delete(&p)?;
+            live::remove(&me.live, &p).map_err(|source| WorkspaceError::Live {
+                path: me.live_path.clone(),
+                source,
+            })?;
+            Ok(())
+        })
+        .await?;
+        snapshot.retain(|p, _| !p.starts_with(&path));
+        Ok(())
+    }
+
+    /// Renames in both.
+    pub async fn rename(
+        self: &Arc<Self>,
+        from: WsPath,
+        to: WsPath,
+    ) -> Result<store::Entry, WorkspaceError> {
+        let mut snapshot = self.snapshot.lock().await;
+        let me = self.clone();
+        let (f, t) = (from.clone(), to.clone());
+        let entry = blocking(move || -> Result<_, WorkspaceError> {
+            let e = me.store.rename(&f, &t)?;
+            live::rename(&me.live, &f, &t).map_err(|source| WorkspaceError::Live {
+                path: me.live_path.clone(),
+                source,
+            })?;
+            Ok(e)
+        })
+        .await?;
+        // The next scan sees the new names as new and the old ones as gone: both already match
+        // the store, so forget them and let the scan record them again.
+        snapshot.retain(|p, _| !p.starts_with(&from));
+        Ok(entry)
+    }
+
+    /// Runs a read-only store call off the async threads.
+    pub async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, WorkspaceError> {
+        let me = self.clone();
+        blocking(move || f(&me.store).map_err(WorkspaceError::from)).await
+    }
+
+    /// The live folder on the host.
+    pub fn live_path(&self) -> &Path {
+        &self.live_path
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WorkspaceError> + Send + 'static,
+) -> Result<T, WorkspaceError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(WorkspaceError::Live {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// Every workspace of the gateway.
+pub struct Workspaces {
+    config: WorkspaceConfig,
+    keyring: OnceLock<Arc<RwLock<Keyring>>>,
+    unlocking: tokio::sync::Mutex<()>,
+    spaces: Mutex<HashMap<String, Arc<Space>>>,
+}
+
+impl std::fmt::Debug for Workspaces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspaces")
+            .field("root", &self.config.root)
+            .finish()
+    }
+}
+
+/// A workspace id for a user: a hash, so folder names on disk do not name users.
+pub fn workspace_id(user: &str) -> String {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("sandgate-workspace:{user}").as_bytes(),
+    );
+    hex::encode(&d.as_ref()[..12])
+}
+
+impl Workspaces {
+    /// Workspaces under `config` (nothing is opened until [`Workspaces::unlock`]).
+    pub fn new(config: WorkspaceConfig) -> Result<Workspaces, WorkspaceError> {
+        for dir in [&config.root, &config.live_root] {
+            std::fs::create_dir_all(dir).map_err(|source| WorkspaceError::Live {
+                path: dir.clone(),
+                source,
+            })?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                    |source| WorkspaceError::Live {
+                        path: dir.clone(),
+                        source,
+                    },
+                )?;
+            }
+        }
+        Ok(Workspaces {
+            config,
+            keyring: OnceLock::new(),
+            unlocking: tokio::sync::Mutex::new(()),
+            spaces: Mutex::default(),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &WorkspaceConfig {
+        &self.config
+    }
+
+    /// The live folder of `user`, made if needed (kernels mount it at `/workspace`).
+    pub fn live_dir(&self, user: &str) -> PathBuf {
+        self.config.live_root.join(workspace_id(user))
+    }
+
+    /// Whether the key is unlocked.
+    pub fn is_unlocked(&self) -> bool {
+        self.keyring.get().is_some()
+    }
+
+    /// Unlocks the key file with `source` (creating it on first use). Idempotent.
+    pub async fn unlock(&self, source: MasterSource) -> Result<(), WorkspaceError> {
+        if self.is_unlocked() {
+            return Ok(());
+        }
+        let _guard = self.unlocking.lock().await;
+        if self.is_unlocked() {
+            return Ok(());
+        }
+        let path = self.config.keys.clone();
+        let ring = tokio::task::spawn_blocking(move || Keyring::open_or_create(&path, &source))
+            .await
+            .map_err(|e| WorkspaceError::Live {
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        let _ = self.keyring.set(Arc::new(RwLock::new(ring)));
+        tracing::info!("workspace key unlocked");
+        Ok(())
+    }
+
+    /// The workspace of `user`: opened (and its live folder filled, after saving anything a
+    /// previous run left there unsaved) on first use.
+    pub async fn space(&self, user: &str) -> Result<Arc<Space>, WorkspaceError> {
+        if let Some(s) = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+        {
+            return Ok(s.clone());
+        }
+        let keyring = self.keyring.get().ok_or(KeyError::Locked)?.clone();
+        let _guard = self.unlocking.lock().await;
+        if let Some(s) = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+        {
+            return Ok(s.clone());
+        }
+        let id = workspace_id(user);
+        let dir = self.config.root.join(&id);
+        let live_path = self.live_dir(user);
+        let quota = self.config.quota;
+        let user_owned = user.to_owned();
+        let space = blocking(move || -> Result<Space, WorkspaceError> {
+            let store = Arc::new(Store::open(&dir, &id, keyring, quota)?);
+            let live = live::open(&live_path).map_err(|source| WorkspaceError::Live {
+                path: live_path.clone(),
+                source,
+            })?;
+            // Files a crashed run's kernels wrote and never saved are saved first; then the
+            // store fills in what the live folder lacks.
+            let (_, recovered) = live::sync_to_store_additive(&live, &store);
+            if !recovered.saved.is_empty() {
+                tracing::warn!(
+                    files = recovered.saved.len(),
+                    "saved files an earlier run left unsaved in the live folder"
+                );
+            }
+            live::materialize(&live, &store).map_err(|e| WorkspaceError::Live {
+                path: live_path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            let (snapshot, _) = live::scan(&live);
+            Ok(Space {
+                user: user_owned,
+                store,
+                live_path,
+                live,
+                snapshot: tokio::sync::Mutex::new(snapshot),
+            })
+        })
+        .await?;
+        let space = Arc::new(space);
+        self.spaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(user.to_owned(), space.clone());
+        Ok(space)
+    }
+
+    /// Syncs every open workspace (periodically, and at shutdown).
+    pub async fn sync_all(&self) {
+        let spaces: Vec<Arc<Space>> = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in spaces {
+            s.sync().await;
+        }
+    }
+
+    /// At shutdown: a last sync, then the plaintext live folders are removed.
+    pub async fn close(&self) {
+        self.sync_all().await;
+        let spaces: Vec<Arc<Space>> = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in spaces {
+            if let Err(e) = std::fs::remove_dir_all(s.live_path()) {
+                tracing::warn!(error = %e, "cannot remove a live workspace folder");
+            }
+        }
+    }
+
+    /// Re-encrypts every workspace under a new data key, resuming an interrupted rotation.
+    /// Run with the gateway stopped (`sandgate rotate-key`).
+    pub fn rotate(&self) -> Result<usize, WorkspaceError> {
+        let keyring = self.keyring.get().ok_or(KeyError::Locked)?.clone();
+        keyring
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .begin_rotation()?;
+        let mut total = 0;
+        for entry in
+            std::fs::read_dir(&self.config.root).map_err(|source| WorkspaceError::Live {
+                path: self.config.root.clone(),
+                source,
+            })?
+        {
+            let Ok(entry) = entry else { continue };
+            if !entry.path().join("index.sgw").exists() {
+                continue;
+            }
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let store = Store::open(
+                &entry.path(),
+                &id,
+                keyring.clone(),
+                Quota {
+                    max_bytes: u64::MAX,
+                    max_files: usize::MAX,
+                },
+            )?;
+            total += store.reencrypt()?;
+        }
+        keyring
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retire()?;
+        Ok(total)
+    }
+}
+
+/// Whether `path` is on a memory-backed file system (tmpfs or ramfs), per `/proc/mounts`.
+pub fn is_memory_backed(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return false;
+    };
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let mut best: Option<(usize, bool)> = None;
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(mount), Some(fstype)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if path.starts_with(mount) && best.is_none_or(|(len, _)| mount.len() >= len) {
+            best = Some((mount.len(), matches!(fstype, "tmpfs" | "ramfs")));
+        }
+    }
+    best.is_some_and(|(_, mem)| mem)
+}

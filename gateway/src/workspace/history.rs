@@ -1,0 +1,276 @@
+//! What ran, kept: every kernel's executed cells and their outputs are appended to a history
+//! notebook in its owner's workspace (`history/<kernel id>.ipynb`), and every image a cell
+//! displays is also saved as a file (`outputs/<kernel id>/<execution count>-<n>.png`). Agents
+//! that drive kernels over the plain API get a notebook of what they ran; charts survive the
+//! kernel.
+//!
+//! The recorder watches the kernel's messages as the gateway relays them (it never talks to the
+//! kernel), and writes after each cell; it also triggers the sync of the live folder, so files a
+//! cell wrote are stored as soon as the cell ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use sandgate_wire::RawMessage;
+use serde_json::{Value, json};
+
+use super::Workspaces;
+use super::path::WsPath;
+use crate::client::{Channel, msg_id_of, msg_type_of};
+use crate::session::{Kernel, Observer};
+
+/// Cells a history notebook keeps (the oldest are dropped past it).
+pub const HISTORY_CELLS: usize = 500;
+/// Output bytes one recorded cell keeps (the rest is noted as cut).
+pub const CELL_OUTPUT_BYTES: usize = 4 << 20;
+
+#[derive(Default)]
+struct Cell {
+    code: String,
+    count: Option<u64>,
+    outputs: Vec<Value>,
+    bytes: usize,
+    cut: bool,
+    images: u32,
+}
+
+#[derive(Default)]
+struct Recorder {
+    cells: HashMap<String, Cell>,
+}
+
+/// Records outputs and history into workspaces; plugged into the session layer.
+pub struct HistoryObserver {
+    workspaces: Arc<Workspaces>,
+    recorders: Mutex<HashMap<uuid::Uuid, Recorder>>,
+}
+
+impl HistoryObserver {
+    /// A recorder writing into `workspaces`.
+    pub fn new(workspaces: Arc<Workspaces>) -> HistoryObserver {
+        HistoryObserver {
+            workspaces,
+            recorders: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Recorder>> {
+        self.recorders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn spawn_save_image(&self, kernel: &Kernel, count: Option<u64>, n: u32, png_b64: String) {
+        let workspaces = self.workspaces.clone();
+        let owner = kernel.owner.clone();
+        let name = format!(
+            "outputs/{}/{}-{n}.png",
+            kernel.id,
+            count.map_or_else(|| "x".to_owned(), |c| c.to_string())
+        );
+        tokio::spawn(async move {
+            let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(png_b64.trim()) else {
+                return;
+            };
+            let (Ok(space), Ok(path)) = (workspaces.space(&owner).await, WsPath::parse(&name))
+            else {
+                return;
+            };
+            if let Err(e) = space.write(path, bytes, true).await {
+                tracing::warn!(error = %e, file = %name, "cannot save a displayed image");
+            }
+        });
+    }
+
+    fn spawn_append(&self, kernel: &Kernel, cell: Cell) {
+        let workspaces = self.workspaces.clone();
+        let owner = kernel.owner.clone();
+        let name = format!("history/{}.ipynb", kernel.id);
+        let mut source = cell.code;
+        if cell.cut {
+            source.push_str("\n# [sandgate] this cell's recorded output was cut at 4 MiB");
+        }
+        let record = json!({
+            "cell_type": "code",
+            "execution_count": cell.count,
+            "metadata": {"sandgate": {"recorded": crate::session::kernel::timestamp(chrono::Utc::now())}},
+            "outputs": cell.outputs,
+            "source": source,
+        });
+        tokio::spawn(async move {
+            let (Ok(space), Ok(path)) = (workspaces.space(&owner).await, WsPath::parse(&name))
+            else {
+                return;
+            };
+            let read = {
+                let p = path.clone();
+                space
+                    .read(move |s| {
+                        if s.exists(&p) {
+                            s.read(&p).map(|(_, d)| Some(d))
+                        } else {
+                            Ok(None)
+                        }
+                    })
+                    .await
+            };
+            let mut nb = match read {
+                Ok(Some(bytes)) => {
+                    serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| empty_notebook())
+                }
+                _ => empty_notebook(),
+            };
+            if let Some(cells) = nb["cells"].as_array_mut() {
+                cells.push(record);
+                let extra = cells.len().saturating_sub(HISTORY_CELLS);
+                cells.drain(..extra);
+            }
+            let body = serde_json::to_vec_pretty(&nb).expect("JSON");
+            if let Err(e) = space.write(path, body, true).await {
+                tracing::warn!(error = %e, file = %name, "cannot append to a history notebook");
+            }
+        });
+    }
+
+    fn spawn_sync(&self, kernel: &Kernel) {
+        let workspaces = self.workspaces.clone();
+        let owner = kernel.owner.clone();
+        tokio::spawn(async move {
+            if let Ok(space) = workspaces.space(&owner).await {
+                space.sync().await;
+            }
+        });
+    }
+}
+
+fn empty_notebook() -> Value {
+    json!({
+        "cells": [],
+        "metadata": {
+            "kernelspec": {"name": crate::kernelspec::NAME, "display_name": crate::kernelspec::DISPLAY_NAME, "language": "python"},
+            "language_info": {"name": "python"},
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    })
+}
+
+/// An iopub message as an nbformat output, if it is one.
+fn as_output(msg_type: &str, content: &Value) -> Option<Value> {
+    Some(match msg_type {
+        "stream" => {
+            json!({"output_type": "stream", "name": content["name"], "text": content["text"]})
+        }
+        "display_data" => {
+            json!({"output_type": "display_data", "data": content["data"], "metadata": content.get("metadata").cloned().unwrap_or(json!({}))})
+        }
+        "execute_result" => {
+            json!({"output_type": "execute_result", "data": content["data"], "metadata": content.get("metadata").cloned().unwrap_or(json!({})), "execution_count": content["execution_count"]})
+        }
+        "error" => {
+            json!({"output_type": "error", "ename": content["ename"], "evalue": content["evalue"], "traceback": content["traceback"]})
+        }
+        _ => return None,
+    })
+}
+
+impl Observer for HistoryObserver {
+    fn message(&self, kernel: &Arc<Kernel>, channel: Channel, message: &RawMessage) {
+        let Some(msg_type) = msg_type_of(&message.header) else {
+            return;
+        };
+        if channel == Channel::Shell && msg_type == "execute_reply" {
+            self.spawn_sync(kernel);
+            return;
+        }
+        if channel != Channel::Iopub {
+            return;
+        }
+        let relevant = matches!(
+            msg_type.as_str(),
+            "execute_input"
+                | "stream"
+                | "display_data"
+                | "execute_result"
+                | "error"
+                | "clear_output"
+                | "status"
+        );
+        if !relevant {
+            return;
+        }
+        let Some(parent) = msg_id_of(&message.parent_header) else {
+            return;
+        };
+        let Ok(content) = serde_json::from_slice::<Value>(&message.content) else {
+            return;
+        };
+        let mut recorders = self.lock();
+        let recorder = recorders.entry(kernel.id).or_default();
+        match msg_type.as_str() {
+            "execute_input" => {
+                recorder.cells.insert(
+                    parent,
+                    Cell {
+                        code: content["code"].as_str().unwrap_or_default().to_owned(),
+                        count: content["execution_count"].as_u64(),
+                        ..Cell::default()
+                    },
+                );
+            }
+            "status" => {
+                if content["execution_state"] == "idle"
+                    && let Some(cell) = recorder.cells.remove(&parent)
+                {
+                    drop(recorders);
+                    self.spawn_append(kernel, cell);
+                }
+            }
+            "clear_output" => {
+                if let Some(cell) = recorder.cells.get_mut(&parent) {
+                    cell.outputs.clear();
+                    cell.bytes = 0;
+                }
+            }
+            other => {
+                let Some(cell) = recorder.cells.get_mut(&parent) else {
+                    return;
+                };
+                let image = content["data"]["image/png"].as_str().map(str::to_owned);
+                let (count, n) = (cell.count, cell.images);
+                if image.is_some() {
+                    cell.images += 1;
+                }
+                if let Some(output) = as_output(other, &content) {
+                    let size = message.content.len();
+                    if cell.bytes + size > CELL_OUTPUT_BYTES {
+                        cell.cut = true;
+                    } else if other == "stream"
+                        && let Some(last) = cell.outputs.last_mut()
+                        && last["output_type"] == "stream"
+                        && last["name"] == output["name"]
+                    {
+                        let text = format!(
+                            "{}{}",
+                            last["text"].as_str().unwrap_or_default(),
+                            output["text"].as_str().unwrap_or_default()
+                        );
+                        last["text"] = Value::String(text);
+                        cell.bytes += size;
+                    } else {
+                        cell.outputs.push(output);
+                        cell.bytes += size;
+                    }
+                }
+                drop(recorders);
+                if let Some(png) = image {
+                    self.spawn_save_image(kernel, count, n + 1, png);
+                }
+            }
+        }
+    }
+
+    fn kernel_ended(&self, kernel: &Arc<Kernel>) {
+        self.lock().remove(&kernel.id);
+        self.spawn_sync(kernel);
+    }
+}

@@ -1,0 +1,377 @@
+//! A workspace's live folder: the plaintext copy kernels see at `/workspace`, kept only in
+//! memory (a tmpfs such as `/dev/shm`), and the sync between it and the encrypted store.
+//!
+//! The folder is shared with sandboxed code, so the gateway treats it as hostile: every access
+//! goes through a capability handle (`cap-std`), which resolves paths inside the folder and
+//! never follows a symlink out of it, and the scan skips symlinks and special files entirely.
+//! A guest that plants `data -> /etc` cannot make the gateway read or write `/etc`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+
+use cap_std::ambient_authority;
+use cap_std::fs::Dir;
+
+use super::path::WsPath;
+use super::store::{Kind, Store, StoreError};
+
+/// Most entries a scan looks at (a flood of files stops the scan, it does not stall it).
+pub const MAX_SCAN: usize = 50_000;
+
+/// What a scan saw of one path: enough to tell whether it changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// File or folder.
+    pub kind: Kind,
+    /// Bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime: i128,
+}
+
+/// Paths → what was seen at the last sync.
+pub type Snapshot = HashMap<WsPath, Seen>;
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Files stored.
+    pub saved: Vec<WsPath>,
+    /// Paths removed from the store.
+    pub removed: Vec<WsPath>,
+    /// Files that could not be stored, and why (quota, a name that is not a valid path).
+    pub refused: Vec<(String, String)>,
+}
+
+/// Errors of the live folder.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    /// A file-system call failed.
+    #[error("live workspace folder: {0}")]
+    Io(#[from] std::io::Error),
+    /// The store refused.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Opens the live folder as a capability.
+pub fn open(dir: &Path) -> std::io::Result<Dir> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Dir::open_ambient_dir(dir, ambient_authority())
+}
+
+fn mtime_ns(meta: &cap_std::fs::Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.into_std().duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+/// Walks the live folder: regular files and folders only, symlinks and the rest skipped.
+/// Names that are not valid workspace paths are reported, not followed.
+pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
+    let mut out = Snapshot::new();
+    let mut skipped = Vec::new();
+    let mut stack: Vec<(WsPath, Option<Dir>)> = vec![(WsPath::root(), dir.try_clone().ok())];
+    while let Some((at, handle)) = stack.pop() {
+        let Some(handle) = handle else { continue };
+        let Ok(entries) = handle.entries() else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if out.len() >= MAX_SCAN {
+                skipped.push((
+                    at.to_string(),
+                    format!("more than {MAX_SCAN} entries; the rest were not saved"),
+                ));
+                return (out, skipped);
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(path) = at.join(&name) else {
+                skipped.push((format!("{at}/{name}"), "not a valid workspace path".into()));
+                continue;
+            };
+            let Ok(meta) = handle.symlink_metadata(&name) else {
+                continue;
+            };
+            let ft = meta.file_type();
+            if ft.is_symlink() {
+                skipped.push((path.to_string(), "symbolic links are not saved".into()));
+            } else if ft.is_dir() {
+                out.insert(
+                    path.clone(),
+                    Seen {
+                        kind: Kind::Dir,
+                        size: 0,
+                        mtime: 0,
+                    },
+                );
+                // `open_dir` resolves inside `handle` only: even if `name` became a symlink
+                // since it was checked, cap-std refuses to leave the live folder.
+                stack.push((path, handle.open_dir(&name).ok()));
+            } else if ft.is_file() {
+                out.insert(
+                    path,
+                    Seen {
+                        kind: Kind::File,
+                        size: meta.len(),
+                        mtime: mtime_ns(&meta),
+                    },
+                );
+            } else {
+                skipped.push((path.to_string(), "not a regular file".into()));
+            }
+        }
+    }
+    (out, skipped)
+}
+
+/// Reads one file of the live folder (at most `limit` bytes; a file that grew past it is
+/// refused rather than cut).
+fn read_file(dir: &Dir, path: &WsPath, limit: u64) -> std::io::Result<Vec<u8>> {
+    let mut f = dir.open(path.as_str())?;
+    let mut data = Vec::new();
+    (&mut f).take(limit + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > limit {
+        return Err(std::io::Error::other(
+            "the file is over the workspace quota",
+        ));
+    }
+    Ok(data)
+}
+
+/// Stores what changed in the live folder since `previous`, and removes from the store what
+/// disappeared from it. Returns the new snapshot and a report.
+pub fn sync_to_store(dir: &Dir, store: &Store, previous: &Snapshot) -> (Snapshot, SyncReport) {
+    sync(dir, store, previous, true)
+}
+
+/// Stores every file of the live folder, deleting nothing: what a crashed run left behind is
+/// saved before the folder is filled from the store.
+pub fn sync_to_store_additive(dir: &Dir, store: &Store) -> (Snapshot, SyncReport) {
+    sync(dir, store, &Snapshot::new(), false)
+}
+
+fn sync(dir: &Dir, store: &Store, previous: &Snapshot, deletions: bool) -> (Snapshot, SyncReport) {
+    let (now, skipped) = scan(dir);
+    let mut report = SyncReport {
+        refused: skipped,
+        ..SyncReport::default()
+    };
+    let (_, _, quota) = store.usage();
+    let mut next = Snapshot::new();
+    let mut paths: Vec<&WsPath> = now.keys().collect();
+    // Folders before what is in them.
+    paths.sort_by_key(|p| p.as_str().matches('/').count());
+    for path in paths {
+        let seen = now[path];
+        let unchanged = previous.get(path) == Some(&seen) && store.exists(path);
+        if unchanged {
+            next.insert(path.clone(), seen);
+            continue;
+        }
+        let result = match seen.kind {
+            Kind::Dir => store.mkdir(path, true).map(|_| ()),
+            Kind::File => match read_file(dir, path, quota.max_bytes) {
+                Ok(data) => store.write(path, &data, true).map(|_| ()),
+                Err(e) => {
+                    report.refused.push((path.to_string(), e.to_string()));
+                    continue;
+                }
+            },
+        };
+        match result {
+            Ok(()) => {
+                if seen.kind == Kind::File {
+                    report.saved.push(path.clone());
+                }
+                next.insert(path.clone(), seen);
+            }
+            Err(
+                e @ (StoreError::Quota(_)
+                | StoreError::IsADirectory(_)
+                | StoreError::NotADirectory(_)),
+            ) => {
+                report.refused.push((path.to_string(), e.to_string()));
+            }
+            Err(e) => report.refused.push((path.to_string(), e.to_string())),
+        }
+    }
+    if !deletions {
+        return (next, report);
+    }
+    // What was there at the last sync and is gone now was deleted by the kernel.
+    let mut gone: Vec<&WsPath> = previous.keys().filter(|p| !now.contains_key(*p)).collect();
+    gone.sort_by_key(|p| std::cmp::Reverse(p.as_str().len()));
+    for path in gone {
+        if store.exists(path) && store.delete(path).is_ok() {
+            report.removed.push(path.clone());
+        }
+    }
+    (next, report)
+}
+
+/// Writes every file of the store that the live folder lacks into it (on unlock).
+pub fn materialize(dir: &Dir, store: &Store) -> Result<(), LiveError> {
+    let mut entries = store.walk();
+    entries.sort_by_key(|(p, _)| p.as_str().matches('/').count());
+    for (path, entry) in entries {
+        match entry.kind {
+            Kind::Dir => dir.create_dir_all(path.as_str())?,
+            Kind::File => {
+                if dir.symlink_metadata(path.as_str()).is_ok() {
+                    continue;
+                }
+                let (_, data) = store.read(&path)?;
+                if !path.parent().is_root() {
+                    dir.create_dir_all(path.parent().as_str())?;
+                }
+                dir.write(path.as_str(), &data)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mirrors a store write into the live folder (so running kernels see it at once).
+pub fn put(dir: &Dir, path: &WsPath, data: &[u8]) -> std::io::Result<Seen> {
+    if !path.parent().is_root() {
+        dir.create_dir_all(path.parent().as_str())?;
+    }
+    // A symlink planted where the file goes is replaced, never written through.
+    if dir
+        .symlink_metadata(path.as_str())
+        .is_ok_and(|m| m.file_type().is_symlink())
+    {
+        dir.remove_file(path.as_str())?;
+    }
+    dir.write(path.as_str(), data)?;
+    let meta = dir.symlink_metadata(path.as_str())?;
+    Ok(Seen {
+        kind: Kind::File,
+        size: meta.len(),
+        mtime: mtime_ns(&meta),
+    })
+}
+
+/// Mirrors a new folder.
+pub fn mkdir(dir: &Dir, path: &WsPath) -> std::io::Result<()> {
+    dir.create_dir_all(path.as_str())
+}
+
+/// Mirrors a deletion.
+pub fn remove(dir: &Dir, path: &WsPath) -> std::io::Result<()> {
+    match dir.symlink_metadata(path.as_str()) {
+        Ok(m) if m.is_dir() => dir.remove_dir_all(path.as_str()),
+        Ok(_) => dir.remove_file(path.as_str()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Mirrors a rename.
+pub fn rename(dir: &Dir, from: &WsPath, to: &WsPath) -> std::io::Result<()> {
+    if !to.parent().is_root() {
+        dir.create_dir_all(to.parent().as_str())?;
+    }
+    match dir.rename(from.as_str(), dir, to.as_str()) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workspace::keys::{Keyring, MasterSource, Secret};
+    use crate::workspace::store::Quota;
+    use std::sync::{Arc, RwLock};
+
+    fn setup() -> (std::path::PathBuf, Dir, Store) {
+        let base = std::env::temp_dir().join(format!("sandgate-live-{}", uuid::Uuid::new_v4()));
+        let ring =
+            Keyring::open_or_create(&base.join("keys.json"), &MasterSource::Key(Secret([1; 32])))
+                .unwrap();
+        let store = Store::open(
+            &base.join("ws"),
+            "u",
+            Arc::new(RwLock::new(ring)),
+            Quota {
+                max_bytes: 1 << 20,
+                max_files: 100,
+            },
+        )
+        .unwrap();
+        let live = open(&base.join("live")).unwrap();
+        (base, live, store)
+    }
+
+    #[test]
+    fn kernel_writes_and_deletes_reach_the_store() {
+        let (base, live, store) = setup();
+        std::fs::create_dir_all(base.join("live/out")).unwrap();
+        std::fs::write(base.join("live/out/r.csv"), b"a,b\n").unwrap();
+        let (snap, report) = sync_to_store(&live, &store, &Snapshot::new());
+        assert_eq!(report.saved, vec![WsPath::parse("out/r.csv").unwrap()]);
+        assert_eq!(
+            store.read(&WsPath::parse("out/r.csv").unwrap()).unwrap().1,
+            b"a,b\n"
+        );
+        // Unchanged files are not stored again.
+        let (snap, report) = sync_to_store(&live, &store, &snap);
+        assert!(report.saved.is_empty());
+        std::fs::remove_file(base.join("live/out/r.csv")).unwrap();
+        let (_, report) = sync_to_store(&live, &store, &snap);
+        assert_eq!(report.removed, vec![WsPath::parse("out/r.csv").unwrap()]);
+    }
+
+    #[test]
+    fn symlinks_are_never_followed() {
+        let (base, live, store) = setup();
+        std::os::unix::fs::symlink("/etc/passwd", base.join("live/passwd")).unwrap();
+        std::os::unix::fs::symlink("/etc", base.join("live/etc")).unwrap();
+        let (_, report) = sync_to_store(&live, &store, &Snapshot::new());
+        assert!(report.saved.is_empty());
+        assert_eq!(report.refused.len(), 2);
+        // Writing through a planted folder symlink cannot leave the live folder.
+        let target = WsPath::parse("etc/sandgate-escape").unwrap();
+        assert!(put(&live, &target, b"x").is_err());
+        assert!(!Path::new("/etc/sandgate-escape").exists());
+        // A planted file symlink is replaced, not written through.
+        put(&live, &WsPath::parse("passwd").unwrap(), b"mine").unwrap();
+        assert!(
+            std::fs::symlink_metadata(base.join("live/passwd"))
+                .unwrap()
+                .is_file()
+        );
+    }
+
+    #[test]
+    fn quota_refusals_are_reported() {
+        let (base, live, store) = setup();
+        std::fs::write(base.join("live/big.bin"), vec![0u8; 2 << 20]).unwrap();
+        let (_, report) = sync_to_store(&live, &store, &Snapshot::new());
+        assert_eq!(report.refused.len(), 1);
+        assert!(
+            report.refused[0].1.contains("quota"),
+            "{:?}",
+            report.refused
+        );
+    }
+
+    #[test]
+    fn materialize_restores_the_store_into_an_empty_folder() {
+        let (base, live, store) = setup();
+        store
+            .write(&WsPath::parse("d/e/f.txt").unwrap(), b"deep", true)
+            .unwrap();
+        materialize(&live, &store).unwrap();
+        assert_eq!(std::fs::read(base.join("live/d/e/f.txt")).unwrap(), b"deep");
+    }
+}
