@@ -154,21 +154,39 @@ class Gateway:
             if not link.exists():
                 link.symlink_to(home / shared)
         self.token = token
-        full_env = {**os.environ, **(env or {})}
-        if token is not None:
-            full_env["SANDGATE_TOKEN"] = token
+        self.args, self.env = list(args), dict(env or {})
+        self.start()
+
+    def start(self):
+        """Starts (or restarts) the process on this data folder."""
+        import subprocess
+        full_env = {**os.environ, **self.env}
+        full_env.pop("SANDGATE_TOKEN", None)
+        if self.token is not None and "SANDGATE_TOKEN" not in self.env:
+            full_env["SANDGATE_TOKEN"] = self.token
         self.proc = subprocess.Popen(
-            [str(GATEWAY), "--port", "0", "--data-dir", str(self.data_dir), *args],
+            [str(GATEWAY), "--port", "0", "--data-dir", str(self.data_dir), *self.args],
             stdout=subprocess.PIPE, stderr=open(self.data_dir / "gateway.log", "ab"), env=full_env, text=True)
         self.url = None
-        # Wait for the line that names the port (the gateway prints it once it listens).
+        self.generated_token = None
+        # Wait for the line that names the port (the gateway prints it once it listens); a token
+        # it generated is printed, once, on the line after its announcement.
+        announced = False
         for line in self.proc.stdout:
+            if announced and self.generated_token is None:
+                self.generated_token = line.strip()
+            if "a new access token was made" in line:
+                announced = True
             if "listening on " in line:
                 self.url = line.split("listening on ", 1)[1].strip()
                 break
         if self.url is None:
             raise RuntimeError(f"the gateway did not start; see {self.data_dir / 'gateway.log'}")
         self.ws_url = self.url.replace("http://", "ws://")
+
+    def restart(self):
+        assert self.stop() == 0, self.log()[-3000:]
+        self.start()
 
     def headers(self, extra=None):
         h = {"Authorization": f"token {self.token}"} if self.token else {}
@@ -361,6 +379,17 @@ class Lab(Gateway):
                 raise RuntimeError(f"JupyterLab did not start; see {self.log_path}")
         import threading
         threading.Thread(target=self._drain, daemon=True).start()
+        # jupyter_server logs its URL before its event loop binds the port (the bind is the
+        # loop's first callback): wait until the port takes connections.
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"JupyterLab does not accept connections; see {self.log_path}")
+                time.sleep(0.05)
 
     def _drain(self):
         with open(self.log_path, "a") as log:

@@ -155,54 +155,80 @@ pub fn open_workspaces(
     })?)
 }
 
-/// Serves the gateway on `listener` until `shutdown` resolves, then closes every WebSocket,
-/// shuts every kernel down, saves the workspaces and removes their plaintext live folders.
-pub async fn run(
-    listener: TcpListener,
+/// A gateway whose workspaces are open (and unlocked, if a key source was given) and whose
+/// kernel pool is filling; [`Gateway::serve`] puts it on a listener.
+pub struct Gateway {
     config: config::Config,
     rt: Runtime,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), GatewayError> {
-    let workspaces = Arc::new(open_workspaces(&config, &rt.data_dir)?);
-    if let Some(source) = rt.key_source.clone() {
-        workspaces.unlock(source).await?;
-        workspaces.space(auth::DEFAULT_USER).await?;
-    }
-    let launch = launch_spec(&config, &rt, workspaces.live_dir(auth::DEFAULT_USER))?;
-    let observer = Arc::new(workspace::history::HistoryObserver::new(workspaces.clone()));
-    let kernels = session::Kernels::new(config.lifecycle(), launch, observer);
-    kernels.spawn_background();
-    let syncer = {
-        let workspaces = workspaces.clone();
-        let every = Duration::from_secs(config.workspace.sync_interval_s);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                workspaces.sync_all().await;
-            }
+    workspaces: Arc<workspace::Workspaces>,
+    kernels: session::Kernels,
+    observer: Arc<workspace::history::HistoryObserver>,
+}
+
+impl Gateway {
+    /// Opens the workspaces and starts the kernel pool. Errors here (a wrong key, a live folder
+    /// on disk) stop the gateway before it listens.
+    pub async fn start(config: config::Config, rt: Runtime) -> Result<Gateway, GatewayError> {
+        let workspaces = Arc::new(open_workspaces(&config, &rt.data_dir)?);
+        if let Some(source) = rt.key_source.clone() {
+            workspaces.unlock(source).await?;
+            workspaces.space(auth::DEFAULT_USER).await?;
+        }
+        let launch = launch_spec(&config, &rt, workspaces.live_dir(auth::DEFAULT_USER))?;
+        let observer = Arc::new(workspace::history::HistoryObserver::new(workspaces.clone()));
+        let kernels = session::Kernels::new(config.lifecycle(), launch, observer.clone());
+        kernels.spawn_background();
+        Ok(Gateway {
+            config,
+            rt,
+            workspaces,
+            kernels,
+            observer,
         })
-    };
-    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
-    let loopback = listener
-        .local_addr()
-        .map(|a| a.ip().is_loopback())
-        .unwrap_or(true);
-    let app = Arc::new(http::App {
-        auth: auth::Auth::new(rt.token_hash),
-        kernels: kernels.clone(),
-        workspaces: workspaces.clone(),
-        sessions: http::sessions::Sessions::default(),
-        started: chrono::Utc::now(),
-        loopback,
-        closing: closing_rx,
-        config,
-    });
-    http::serve(listener, app, closing_tx, shutdown).await;
-    tracing::info!("shutting down every kernel");
-    kernels.shutdown_all().await;
-    syncer.abort();
-    workspaces.close().await;
-    Ok(())
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then closes every WebSocket, shuts every
+    /// kernel down, saves the workspaces and removes their plaintext live folders.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let Gateway {
+            config,
+            rt,
+            workspaces,
+            kernels,
+            observer,
+        } = self;
+        let syncer = {
+            let workspaces = workspaces.clone();
+            let every = Duration::from_secs(config.workspace.sync_interval_s);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    workspaces.sync_all().await;
+                }
+            })
+        };
+        let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+        let loopback = listener
+            .local_addr()
+            .map(|a| a.ip().is_loopback())
+            .unwrap_or(true);
+        let app = Arc::new(http::App {
+            auth: auth::Auth::new(rt.token_hash),
+            kernels: kernels.clone(),
+            workspaces: workspaces.clone(),
+            sessions: http::sessions::Sessions::default(),
+            started: chrono::Utc::now(),
+            loopback,
+            closing: closing_rx,
+            config,
+        });
+        http::serve(listener, app, closing_tx, shutdown).await;
+        tracing::info!("shutting down every kernel");
+        kernels.shutdown_all().await;
+        syncer.abort();
+        observer.flush().await;
+        workspaces.close().await;
+    }
 }

@@ -347,6 +347,11 @@ fn main() -> Result<()> {
     let kernel = kernel_binary(&config)?;
     prepare_image(&kernel, &data_dir)?;
     let (hash, new_token) = token_hash(&args, &config, &data_dir)?;
+    if let Some(token) = &new_token {
+        // Shown at once, so it is not lost if anything later fails.
+        println!("sandgate: a new access token was made (shown once; only its hash is kept):");
+        println!("    {token}");
+    }
     let key_source = match explicit_key_source(&config)? {
         Some(s) => Some(s),
         None if config.auth.disable => bail!(
@@ -366,16 +371,22 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind((config.ip, config.port))
+        let rt = sandgate::Runtime {
+            token_hash: hash,
+            kernel_binary: kernel,
+            data_dir: data_dir.clone(),
+            key_source,
+        };
+        let (ip, port) = (config.ip, config.port);
+        let gateway = sandgate::Gateway::start(config, rt).await?;
+        let listener = tokio::net::TcpListener::bind((ip, port))
             .await
-            .with_context(|| format!("cannot listen on {}:{}", config.ip, config.port))?;
+            .with_context(|| format!("cannot listen on {ip}:{port}"))?;
         let addr = listener.local_addr()?;
         let host = if addr.ip().is_loopback() { "127.0.0.1".to_owned() } else { addr.ip().to_string() };
         let url = format!("http://{host}:{}", addr.port());
         match &new_token {
             Some(token) => {
-                println!("sandgate: a new access token was made (shown once; only its hash is kept):");
-                println!("    {token}");
                 println!(
                     "sandgate: connect JupyterLab with\n    jupyter lab --gateway-url={url} --GatewayClient.auth_token={token}"
                 );
@@ -390,13 +401,7 @@ fn main() -> Result<()> {
         println!("sandgate: listening on {url}");
         use std::io::Write;
         std::io::stdout().flush()?;
-        let rt = sandgate::Runtime {
-            token_hash: hash,
-            kernel_binary: kernel,
-            data_dir,
-            key_source,
-        };
-        sandgate::run(listener, config, rt, shutdown_signal()).await?;
+        gateway.serve(listener, shutdown_signal()).await;
         anyhow::Ok(())
     })
 }

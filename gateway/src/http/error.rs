@@ -24,6 +24,18 @@ pub enum ApiError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The target exists, or the change conflicts with what is stored.
+    #[error("{0}")]
+    Conflict(String),
+    /// A workspace quota would be exceeded.
+    #[error("{0}")]
+    Quota(String),
+    /// A stored file failed its integrity check.
+    #[error("{0}")]
+    Integrity(String),
+    /// The workspace key is not unlocked.
+    #[error("{0}")]
+    Locked(String),
     /// The body is over the cap.
     #[error("the request body is over the {0}-byte limit")]
     TooLarge(usize),
@@ -44,6 +56,10 @@ impl ApiError {
             ApiError::Auth(AuthError::Missing | AuthError::Invalid) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthError::Host(_) | AuthError::Origin(_)) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Quota(_) => StatusCode::INSUFFICIENT_STORAGE,
+            ApiError::Integrity(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Locked(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Session(e) => match e {
                 SessionError::NotFound(_) | SessionError::NoSuchKernelSpec(_) => {

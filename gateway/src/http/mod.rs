@@ -11,6 +11,7 @@
 //! Handlers parse the body into typed requests and call the session layer; they never touch
 //! kernel processes themselves.
 
+pub mod contents;
 pub mod error;
 pub mod frames;
 pub mod routes;
@@ -76,7 +77,7 @@ pub fn json_response(status: StatusCode, body: &Value) -> Response<Full<Bytes>> 
     r
 }
 
-fn empty(status: StatusCode) -> Response<Full<Bytes>> {
+pub(crate) fn empty(status: StatusCode) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = status;
     r
@@ -99,7 +100,7 @@ async fn read_body(body: Incoming, max: usize) -> Result<Bytes, ApiError> {
 }
 
 /// Parses a JSON body into `T`; an empty body is `{}`.
-fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -164,7 +165,14 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
     if method == Method::HEAD {
         *response.body_mut() = Full::new(Bytes::new());
     }
-    // The path is logged, never the query (it may carry a token).
+    // The path is logged, never the query (it may carry a token), and never a workspace path
+    // (file names are the user's data: they stay encrypted, logs included).
+    let path = match path.strip_prefix("/api/contents") {
+        Some(rest) if !rest.is_empty() && rest != "/" => {
+            format!("/api/contents/<{} bytes>", rest.len())
+        }
+        _ => path,
+    };
     tracing::info!(
         method = %method,
         path = %path,
@@ -337,6 +345,13 @@ async fn dispatch(
         Route::Session(id) => {
             app.sessions.delete(kernels, user, &id).await?;
             Ok(empty(StatusCode::NO_CONTENT))
+        }
+        route @ (Route::Contents(_) | Route::Checkpoints(_) | Route::Checkpoint(..)) => {
+            let space = app.workspaces.space(user).await?;
+            let method = req.method().clone();
+            let query = req.uri().query().map(str::to_owned);
+            let body = read_body(req.into_body(), max_body).await?;
+            contents::handle(space, &method, route, query.as_deref(), body).await
         }
     }
 }

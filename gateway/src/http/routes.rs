@@ -30,6 +30,12 @@ pub enum Route {
     Sessions,
     /// `GET`, `PATCH` or `DELETE /api/sessions/{id}`.
     Session(String),
+    /// `GET`, `PUT`, `POST`, `PATCH` or `DELETE /api/contents/{path}` (path decoded, unchecked).
+    Contents(String),
+    /// `GET` or `POST /api/contents/{path}/checkpoints`.
+    Checkpoints(String),
+    /// `POST` (restore) or `DELETE /api/contents/{path}/checkpoints/{id}`.
+    Checkpoint(String, String),
 }
 
 /// Why a path has no route.
@@ -55,8 +61,41 @@ fn segment(s: &str) -> Option<String> {
     Some(decoded)
 }
 
+fn decode_path(p: &str) -> String {
+    crate::auth::percent_decode(&p.replace('+', "%2B"))
+}
+
+/// The Contents API: everything after `/api/contents` is a workspace path (decoded here,
+/// checked by the workspace's own path parser).
+fn contents(method: &Method, rest: &str) -> Result<Route, NoRoute> {
+    let rest = rest.trim_end_matches('/');
+    let (route, allowed) = if let Some((path, id)) = rest.rsplit_once("/checkpoints/") {
+        let id = segment(id).ok_or(NoRoute::NotFound)?;
+        (Route::Checkpoint(decode_path(path), id), "POST, DELETE")
+    } else if let Some(path) = rest.strip_suffix("/checkpoints") {
+        (Route::Checkpoints(decode_path(path)), "GET, POST")
+    } else {
+        (
+            Route::Contents(decode_path(rest)),
+            "GET, PUT, POST, PATCH, DELETE",
+        )
+    };
+    let ok = allowed.split(", ").any(|m| m == method.as_str()) || *method == Method::OPTIONS;
+    if ok {
+        Ok(route)
+    } else {
+        Err(NoRoute::Method(allowed))
+    }
+}
+
 /// Maps a method and path to a route.
 pub fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
+    if path == "/api/contents" {
+        return contents(method, "");
+    }
+    if let Some(rest) = path.strip_prefix("/api/contents/") {
+        return contents(method, rest);
+    }
     let trimmed = path.trim_end_matches('/');
     let parts: Vec<&str> = trimmed.split('/').skip(1).collect();
     let seg = |i: usize| {
@@ -139,6 +178,31 @@ mod tests {
                 Method::PATCH,
                 "/api/sessions/abc".to_string(),
                 Route::Session("abc".into()),
+            ),
+            (
+                Method::GET,
+                "/api/contents".into(),
+                Route::Contents("".into()),
+            ),
+            (
+                Method::PUT,
+                "/api/contents/a%20b/c.ipynb".into(),
+                Route::Contents("a b/c.ipynb".into()),
+            ),
+            (
+                Method::GET,
+                "/api/contents/%2e%2e/etc".into(),
+                Route::Contents("../etc".into()),
+            ),
+            (
+                Method::POST,
+                "/api/contents/x.ipynb/checkpoints".into(),
+                Route::Checkpoints("x.ipynb".into()),
+            ),
+            (
+                Method::DELETE,
+                "/api/contents/d/x.ipynb/checkpoints/checkpoint".into(),
+                Route::Checkpoint("d/x.ipynb".into(), "checkpoint".into()),
             ),
         ];
         for (m, p, want) in cases {

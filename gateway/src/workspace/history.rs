@@ -44,6 +44,8 @@ struct Recorder {
 pub struct HistoryObserver {
     workspaces: Arc<Workspaces>,
     recorders: Mutex<HashMap<uuid::Uuid, Recorder>>,
+    /// Writes in flight, awaited by [`HistoryObserver::flush`] at shutdown.
+    tasks: Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl HistoryObserver {
@@ -52,7 +54,20 @@ impl HistoryObserver {
         HistoryObserver {
             workspaces,
             recorders: Mutex::default(),
+            tasks: Mutex::default(),
         }
+    }
+
+    fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task);
+    }
+
+    /// Waits for every write in flight (at shutdown, before the workspaces close).
+    pub async fn flush(&self) {
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        while tasks.join_next().await.is_some() {}
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<uuid::Uuid, Recorder>> {
@@ -67,7 +82,7 @@ impl HistoryObserver {
             kernel.id,
             count.map_or_else(|| "x".to_owned(), |c| c.to_string())
         );
-        tokio::spawn(async move {
+        self.spawn(async move {
             let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(png_b64.trim()) else {
                 return;
             };
@@ -96,7 +111,7 @@ impl HistoryObserver {
             "outputs": cell.outputs,
             "source": source,
         });
-        tokio::spawn(async move {
+        self.spawn(async move {
             let (Ok(space), Ok(path)) = (workspaces.space(&owner).await, WsPath::parse(&name))
             else {
                 return;
@@ -134,7 +149,7 @@ impl HistoryObserver {
     fn spawn_sync(&self, kernel: &Kernel) {
         let workspaces = self.workspaces.clone();
         let owner = kernel.owner.clone();
-        tokio::spawn(async move {
+        self.spawn(async move {
             if let Ok(space) = workspaces.space(&owner).await {
                 space.sync().await;
             }

@@ -94,8 +94,9 @@ impl Space {
                 if !report.saved.is_empty() || !report.removed.is_empty() {
                     tracing::debug!(user = %self.user, saved = report.saved.len(), removed = report.removed.len(), "workspace synced");
                 }
-                for (path, why) in &report.refused {
-                    tracing::warn!(user = %self.user, %path, %why, "a workspace file was not saved");
+                // File names are the user's data: the log gets the reasons, not the names.
+                for (_, why) in &report.refused {
+                    tracing::warn!(user = %self.user, %why, "a workspace file was not saved");
                 }
                 report
             }

@@ -806,8 +806,8 @@ impl Store {
             .unwrap_or_default())
     }
 
-    /// Puts checkpoint `id`'s content back into `path`.
-    pub fn restore_checkpoint(&self, path: &WsPath, id: &str) -> Result<Entry, StoreError> {
+    /// The content saved in checkpoint `id` of `path`.
+    pub fn read_checkpoint(&self, path: &WsPath, id: &str) -> Result<Vec<u8>, StoreError> {
         let cp = self
             .checkpoints(path)?
             .into_iter()
@@ -816,7 +816,12 @@ impl Store {
         let file = self.object_path(&cp.object);
         let bytes = std::fs::read(&file).map_err(io(&file))?;
         let aad = self.object_aad(&format!("{}\0checkpoint\0{id}", path.as_str()), &cp.object);
-        let data = self.unseal(&bytes, &aad, &format!("{path} (checkpoint)"))?;
+        self.unseal(&bytes, &aad, &format!("{path} (checkpoint)"))
+    }
+
+    /// Puts checkpoint `id`'s content back into `path`.
+    pub fn restore_checkpoint(&self, path: &WsPath, id: &str) -> Result<Entry, StoreError> {
+        let data = self.read_checkpoint(path, id)?;
         self.write(path, &data, false)
     }
 
