@@ -119,6 +119,52 @@ pub fn seal(key: &Secret, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Seals `plaintext` after `prefix` in one buffer: `prefix || nonce || ciphertext || tag`.
+pub fn seal_with_prefix(key: &Secret, aad: &[u8], prefix: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut nonce = [0u8; NONCE_LEN];
+    SystemRandom::new()
+        .fill(&mut nonce)
+        .expect("the system random source works");
+    let key = LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, &key.0).expect("32-byte key"));
+    let start = prefix.len() + NONCE_LEN;
+    let mut out = Vec::with_capacity(start + plaintext.len() + aead::AES_256_GCM.tag_len());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut out[start..],
+        )
+        .expect("AES-GCM seals any length we use");
+    out.extend_from_slice(tag.as_ref());
+    out
+}
+
+/// Opens, in place, what [`seal_with_prefix`] made with a prefix of `skip` bytes, and returns
+/// the plaintext in the same buffer (no copy of the content).
+pub fn open_owned(key: &Secret, aad: &[u8], mut sealed: Vec<u8>, skip: usize) -> Option<Vec<u8>> {
+    let start = skip.checked_add(NONCE_LEN)?;
+    if sealed.len() < start + aead::AES_256_GCM.tag_len() {
+        return None;
+    }
+    let key = LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, &key.0).expect("32-byte key"));
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&sealed[skip..start]);
+    let len = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut sealed[start..],
+        )
+        .ok()?
+        .len();
+    sealed.truncate(start + len);
+    sealed.drain(..start);
+    Some(sealed)
+}
+
 /// Opens what [`seal`] made; `None` if it was changed, truncated or sealed under another key
 /// or associated data.
 pub fn open(key: &Secret, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {

@@ -244,7 +244,7 @@ impl Store {
         let index_path = store.index_path();
         match std::fs::read(&index_path) {
             Ok(bytes) => {
-                let plain = store.unseal(&bytes, &store.index_aad(), "the workspace index")?;
+                let plain = store.unseal(bytes, &store.index_aad(), "the workspace index")?;
                 let index: Index = serde_json::from_slice(&plain)
                     .map_err(|_| StoreError::Tampered("the workspace index".into()))?;
                 *store.lock() = index;
@@ -298,14 +298,14 @@ impl Store {
         let key = self.key(version)?;
         let mut aad_v = aad.to_vec();
         aad_v.extend_from_slice(&version.to_le_bytes());
-        let mut out = Vec::with_capacity(plain.len() + 40);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&version.to_le_bytes());
-        out.extend_from_slice(&keys::seal(&key, &aad_v, plain));
-        Ok(out)
+        let mut prefix = [0u8; 8];
+        prefix[..4].copy_from_slice(MAGIC);
+        prefix[4..].copy_from_slice(&version.to_le_bytes());
+        Ok(keys::seal_with_prefix(&key, &aad_v, &prefix, plain))
     }
 
-    fn unseal(&self, bytes: &[u8], aad: &[u8], what: &str) -> Result<Vec<u8>, StoreError> {
+    /// Opens a sealed file's bytes in place (the content is not copied).
+    fn unseal(&self, bytes: Vec<u8>, aad: &[u8], what: &str) -> Result<Vec<u8>, StoreError> {
         let tampered = || StoreError::Tampered(what.to_owned());
         if bytes.len() < 8 || &bytes[..4] != MAGIC {
             return Err(tampered());
@@ -314,7 +314,7 @@ impl Store {
         let key = self.key(version)?;
         let mut aad_v = aad.to_vec();
         aad_v.extend_from_slice(&version.to_le_bytes());
-        keys::open(&key, &aad_v, &bytes[8..]).ok_or_else(tampered)
+        keys::open_owned(&key, &aad_v, bytes, 8).ok_or_else(tampered)
     }
 
     /// Replaces the index on disk with `index`, sealed under the current key.
@@ -381,7 +381,7 @@ impl Store {
             }
             Err(e) => return Err(io(&file)(e)),
         };
-        self.unseal(&bytes, &self.object_aad(path, object), path)
+        self.unseal(bytes, &self.object_aad(path, object), path)
     }
 
     fn remove_objects(&self, objects: impl IntoIterator<Item = String>) {
@@ -816,7 +816,7 @@ impl Store {
         let file = self.object_path(&cp.object);
         let bytes = std::fs::read(&file).map_err(io(&file))?;
         let aad = self.object_aad(&format!("{}\0checkpoint\0{id}", path.as_str()), &cp.object);
-        self.unseal(&bytes, &aad, &format!("{path} (checkpoint)"))
+        self.unseal(bytes, &aad, &format!("{path} (checkpoint)"))
     }
 
     /// Puts checkpoint `id`'s content back into `path`.
@@ -895,7 +895,7 @@ impl Store {
                     &format!("{}\0checkpoint\0{}", path.as_str(), cp.id),
                     &cp.object,
                 );
-                let data = self.unseal(&bytes, &aad, &format!("{path} (checkpoint)"))?;
+                let data = self.unseal(bytes, &aad, &format!("{path} (checkpoint)"))?;
                 let object = random_id();
                 let aad = self.object_aad(
                     &format!("{}\0checkpoint\0{}", path.as_str(), cp.id),
