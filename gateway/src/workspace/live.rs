@@ -295,6 +295,7 @@ mod tests {
 
     fn setup() -> (std::path::PathBuf, Dir, Store) {
         let base = std::env::temp_dir().join(format!("sandgate-live-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&base).unwrap();
         let ring =
             Keyring::open_or_create(&base.join("keys.json"), &MasterSource::Key(Secret([1; 32])))
                 .unwrap();
