@@ -100,3 +100,23 @@ def test_jupyterlab_in_chromium_runs_a_notebook_on_sandgate(start_gateway, start
     assert kernels_seen[0]["execution_state"] == "idle", kernels_seen
     for shot in ("browser-3-print.png", "browser-4-dataframe-plot.png"):
         assert (ARTIFACTS / shot).stat().st_size > 10_000, shot
+
+    # What the notebook ran and drew is in the encrypted workspace, and survives a restart of
+    # the gateway: the history notebook holds both cells, and the chart is a PNG file.
+    kernel_id = kernels_seen[0]["id"]
+    gw.restart()
+    status, history, _ = gw.request("GET", f"/api/contents/history/{kernel_id}.ipynb")
+    assert status == 200, history
+    sources = [c["source"] for c in history["content"]["cells"]]
+    assert any("print(6*7)" in s for s in sources), sources
+    printed = [o for c in history["content"]["cells"] for o in c["outputs"] if o.get("output_type") == "stream"]
+    assert any("42" in o["text"] for o in printed), printed
+    assert any("<table" in o.get("data", {}).get("text/html", "")
+               for c in history["content"]["cells"] for o in c["outputs"])
+    status, outputs, _ = gw.request("GET", f"/api/contents/outputs/{kernel_id}")
+    assert status == 200, outputs
+    pngs = [c["path"] for c in outputs["content"] if c["name"].endswith(".png")]
+    assert pngs, outputs
+    import base64
+    status, png, _ = gw.request("GET", f"/api/contents/{pngs[0]}")
+    assert base64.b64decode(png["content"]).startswith(b"\x89PNG")
