@@ -315,8 +315,11 @@ def test_quotas_give_clear_errors(start_gateway, tmp_path):
     k = g.start_kernel()
     s = KernelSocket(g, k["id"])
     try:
-        reply, _ = s.execute("open('/workspace/f0.txt', 'w').write('y' * 500000)")
+        reply, out = s.execute("open('/workspace/f0.txt', 'w').write('y' * 500000)")
         assert reply["status"] == "ok"
+        # The user is told, under the cell, before its reply.
+        notice = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+        assert "were not saved" in notice and "f0.txt" in notice and "quota" in notice, notice
     finally:
         s.close()
     # The oversized version was refused; the stored one is unchanged and the log says why.

@@ -452,6 +452,19 @@ impl Kernel {
         .await;
     }
 
+    /// Publishes a `stream` message the gateway makes up (a notice for the user) to every
+    /// client, as a child of `parent_header` (so it shows under the cell it is about).
+    pub async fn publish_stream(&self, parent_header: bytes::Bytes, name: &str, text: &str) {
+        let header = client::header("stream", &self.session);
+        let mut message = client::own_message(&header, &json!({"name": name, "text": text}));
+        message.parent_header = parent_header;
+        self.deliver_all(Outgoing {
+            channel: Channel::Iopub,
+            message: Arc::new(message),
+        })
+        .await;
+    }
+
     /// Handles one message from the kernel process.
     pub(crate) async fn dispatch(&self, channel: Channel, message: RawMessage) {
         let msg_type = client::msg_type_of(&message.header).unwrap_or_default();

@@ -75,11 +75,21 @@ pub enum SessionError {
 
 type Ready = (Process, mpsc::Receiver<Incoming>);
 
+/// Work an observer wants done before a message is relayed.
+pub type Before = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Something that watches every kernel's messages as they are relayed (the workspace's
-/// history recorder). It must not block: it is called on the kernel's pump.
+/// history recorder). It is called on the kernel's pump and must not block; the future it may
+/// return is awaited before the message goes to clients (the workspace saves a cell's files
+/// before the cell's reply is relayed, so a client that has the reply can read them).
 pub trait Observer: Send + Sync + 'static {
     /// A message from `kernel`'s process, after it was authenticated.
-    fn message(&self, kernel: &Arc<Kernel>, channel: Channel, message: &sandgate_wire::RawMessage);
+    fn message(
+        &self,
+        kernel: &Arc<Kernel>,
+        channel: Channel,
+        message: &sandgate_wire::RawMessage,
+    ) -> Option<Before>;
     /// `kernel` was shut down (or culled).
     fn kernel_ended(&self, kernel: &Arc<Kernel>);
 }
@@ -88,7 +98,14 @@ pub trait Observer: Send + Sync + 'static {
 pub struct NoObserver;
 
 impl Observer for NoObserver {
-    fn message(&self, _: &Arc<Kernel>, _: Channel, _: &sandgate_wire::RawMessage) {}
+    fn message(
+        &self,
+        _: &Arc<Kernel>,
+        _: Channel,
+        _: &sandgate_wire::RawMessage,
+    ) -> Option<Before> {
+        None
+    }
     fn kernel_ended(&self, _: &Arc<Kernel>) {}
 }
 
@@ -282,7 +299,9 @@ impl Kernels {
             while let Some(event) = incoming.recv().await {
                 match event {
                     Incoming::Message(channel, message) => {
-                        me.0.observer.message(&kernel, channel, &message);
+                        if let Some(before) = me.0.observer.message(&kernel, channel, &message) {
+                            before.await;
+                        }
                         kernel.dispatch(channel, message).await
                     }
                     Incoming::Died(reason) => {

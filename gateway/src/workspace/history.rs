@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::Workspaces;
 use super::path::WsPath;
 use crate::client::{Channel, msg_id_of, msg_type_of};
-use crate::session::{Kernel, Observer};
+use crate::session::{Before, Kernel, Observer};
 
 /// Cells a history notebook keeps (the oldest are dropped past it).
 pub const HISTORY_CELLS: usize = 500;
@@ -146,6 +146,30 @@ impl HistoryObserver {
         });
     }
 
+    /// Saves the files a cell wrote; what could not be saved is told to the user under the
+    /// cell (`parent` is the cell's request header), before its reply is relayed.
+    fn sync_before_reply(&self, kernel: &Arc<Kernel>, parent: bytes::Bytes) -> Before {
+        let workspaces = self.workspaces.clone();
+        let kernel = kernel.clone();
+        Box::pin(async move {
+            let Ok(space) = workspaces.space(&kernel.owner).await else {
+                return;
+            };
+            let report = space.sync().await;
+            if report.refused.is_empty() {
+                return;
+            }
+            let mut text = String::from("[sandgate] some files in /workspace were not saved:\n");
+            for (path, why) in report.refused.iter().take(20) {
+                text.push_str(&format!("  {path}: {why}\n"));
+            }
+            if report.refused.len() > 20 {
+                text.push_str(&format!("  ... and {} more\n", report.refused.len() - 20));
+            }
+            kernel.publish_stream(parent, "stderr", &text).await;
+        })
+    }
+
     fn spawn_sync(&self, kernel: &Kernel) {
         let workspaces = self.workspaces.clone();
         let owner = kernel.owner.clone();
@@ -189,19 +213,33 @@ fn as_output(msg_type: &str, content: &Value) -> Option<Value> {
 }
 
 impl Observer for HistoryObserver {
-    fn message(&self, kernel: &Arc<Kernel>, channel: Channel, message: &RawMessage) {
-        let Some(msg_type) = msg_type_of(&message.header) else {
-            return;
-        };
+    fn message(
+        &self,
+        kernel: &Arc<Kernel>,
+        channel: Channel,
+        message: &RawMessage,
+    ) -> Option<Before> {
+        let msg_type = msg_type_of(&message.header)?;
         if channel == Channel::Shell && msg_type == "execute_reply" {
-            self.spawn_sync(kernel);
-            return;
+            return Some(self.sync_before_reply(kernel, message.parent_header.clone()));
         }
-        if channel != Channel::Iopub {
-            return;
+        if channel == Channel::Iopub {
+            self.record(kernel, &msg_type, message);
         }
+        None
+    }
+
+    fn kernel_ended(&self, kernel: &Arc<Kernel>) {
+        self.lock().remove(&kernel.id);
+        self.spawn_sync(kernel);
+    }
+}
+
+impl HistoryObserver {
+    /// Adds an iopub message to the cell it belongs to; a cell is written out when it ends.
+    fn record(&self, kernel: &Arc<Kernel>, msg_type: &str, message: &RawMessage) {
         let relevant = matches!(
-            msg_type.as_str(),
+            msg_type,
             "execute_input"
                 | "stream"
                 | "display_data"
@@ -221,7 +259,7 @@ impl Observer for HistoryObserver {
         };
         let mut recorders = self.lock();
         let recorder = recorders.entry(kernel.id).or_default();
-        match msg_type.as_str() {
+        match msg_type {
             "execute_input" => {
                 recorder.cells.insert(
                     parent,
@@ -282,10 +320,5 @@ impl Observer for HistoryObserver {
                 }
             }
         }
-    }
-
-    fn kernel_ended(&self, kernel: &Arc<Kernel>) {
-        self.lock().remove(&kernel.id);
-        self.spawn_sync(kernel);
     }
 }
