@@ -176,7 +176,7 @@ impl Gateway {
         }
         let launch = launch_spec(&config, &rt, workspaces.live_dir(auth::DEFAULT_USER))?;
         let observer = Arc::new(workspace::history::HistoryObserver::new(workspaces.clone()));
-        let kernels = session::Kernels::new(config.lifecycle(), launch, observer.clone());
+        let kernels = session::Kernels::new(config.lifecycle(), launch, observer.clone(), None);
         kernels.spawn_background();
         Ok(Gateway {
             config,

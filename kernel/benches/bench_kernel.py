@@ -36,6 +36,7 @@ import os
 import pathlib
 import platform
 import queue
+import signal
 import statistics
 import sys
 import tempfile
@@ -249,6 +250,8 @@ def main():
                              "or ~/.local/share/sandgate)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     args = parser.parse_args()
+    # `timeout` and `kill` send SIGTERM: end through the clean-up below, not at once.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if not args.kernel.exists():
         sys.exit(f"{args.kernel} is missing: build it with `cargo build --release`")

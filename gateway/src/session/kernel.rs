@@ -32,6 +32,38 @@ pub const DETACHED_MESSAGES: usize = 1000;
 pub const DETACHED_BYTES: usize = 32 << 20;
 /// Most outstanding requests remembered for routing replies (oldest forgotten first).
 const ROUTES: usize = 10_000;
+/// Client shell requests queued in the gateway (behind a `%%ask`, say) before clients wait.
+const SHELL_QUEUE: usize = 1024;
+
+/// A client's shell request on its way to the kernel (or to the shell hook).
+pub struct ShellItem {
+    /// The client's session (where the reply goes).
+    pub session: String,
+    /// The message.
+    pub message: RawMessage,
+    /// Its `msg_type`.
+    pub msg_type: String,
+}
+
+/// What happens to the iopub messages of a request the gateway made.
+#[derive(Clone)]
+struct Internal {
+    /// `Some(parent)`: outputs are shown under this client request instead; `None`: hidden.
+    reparent: Option<bytes::Bytes>,
+    /// Told when the request's `idle` status arrives.
+    idle: Arc<tokio::sync::Notify>,
+}
+
+/// A client request a [`super::ShellHook`] serves.
+#[derive(Debug, Clone)]
+pub struct ClientRequest {
+    /// The client's session (where the reply goes).
+    pub session: String,
+    /// The request's header, as the client sent it (the parent of everything it causes).
+    pub header: bytes::Bytes,
+    /// Its content.
+    pub content: Value,
+}
 
 /// A message on its way to a client.
 #[derive(Debug, Clone)]
@@ -189,7 +221,18 @@ pub struct Kernel {
     mailboxes: Mutex<HashMap<String, Mailbox>>,
     routes: Mutex<Routes>,
     waiters: Mutex<HashMap<String, oneshot::Sender<RawMessage>>>,
+    /// The gateway's own requests whose iopub is hidden from clients or re-parented.
+    internal: Mutex<HashMap<String, Internal>>,
     next_conn: AtomicU64,
+    /// Client shell requests, in order, for the forwarder (see [`Kernel::start_forwarder`]).
+    shell_queue: mpsc::Sender<ShellItem>,
+    shell_rx: Mutex<Option<mpsc::Receiver<ShellItem>>>,
+    /// Counts interrupts requested (by REST or by a client's `interrupt_request`).
+    interrupts: watch::Sender<u64>,
+    /// The last `execution_count` the kernel replied with.
+    last_count: AtomicU64,
+    observer: Arc<dyn super::Observer>,
+    hook: Option<Arc<dyn super::ShellHook>>,
     /// Serialises restarts and shutdowns.
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
     /// The session id of messages the gateway makes up (status on restart).
@@ -208,7 +251,14 @@ pub fn timestamp(t: DateTime<Utc>) -> String {
 }
 
 impl Kernel {
-    pub(crate) fn new(id: uuid::Uuid, name: String, owner: String) -> Kernel {
+    pub(crate) fn new(
+        id: uuid::Uuid,
+        name: String,
+        owner: String,
+        observer: Arc<dyn super::Observer>,
+        hook: Option<Arc<dyn super::ShellHook>>,
+    ) -> Kernel {
+        let (shell_queue, shell_rx) = mpsc::channel(SHELL_QUEUE);
         Kernel {
             id,
             name,
@@ -224,7 +274,14 @@ impl Kernel {
             mailboxes: Mutex::default(),
             routes: Mutex::default(),
             waiters: Mutex::default(),
+            internal: Mutex::default(),
             next_conn: AtomicU64::new(1),
+            shell_queue,
+            shell_rx: Mutex::new(Some(shell_rx)),
+            interrupts: watch::channel(0).0,
+            last_count: AtomicU64::new(0),
+            observer,
+            hook,
             lifecycle: tokio::sync::Mutex::new(()),
             session: uuid::Uuid::new_v4().to_string(),
         }
@@ -396,7 +453,22 @@ impl Kernel {
                 .unwrap_or(false);
             self.lock().expect = Expect::Exit { restart };
         }
+        if msg_type == "interrupt_request" {
+            self.note_interrupt();
+        }
         self.touch();
+        if channel == Channel::Shell {
+            let item = ShellItem {
+                session: session.to_owned(),
+                message,
+                msg_type: msg_type.to_owned(),
+            };
+            return self
+                .shell_queue
+                .send(item)
+                .await
+                .map_err(|_| client::ClientError::Gone);
+        }
         let process = match self.process() {
             Some(p) => p,
             None => self
@@ -405,6 +477,223 @@ impl Kernel {
                 .ok_or(client::ClientError::Gone)?,
         };
         process.send(channel, &message).await
+    }
+
+    /// Records that an interrupt was asked for (a `%%ask` in progress stops on it).
+    pub fn note_interrupt(&self) {
+        self.interrupts.send_modify(|n| *n += 1);
+    }
+
+    /// Interrupt requests, counted.
+    pub fn interrupts(&self) -> watch::Receiver<u64> {
+        self.interrupts.subscribe()
+    }
+
+    /// The last `execution_count` the kernel replied with.
+    pub fn last_execution_count(&self) -> u64 {
+        self.last_count.load(Ordering::Relaxed)
+    }
+
+    /// Starts the task that hands client shell requests to the kernel in order, giving the
+    /// ones the shell hook claims (`%%ask`) to it instead; the queue waits while it serves
+    /// them, as a kernel's own queue waits behind a running cell.
+    pub(crate) fn start_forwarder(self: &Arc<Self>, wait: Duration) {
+        let Some(mut rx) = self
+            .shell_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let Some(kernel) = weak.upgrade() else { return };
+                let claimed = item.msg_type == "execute_request"
+                    && kernel
+                        .hook
+                        .as_ref()
+                        .is_some_and(|h| h.claims(&item.message.content));
+                if claimed && let Some(hook) = kernel.hook.clone() {
+                    let content =
+                        serde_json::from_slice(&item.message.content).unwrap_or(Value::Null);
+                    let stop_on_error = content["stop_on_error"].as_bool().unwrap_or(true);
+                    let request = ClientRequest {
+                        session: item.session,
+                        header: item.message.header.clone(),
+                        content,
+                    };
+                    let failed = hook.serve(kernel.clone(), request).await;
+                    if failed && stop_on_error {
+                        // As a kernel does after a failed cell: what was queued behind it is
+                        // aborted, not run.
+                        while let Ok(queued) = rx.try_recv() {
+                            if queued.msg_type == "execute_request" {
+                                kernel.abort(&queued).await;
+                            } else {
+                                kernel.forward(queued, wait).await;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                kernel.forward(item, wait).await;
+            }
+        });
+    }
+
+    async fn forward(&self, item: ShellItem, wait: Duration) {
+        let process = match self.process() {
+            Some(p) => p,
+            None => match self.wait_process(wait).await {
+                Some(p) => p,
+                None => {
+                    tracing::warn!(kernel = %self.id, msg_type = item.msg_type, "no kernel process to take a request; dropped");
+                    return;
+                }
+            },
+        };
+        if let Err(e) = process.send(Channel::Shell, &item.message).await {
+            tracing::warn!(kernel = %self.id, error = %e, "a request could not be sent to the kernel");
+        }
+    }
+
+    /// Answers a queued execution with `aborted`, as a kernel does after an error.
+    async fn abort(self: &Arc<Self>, item: &ShellItem) {
+        let content = json!({"status": "aborted", "execution_count": self.last_execution_count()});
+        let parent = item.message.header.clone();
+        self.publish(&parent, "status", json!({"execution_state": "busy"}))
+            .await;
+        self.reply(&item.session, &parent, "execute_reply", content)
+            .await;
+        self.publish(&parent, "status", json!({"execution_state": "idle"}))
+            .await;
+    }
+
+    /// Publishes an iopub message the gateway makes, as a child of `parent` (a client request's
+    /// header), to every client; the observer (history) sees it like a kernel's.
+    pub async fn publish(self: &Arc<Self>, parent: &bytes::Bytes, msg_type: &str, content: Value) {
+        let header = client::header(msg_type, &self.session);
+        let mut message = client::own_message(&header, &content);
+        message.parent_header = parent.clone();
+        // Gateway-made iopub never asks the observer to wait (only shell replies do).
+        let _ = self.observer.message(self, Channel::Iopub, &message);
+        self.deliver_all(Outgoing {
+            channel: Channel::Iopub,
+            message: Arc::new(message),
+        })
+        .await;
+    }
+
+    /// Sends a shell reply the gateway makes to the client of `session`.
+    pub async fn reply(
+        &self,
+        session: &str,
+        parent: &bytes::Bytes,
+        msg_type: &str,
+        content: Value,
+    ) {
+        let header = client::header(msg_type, &self.session);
+        let mut message = client::own_message(&header, &content);
+        message.parent_header = parent.clone();
+        self.deliver_to(
+            session,
+            Outgoing {
+                channel: Channel::Shell,
+                message: Arc::new(message),
+            },
+        )
+        .await;
+    }
+
+    /// Runs `content` as an `execute_request` the gateway makes. Its outputs are shown under
+    /// `reparent` (a client request's header) or hidden; its `busy`/`idle` and `execute_input`
+    /// are always hidden. Waits for the reply and for the kernel's `idle`, up to `timeout`.
+    pub async fn execute_internal(
+        &self,
+        content: Value,
+        reparent: Option<bytes::Bytes>,
+        timeout: Duration,
+    ) -> Option<Value> {
+        let process = self.process()?;
+        let header = client::header("execute_request", &self.session);
+        let id = header["msg_id"].as_str().unwrap_or_default().to_owned();
+        let idle = Arc::new(tokio::sync::Notify::new());
+        self.internal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.clone(),
+                Internal {
+                    reparent,
+                    idle: idle.clone(),
+                },
+            );
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), tx);
+        let idle_seen = idle.notified();
+        tokio::pin!(idle_seen);
+        idle_seen.as_mut().enable();
+        let reply = match process
+            .send(Channel::Shell, &client::own_message(&header, &content))
+            .await
+        {
+            Ok(()) => tokio::time::timeout(timeout, async {
+                let reply = rx.await.ok();
+                idle_seen.await;
+                reply
+            })
+            .await
+            .ok()
+            .flatten(),
+            Err(_) => None,
+        };
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.internal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        reply.and_then(|m| serde_json::from_slice(&m.content).ok())
+    }
+
+    /// Applies the rules for the gateway's own requests to a kernel message: `None` hides it.
+    pub(crate) fn rewrite(&self, channel: Channel, mut message: RawMessage) -> Option<RawMessage> {
+        if channel != Channel::Iopub {
+            return Some(message);
+        }
+        let parent = client::msg_id_of(&message.parent_header)?;
+        let rule = self
+            .internal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&parent)
+            .cloned();
+        let Some(rule) = rule else {
+            return Some(message);
+        };
+        let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
+        if msg_type == "status" {
+            let idle = serde_json::from_slice::<Value>(&message.content)
+                .is_ok_and(|c| c["execution_state"] == "idle");
+            if idle {
+                rule.idle.notify_one();
+            }
+            return None;
+        }
+        match rule.reparent {
+            Some(target) if msg_type != "execute_input" => {
+                message.parent_header = target;
+                Some(message)
+            }
+            _ => None,
+        }
     }
 
     /// Sends a request the gateway makes itself and waits up to `timeout` for its reply.
@@ -492,6 +781,13 @@ impl Kernel {
             return;
         }
         self.touch();
+        if channel == Channel::Shell
+            && let Some(n) = serde_json::from_slice::<Value>(&message.content)
+                .ok()
+                .and_then(|c| c["execution_count"].as_u64())
+        {
+            self.last_count.store(n, Ordering::Relaxed);
+        }
         let parent = client::msg_id_of(&message.parent_header);
         if let Some(parent) = &parent {
             let waiter = self

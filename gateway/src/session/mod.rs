@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::client::{Channel, ClientError, Incoming, LaunchSpec, Process};
 use kernel::Expect;
-pub use kernel::{Attachment, ExecutionState, Kernel, Outgoing};
+pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Outgoing};
 
 /// Lifecycle settings (see `config::KernelsConfig` for their defaults).
 #[derive(Debug, Clone)]
@@ -94,6 +94,19 @@ pub trait Observer: Send + Sync + 'static {
     fn kernel_ended(&self, kernel: &Arc<Kernel>);
 }
 
+/// Serves some client shell requests in the gateway instead of the kernel (the `%%ask` magic).
+pub trait ShellHook: Send + Sync + 'static {
+    /// Whether this `execute_request` content (JSON bytes) is the hook's to serve.
+    fn claims(&self, content: &[u8]) -> bool;
+    /// Serves it: publishes `busy`, outputs, the reply and `idle` through `kernel`. Returns
+    /// whether it failed (executions queued behind it are then aborted).
+    fn serve(
+        &self,
+        kernel: Arc<Kernel>,
+        request: kernel::ClientRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+}
+
 /// An observer that does nothing.
 pub struct NoObserver;
 
@@ -121,6 +134,7 @@ struct Inner {
     pool_changed: Notify,
     closing: AtomicBool,
     observer: Arc<dyn Observer>,
+    hook: Option<Arc<dyn ShellHook>>,
 }
 
 /// Every kernel of the gateway.
@@ -134,6 +148,7 @@ impl Kernels {
         config: LifecycleConfig,
         launch: LaunchSpec,
         observer: Arc<dyn Observer>,
+        hook: Option<Arc<dyn ShellHook>>,
     ) -> Kernels {
         Kernels(Arc::new(Inner {
             config,
@@ -145,6 +160,7 @@ impl Kernels {
             pool_changed: Notify::new(),
             closing: AtomicBool::new(false),
             observer,
+            hook,
         }))
     }
 
@@ -226,7 +242,14 @@ impl Kernels {
                 return Err(e.into());
             }
         };
-        let kernel = Arc::new(Kernel::new(process.id, name.to_owned(), owner.to_owned()));
+        let kernel = Arc::new(Kernel::new(
+            process.id,
+            name.to_owned(),
+            owner.to_owned(),
+            self.0.observer.clone(),
+            self.0.hook.clone(),
+        ));
+        kernel.start_forwarder(self.0.launch.startup_timeout);
         kernel.set_state(ExecutionState::Idle);
         let process = Arc::new(process);
         kernel.set_process(Some(process.clone()));
@@ -299,6 +322,9 @@ impl Kernels {
             while let Some(event) = incoming.recv().await {
                 match event {
                     Incoming::Message(channel, message) => {
+                        let Some(message) = kernel.rewrite(channel, message) else {
+                            continue;
+                        };
                         if let Some(before) = me.0.observer.message(&kernel, channel, &message) {
                             before.await;
                         }
@@ -428,6 +454,7 @@ impl Kernels {
     /// Interrupts `owner`'s kernel `id` (an `interrupt_request` on control).
     pub async fn interrupt(&self, owner: &str, id: &str) -> Result<(), SessionError> {
         let kernel = self.get(owner, id)?;
+        kernel.note_interrupt();
         let process = kernel.process().ok_or(ClientError::Gone)?;
         process
             .request(Channel::Control, "interrupt_request", json!({}))
