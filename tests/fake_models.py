@@ -4,12 +4,14 @@ Standard library only (Python 3.11). One HTTP server on 127.0.0.1 speaks both:
 
 * OpenAI Chat Completions, ``POST /v1/chat/completions`` (base URL ``fake.openai_base``, i.e.
   ``{url}/v1``), key in ``Authorization: Bearer <key>``; JSON replies, or with ``"stream": true``
-  server-sent events ``data: {chat.completion.chunk}`` ending in ``data: [DONE]`` (plus a final
-  ``choices: []`` chunk carrying ``usage`` when ``stream_options.include_usage`` is set).
+  server-sent events ``data: {chat.completion.chunk}``: a role chunk, content chunks, a chunk with
+  an empty delta and ``finish_reason`` (OpenAI sends it on its own), with
+  ``stream_options.include_usage`` a ``choices: []`` chunk carrying ``usage``, then ``data: [DONE]``.
 * Anthropic Messages, ``POST /v1/messages`` (base URL ``fake.anthropic_base``, i.e. ``{url}``),
-  key in ``x-api-key``, ``anthropic-version`` header required; JSON replies, or named SSE events
-  ``message_start, content_block_start, ping, content_block_delta..., content_block_stop,
-  message_delta, message_stop``.
+  key in ``x-api-key`` (or ``Authorization: Bearer``, as the newest official SDKs send it), an
+  ``anthropic-version`` header (2023-01-01, 2023-06-01 or 2026-10-21) required; JSON replies, or
+  named SSE events ``message_start, content_block_start, ping, content_block_delta...,
+  content_block_stop, message_delta, message_stop``.
 * ``GET /v1/models`` in either dialect (Anthropic's when an ``x-api-key`` or
   ``anthropic-version`` header is sent).
 
@@ -31,7 +33,7 @@ Python API::
                     {"text": "slow", "chunks": 20, "delay_s": 0.1})
         ... point the client at fake.openai_base / fake.anthropic_base ...
         fake.requests[-1]["headers"]["authorization"]     # what the client sent
-        fake.wait_for(lambda reqs: reqs[-1]["disconnected"])   # block until true (or TimeoutError)
+        fake.wait_for(lambda reqs: reqs and reqs[-1]["disconnected"])  # block till true, or TimeoutError
 
 A reply (one per provider request, first in first out, shared by both APIs) is a dict, or a
 string as shorthand for ``{"text": ...}``:
@@ -94,7 +96,7 @@ DEFAULT_MODELS = frozenset({
 })
 NO_SCRIPT_TEXT = ("[fake-models] No scripted reply is loaded: call FakeModels.script(...) or "
                   "POST /_fake/script before sending this request.")
-ANTHROPIC_VERSIONS = frozenset({"2023-06-01", "2023-01-01"})
+ANTHROPIC_VERSIONS = frozenset({"2023-01-01", "2023-06-01", "2026-10-21"})
 REPLY_KEYS = frozenset({"text", "input_tokens", "output_tokens", "chunks", "delay_s", "stop_reason",
                         "status", "retry_after", "message", "malformed"})
 MALFORMED = frozenset({"not_json", "bad_sse", "truncated", "empty"})
@@ -315,11 +317,13 @@ class _Anthropic:
 
     def error(self, status, message=None, *, model="", key="", retry_after=1):
         etype, text = self._errors.get(status, self._errors[500 if status >= 500 else 400])
-        return _Error(status, {"type": "error", "error": {"type": etype, "message": message or text.format(model=model)},
-                               "request_id": None})  # filled in with the reply's request id
+        error = {"type": etype, "message": message or text.format(model=model)}
+        return _Error(status, {"type": "error", "error": error, "request_id": None})  # id set when sent
 
     def authenticate(self, headers, key):
         given = headers.get("x-api-key")
+        if given is None and headers.get("authorization", "").lower().startswith("bearer "):
+            given = headers["authorization"][len("bearer "):].strip()  # the newest SDKs send keys so
         if given is None:
             raise self.error(401, "x-api-key header is required")
         if given != key:

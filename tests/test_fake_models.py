@@ -233,6 +233,18 @@ def test_unknown_model_is_404_before_the_script(fake, api):
     assert API[api](fake, model="no-such-model")[0] == 200 and API[api](fake)[0] == 404
 
 
+def test_anthropic_takes_bearer_keys_and_the_newer_version(fake):
+    """The newest official Anthropic SDKs send the key as a bearer token and version 2026-10-21."""
+    fake.script("via bearer")
+    status, _, body = call(fake.anthropic_base + "/v1/messages", anthropic_body(),
+                           {"authorization": f"Bearer {KEY}", "anthropic-version": "2026-10-21"})
+    assert status == 200 and json.loads(body)["content"][0]["text"] == "via bearer"
+    status, _, body = anthropic(fake, version="2024-02-30")
+    assert status == 400 and "anthropic-version" in json.loads(body)["error"]["message"]
+    assert call(fake.anthropic_base + "/v1/messages", anthropic_body(),
+                {"authorization": "Bearer nope", "anthropic-version": "2023-06-01"})[0] == 401
+
+
 def test_requests_that_break_the_api_rules_get_400(fake):
     fake.script({"text": "ok"})
     checks = [

@@ -25,7 +25,7 @@ const PANELS: [(&str, &str); 3] = [
     ("roundtrip", "Round trip of `1+1` (median)"),
     ("memory", "Memory per idle kernel (PSS)"),
 ];
-const SIZE: (u32, u32) = (1500, 620);
+const SIZE: (u32, u32) = (1600, 620);
 const SANDGATE: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const REFERENCE: RGBColor = RGBColor(0xa0, 0xa0, 0xa0);
 const FONT: &str = "sans-serif";
@@ -106,9 +106,24 @@ fn draw(output: &Path, pairs: &[Pair]) -> Result<()> {
         }
     }
     legend(&top, &format!("reference: {}", reference_names.join(" / ")))?;
-    for (area, (key, title)) in body.split_evenly((1, PANELS.len())).iter().zip(PANELS) {
-        let in_panel: Vec<&Pair> = pairs.iter().filter(|p| p.panel == key).collect();
-        panel(&root, area, title, &in_panel)?;
+    let panels: Vec<(&str, Vec<&Pair>)> = PANELS
+        .iter()
+        .map(|(key, title)| (*title, pairs.iter().filter(|p| p.panel == *key).collect()))
+        .collect();
+    // Each panel is as wide as its pairs of bars, plus one pair's width for its axis.
+    let weights: Vec<usize> = panels.iter().map(|(_, p)| p.len().max(1) + 1).collect();
+    let total: usize = weights.iter().sum();
+    let width = body.dim_in_pixel().0 as usize;
+    let breaks: Vec<i32> = weights[..weights.len() - 1]
+        .iter()
+        .scan(0, |sum, w| {
+            *sum += w;
+            Some((width * *sum / total) as i32)
+        })
+        .collect();
+    let areas = body.split_by_breakpoints(breaks, [0i32; 0]);
+    for (area, (title, in_panel)) in areas.iter().zip(&panels) {
+        panel(&root, area, title, in_panel)?;
     }
     root.present()?;
     Ok(())
@@ -148,10 +163,13 @@ fn panel(
         .x_label_area_size(70)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..pairs.len().max(1) as f64, 0.0..top)?;
+    let decimals = if top >= 10.0 { 0 } else { 1 };
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
         .x_labels(0)
+        .y_label_formatter(&|v| format!("{v:.decimals$}"))
         .y_desc(unit)
         .label_style((FONT, 14))
         .draw()?;

@@ -63,6 +63,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// The encrypted workspace.
     pub workspace: WorkspaceSettings,
+    /// The `%%ask` magic and its model providers.
+    pub ask: AskConfig,
 }
 
 impl Default for Config {
@@ -78,6 +80,94 @@ impl Default for Config {
             sandbox: SandboxConfig::default(),
             http: HttpConfig::default(),
             workspace: WorkspaceSettings::default(),
+            ask: AskConfig::default(),
+        }
+    }
+}
+
+/// The `%%ask` magic.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AskConfig {
+    /// The provider used when a cell names none. Default `openai`.
+    pub default_provider: String,
+    /// The model used when a cell names none. Default: the provider's first model.
+    pub default_model: String,
+    /// Attempts the model gets to fix code that raised. Default 2.
+    pub max_repairs: u32,
+    /// Tokens (in + out) one workspace may spend; 0 for no budget. Default 0.
+    pub budget_tokens: u64,
+    /// Seconds one model call may take. Default 120.
+    pub timeout_s: u64,
+    /// Seconds a streaming reply may stall. Default 30.
+    pub idle_timeout_s: u64,
+    /// Attempts per call on 429 and 5xx, with backoff. Default 3.
+    pub attempts: u32,
+    /// Most tokens a reply may have. Default 4096.
+    pub max_tokens: u32,
+    /// Characters of context (cells, variables, files) sent with a prompt. Default 12000.
+    pub context_chars: usize,
+    /// The providers. Default: `openai` (api.openai.com, key in `$OPENAI_API_KEY`) and
+    /// `anthropic` (api.anthropic.com, key in `$ANTHROPIC_API_KEY`).
+    pub providers: Vec<ProviderConfig>,
+}
+
+/// One model provider.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Its name (`%%ask --provider NAME`).
+    pub name: String,
+    /// `openai` (any Chat Completions server: OpenAI, OpenRouter, Ollama, vLLM, llama.cpp,
+    /// DeepSeek...) or `anthropic`.
+    pub kind: crate::ask::provider::Kind,
+    /// Base URL.
+    pub base_url: String,
+    /// Environment variable that holds the API key (read at start; never passed on).
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Whether a key is required. Default true.
+    #[serde(default = "yes")]
+    pub needs_key: bool,
+    /// Models offered (the first is the default).
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for AskConfig {
+    fn default() -> Self {
+        AskConfig {
+            default_provider: "openai".into(),
+            default_model: String::new(),
+            max_repairs: 2,
+            budget_tokens: 0,
+            timeout_s: 120,
+            idle_timeout_s: 30,
+            attempts: 3,
+            max_tokens: 4096,
+            context_chars: 12_000,
+            providers: vec![
+                ProviderConfig {
+                    name: "openai".into(),
+                    kind: crate::ask::provider::Kind::Openai,
+                    base_url: "https://api.openai.com/v1".into(),
+                    key_env: Some("OPENAI_API_KEY".into()),
+                    needs_key: true,
+                    models: vec!["gpt-4.1-mini".into(), "gpt-4.1".into()],
+                },
+                ProviderConfig {
+                    name: "anthropic".into(),
+                    kind: crate::ask::provider::Kind::Anthropic,
+                    base_url: "https://api.anthropic.com".into(),
+                    key_env: Some("ANTHROPIC_API_KEY".into()),
+                    needs_key: true,
+                    models: vec!["claude-sonnet-4-5".into(), "claude-haiku-4-5".into()],
+                },
+            ],
         }
     }
 }
@@ -283,6 +373,25 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "workspace.sync_interval_s and workspace.max_files must be at least 1".into(),
             ));
+        }
+        let names: std::collections::HashSet<&str> =
+            self.ask.providers.iter().map(|p| p.name.as_str()).collect();
+        if names.len() != self.ask.providers.len() {
+            return Err(ConfigError::Invalid("ask.providers have duplicate names".into()));
+        }
+        if !names.is_empty() && !names.contains(self.ask.default_provider.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "ask.default_provider {:?} is not one of ask.providers",
+                self.ask.default_provider
+            )));
+        }
+        for p in &self.ask.providers {
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "ask provider {:?}: base_url must start with http:// or https://",
+                    p.name
+                )));
+            }
         }
         if self.sandbox.memory_mb < 64 {
             return Err(ConfigError::Invalid(

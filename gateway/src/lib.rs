@@ -14,11 +14,13 @@
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
+//! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //!
 //! The binary (`main.rs`) reads the command line, environment and config file, builds a
 //! [`config::Config`] and calls [`run`].
 
+pub mod ask;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -50,6 +52,8 @@ pub struct Runtime {
     /// What opens the workspace key at start; `None` means the access token opens it when the
     /// first request carries it.
     pub key_source: Option<workspace::keys::MasterSource>,
+    /// Model providers' API keys read from the environment, by provider name.
+    pub provider_keys: std::collections::HashMap<String, String>,
 }
 
 /// Errors that stop the gateway.
@@ -163,6 +167,7 @@ pub struct Gateway {
     workspaces: Arc<workspace::Workspaces>,
     kernels: session::Kernels,
     observer: Arc<workspace::history::HistoryObserver>,
+    asker: Arc<ask::Asker>,
 }
 
 impl Gateway {
@@ -176,7 +181,20 @@ impl Gateway {
         }
         let launch = launch_spec(&config, &rt, workspaces.live_dir(auth::DEFAULT_USER))?;
         let observer = Arc::new(workspace::history::HistoryObserver::new(workspaces.clone()));
-        let kernels = session::Kernels::new(config.lifecycle(), launch, observer.clone(), None);
+        let asker = Arc::new(ask::Asker::new(
+            config.ask.clone(),
+            rt.provider_keys.clone(),
+            rt.data_dir.join("ask-usage.json"),
+            workspaces.clone(),
+            observer.clone(),
+            (config.sandbox.cell_timeout_s > 0).then(|| Duration::from_secs(config.sandbox.cell_timeout_s)),
+        ));
+        let kernels = session::Kernels::new(
+            config.lifecycle(),
+            launch,
+            observer.clone(),
+            Some(asker.clone() as Arc<dyn session::ShellHook>),
+        );
         kernels.spawn_background();
         Ok(Gateway {
             config,
@@ -184,6 +202,7 @@ impl Gateway {
             workspaces,
             kernels,
             observer,
+            asker,
         })
     }
 
@@ -196,6 +215,7 @@ impl Gateway {
             workspaces,
             kernels,
             observer,
+            asker,
         } = self;
         let syncer = {
             let workspaces = workspaces.clone();
@@ -218,6 +238,7 @@ impl Gateway {
             auth: auth::Auth::new(rt.token_hash),
             kernels: kernels.clone(),
             workspaces: workspaces.clone(),
+            asker,
             sessions: http::sessions::Sessions::default(),
             started: chrono::Utc::now(),
             loopback,

@@ -42,6 +42,16 @@ enum Cmd {
     /// interrupted rotation resumes when run again). The key is opened as the gateway opens it:
     /// SANDGATE_MASTER_KEY, workspace.master_key_file, SANDGATE_PASSPHRASE or SANDGATE_TOKEN.
     RotateKey(ServeArgs),
+    /// Store a model provider's API key for `%%ask`, sealed under the workspace master key
+    /// (read from stdin, so it stays out of shell history). The key is opened as the gateway
+    /// opens it: SANDGATE_MASTER_KEY, workspace.master_key_file, SANDGATE_PASSPHRASE or
+    /// SANDGATE_TOKEN.
+    SetKey {
+        /// The provider's name (as in `[[ask.providers]]`).
+        provider: String,
+        #[command(flatten)]
+        args: ServeArgs,
+    },
     /// Fetch, verify and compile the sandbox image, then exit.
     Prepare {
         /// The data folder.
@@ -187,6 +197,32 @@ fn prepare_image(kernel: &Path, data_dir: &Path) -> Result<()> {
 
 const TOKEN_FILE: &str = "token.sha256";
 
+/// The workspace key source for an offline command: explicit, else the token.
+fn key_source_or_token(config: &Config, args: &ServeArgs) -> Result<MasterSource> {
+    if let Some(s) = explicit_key_source(config)? {
+        return Ok(s);
+    }
+    let token = args.token.clone().filter(|t| !t.is_empty()).context(
+        "give the key: SANDGATE_MASTER_KEY, workspace.master_key_file, SANDGATE_PASSPHRASE or \
+         SANDGATE_TOKEN",
+    )?;
+    Ok(MasterSource::Token(token))
+}
+
+/// Model providers' keys from the environment variables their configuration names.
+fn provider_keys(config: &Config) -> std::collections::HashMap<String, String> {
+    config
+        .ask
+        .providers
+        .iter()
+        .filter_map(|p| {
+            let var = p.key_env.as_deref()?;
+            let key = std::env::var(var).ok().filter(|k| !k.is_empty())?;
+            Some((p.name.clone(), key))
+        })
+        .collect()
+}
+
 /// What opens the workspace key, from the environment and configuration (the token is the
 /// fallback, handled by the caller).
 fn explicit_key_source(config: &Config) -> Result<Option<MasterSource>> {
@@ -317,16 +353,32 @@ fn main() -> Result<()> {
             };
             return prepare_image(&kernel_binary(&config)?, &dir);
         }
+        Some(Cmd::SetKey { provider, args }) => {
+            let data_dir = resolve_data_dir(args.data_dir.as_deref())?;
+            let config = load_config(&args, &data_dir)?;
+            if !config.ask.providers.iter().any(|p| p.name == provider) {
+                bail!("no provider {provider:?} in ask.providers");
+            }
+            let source = key_source_or_token(&config, &args)?;
+            let mut key = String::new();
+            std::io::stdin().read_line(&mut key)?;
+            let key = key.trim().to_owned();
+            if key.is_empty() {
+                bail!("no key on stdin; pipe it in: `sandgate set-key {provider} < keyfile`");
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            return runtime.block_on(async move {
+                let workspaces = sandgate::open_workspaces(&config, &data_dir)?;
+                workspaces.unlock(source).await?;
+                workspaces.set_secret(&format!("provider:{provider}"), &key)?;
+                println!("sandgate: stored the key for {provider}, sealed under the workspace master key");
+                anyhow::Ok(())
+            });
+        }
         Some(Cmd::RotateKey(args)) => {
             let data_dir = resolve_data_dir(args.data_dir.as_deref())?;
             let config = load_config(&args, &data_dir)?;
-            let source = match explicit_key_source(&config)? {
-                Some(s) => s,
-                None => MasterSource::Token(args.token.clone().filter(|t| !t.is_empty()).context(
-                    "give the key: SANDGATE_MASTER_KEY, workspace.master_key_file, \
-                         SANDGATE_PASSPHRASE or SANDGATE_TOKEN",
-                )?),
-            };
+            let source = key_source_or_token(&config, &args)?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -376,6 +428,7 @@ fn main() -> Result<()> {
             kernel_binary: kernel,
             data_dir: data_dir.clone(),
             key_source,
+            provider_keys: provider_keys(&config),
         };
         let (ip, port) = (config.ip, config.port);
         let gateway = sandgate::Gateway::start(config, rt).await?;

@@ -118,7 +118,8 @@ pub struct Completion {
     pub output_tokens: u64,
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// The HTTP client the providers share.
+pub type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// The shared HTTP client (TLS with the bundled Mozilla roots; no system certificate store).
 pub fn http_client() -> HttpsClient {

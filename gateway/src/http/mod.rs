@@ -54,6 +54,8 @@ pub struct App {
     pub kernels: Kernels,
     /// The encrypted workspaces.
     pub workspaces: Arc<crate::workspace::Workspaces>,
+    /// `%%ask`.
+    pub asker: Arc<crate::ask::Asker>,
     /// `/api/sessions`.
     pub sessions: sessions::Sessions,
     /// When the gateway started.
@@ -345,6 +347,10 @@ async fn dispatch(
         Route::Session(id) => {
             app.sessions.delete(kernels, user, &id).await?;
             Ok(empty(StatusCode::NO_CONTENT))
+        }
+        Route::AskUsage => {
+            let ids: Vec<uuid::Uuid> = kernels.list(user).iter().map(|k| k.id).collect();
+            Ok(json_response(StatusCode::OK, &app.asker.usage_report(user, &ids)))
         }
         route @ (Route::Contents(_) | Route::Checkpoints(_) | Route::Checkpoint(..)) => {
             let space = app.workspaces.space(user).await?;

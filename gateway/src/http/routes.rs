@@ -36,6 +36,8 @@ pub enum Route {
     Checkpoints(String),
     /// `POST` (restore) or `DELETE /api/contents/{path}/checkpoints/{id}`.
     Checkpoint(String, String),
+    /// `GET /api/ask/usage`: `%%ask` tokens per workspace and kernel.
+    AskUsage,
 }
 
 /// Why a path has no route.
@@ -117,6 +119,7 @@ pub fn route(method: &Method, path: &str) -> Result<Route, NoRoute> {
         ["api", "kernels", _, "channels"] => (Route::Channels(seg(2)?), "GET"),
         ["api", "sessions"] => (Route::Sessions, "GET, POST"),
         ["api", "sessions", _] => (Route::Session(seg(2)?), "GET, PATCH, DELETE"),
+        ["api", "ask", "usage"] => (Route::AskUsage, "GET"),
         _ => return Err(NoRoute::NotFound),
     };
     let ok = allowed.split(", ").any(|m| m == method.as_str()) || *method == Method::OPTIONS;

@@ -101,7 +101,7 @@ pub trait ShellHook: Send + Sync + 'static {
     /// Serves it: publishes `busy`, outputs, the reply and `idle` through `kernel`. Returns
     /// whether it failed (executions queued behind it are then aborted).
     fn serve(
-        &self,
+        self: Arc<Self>,
         kernel: Arc<Kernel>,
         request: kernel::ClientRequest,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;

@@ -46,6 +46,26 @@ pub struct HistoryObserver {
     recorders: Mutex<HashMap<uuid::Uuid, Recorder>>,
     /// Writes in flight, awaited by [`HistoryObserver::flush`] at shutdown.
     tasks: Mutex<tokio::task::JoinSet<()>>,
+    /// The last cells of each kernel, as text (code, outputs), for `%%ask`'s context.
+    recent: Mutex<HashMap<uuid::Uuid, std::collections::VecDeque<(String, String)>>>,
+}
+
+/// Cells of each kernel kept as text for `%%ask`'s context.
+pub const RECENT_CELLS: usize = 10;
+/// Characters of one cell's outputs kept for context.
+pub const RECENT_OUTPUT_CHARS: usize = 1500;
+
+/// An nbformat output as plain text, for a model to read.
+fn output_text(o: &Value) -> String {
+    match o["output_type"].as_str() {
+        Some("stream") => o["text"].as_str().unwrap_or_default().to_owned(),
+        Some("error") => format!(
+            "{}: {}",
+            o["ename"].as_str().unwrap_or_default(),
+            o["evalue"].as_str().unwrap_or_default()
+        ),
+        _ => o["data"]["text/plain"].as_str().unwrap_or_default().to_owned(),
+    }
 }
 
 impl HistoryObserver {
@@ -55,6 +75,7 @@ impl HistoryObserver {
             workspaces,
             recorders: Mutex::default(),
             tasks: Mutex::default(),
+            recent: Mutex::default(),
         }
     }
 
@@ -96,7 +117,34 @@ impl HistoryObserver {
         });
     }
 
+    /// The last cells `kernel` ran, oldest first, as (code, outputs) text.
+    pub fn recent(&self, kernel: uuid::Uuid) -> Vec<(String, String)> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&kernel)
+            .map(|d| d.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     fn spawn_append(&self, kernel: &Kernel, cell: Cell) {
+        {
+            let mut text: String = cell.outputs.iter().map(output_text).collect::<Vec<_>>().join("\n");
+            if text.len() > RECENT_OUTPUT_CHARS {
+                let mut cut = RECENT_OUTPUT_CHARS;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push_str(" …");
+            }
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let cells = recent.entry(kernel.id).or_default();
+            cells.push_back((cell.code.clone(), text));
+            while cells.len() > RECENT_CELLS {
+                cells.pop_front();
+            }
+        }
         let workspaces = self.workspaces.clone();
         let owner = kernel.owner.clone();
         let name = format!("history/{}.ipynb", kernel.id);
@@ -231,6 +279,7 @@ impl Observer for HistoryObserver {
 
     fn kernel_ended(&self, kernel: &Arc<Kernel>) {
         self.lock().remove(&kernel.id);
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).remove(&kernel.id);
         self.spawn_sync(kernel);
     }
 }

@@ -416,6 +416,38 @@ impl Workspaces {
         }
     }
 
+    fn secrets_path(&self) -> PathBuf {
+        self.config.keys.with_file_name("secrets.json")
+    }
+
+    /// Stores a host secret (a provider's API key), sealed under the master key, in
+    /// `DATA_DIR/secrets.json`.
+    pub fn set_secret(&self, name: &str, value: &str) -> Result<(), WorkspaceError> {
+        let keyring = self.keyring.get().ok_or(KeyError::Locked)?;
+        let path = self.secrets_path();
+        let mut all: std::collections::BTreeMap<String, String> = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let sealed = keyring.read().unwrap_or_else(|e| e.into_inner()).seal_secret(name, value.as_bytes());
+        all.insert(name.to_owned(), hex::encode(sealed));
+        let tmp = path.with_extension("json.tmp");
+        let io = |source| WorkspaceError::Live { path: path.clone(), source };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&all).expect("JSON")).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(|source| WorkspaceError::Live { path: path.clone(), source })?;
+        Ok(())
+    }
+
+    /// A host secret stored with [`Workspaces::set_secret`], if the key is unlocked and it exists.
+    pub fn secret(&self, name: &str) -> Option<String> {
+        let keyring = self.keyring.get()?;
+        let all: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(self.secrets_path()).ok()?).ok()?;
+        let sealed = hex::decode(all.get(name)?).ok()?;
+        let plain = keyring.read().unwrap_or_else(|e| e.into_inner()).open_secret(name, &sealed)?;
+        String::from_utf8(plain).ok()
+    }
+
     /// Re-encrypts every workspace under a new data key, resuming an interrupted rotation.
     /// Run with the gateway stopped (`sandgate rotate-key`).
     pub fn rotate(&self) -> Result<usize, WorkspaceError> {

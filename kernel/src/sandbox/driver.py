@@ -755,6 +755,87 @@ def _is_complete(req):
 
 
 # ---------------------------------------------------------------------------------------------
+# What the gateway's %%ask tells the model about this kernel
+
+
+_SECRETISH = re.compile(r"(?i)(key|token|secret|passw|credential|auth|cookie)")
+_NOTABLE_PACKAGES = ("numpy", "pandas", "scipy", "sklearn", "statsmodels", "matplotlib", "seaborn",
+                     "sympy", "networkx", "lxml", "PIL", "bs4", "yaml", "openpyxl", "pyarrow")
+
+
+class _Json:
+    """A value shown as `application/json` (how `describe` travels in a user expression)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def _repr_json_(self):
+        return self.value
+
+    def __repr__(self):
+        return json.dumps(self.value)
+
+
+def _type_name(value):
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _summary(name, value):
+    entry = {"name": name, "type": _type_name(value)}
+    if _SECRETISH.search(name):
+        entry["note"] = "value withheld (the name looks like a secret)"
+        return entry
+    try:
+        if isinstance(value, types.ModuleType):
+            entry["type"] = "module"
+            entry["module"] = value.__name__
+        elif isinstance(value, (bool, int, float, complex)):
+            entry["value"] = repr(value)[:40]
+        elif isinstance(value, (str, bytes)):
+            entry["len"] = len(value)
+        elif isinstance(value, (list, tuple, set, frozenset, dict)):
+            entry["len"] = len(value)
+        elif inspect.isclass(value):
+            entry["type"] = "class"
+        elif callable(value):
+            try:
+                entry["signature"] = f"{name}{inspect.signature(value)}"[:200]
+            except (TypeError, ValueError):
+                pass
+        shape = getattr(value, "shape", None)
+        if isinstance(shape, tuple):
+            entry["shape"] = list(shape)
+        dtype = getattr(value, "dtype", None)
+        if dtype is not None and not callable(dtype):
+            entry["dtype"] = str(dtype)
+        dtypes = getattr(value, "dtypes", None)
+        columns = getattr(value, "columns", None)
+        if dtypes is not None and columns is not None:
+            entry["columns"] = {str(c): str(t) for c, t in list(dtypes.items())[:40]}
+    except Exception:
+        pass
+    return entry
+
+
+def describe(limit=60):
+    """Names, types and shapes of the user's variables (never their values, beyond short
+    numbers), DataFrame columns and dtypes, and the notable packages installed."""
+    import importlib.util
+    hidden = {"In", "Out", "exit", "quit", "get_ipython", "display"}
+    names = [n for n in _ns if not n.startswith("_") and n not in hidden]
+    variables = [_summary(n, _ns[n]) for n in names[:limit]]
+    packages = []
+    for p in _NOTABLE_PACKAGES:
+        try:
+            if importlib.util.find_spec(p) is not None:
+                packages.append(p)
+        except Exception:
+            pass
+    return _Json({"variables": variables, "more": max(0, len(names) - limit), "packages": packages})
+
+
+# ---------------------------------------------------------------------------------------------
 # The turn entry point
 
 
@@ -796,4 +877,5 @@ _module.serve = serve
 _module.magic = magic
 _module.page = page
 _module.display = display
+_module.describe = describe
 sys.modules["_sandgate"] = _module
