@@ -377,7 +377,9 @@ impl Config {
         let names: std::collections::HashSet<&str> =
             self.ask.providers.iter().map(|p| p.name.as_str()).collect();
         if names.len() != self.ask.providers.len() {
-            return Err(ConfigError::Invalid("ask.providers have duplicate names".into()));
+            return Err(ConfigError::Invalid(
+                "ask.providers have duplicate names".into(),
+            ));
         }
         if !names.is_empty() && !names.contains(self.ask.default_provider.as_str()) {
             return Err(ConfigError::Invalid(format!(

@@ -187,7 +187,8 @@ impl Gateway {
             rt.data_dir.join("ask-usage.json"),
             workspaces.clone(),
             observer.clone(),
-            (config.sandbox.cell_timeout_s > 0).then(|| Duration::from_secs(config.sandbox.cell_timeout_s)),
+            (config.sandbox.cell_timeout_s > 0)
+                .then(|| Duration::from_secs(config.sandbox.cell_timeout_s)),
         ));
         let kernels = session::Kernels::new(
             config.lifecycle(),

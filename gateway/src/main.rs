@@ -366,12 +366,16 @@ fn main() -> Result<()> {
             if key.is_empty() {
                 bail!("no key on stdin; pipe it in: `sandgate set-key {provider} < keyfile`");
             }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             return runtime.block_on(async move {
                 let workspaces = sandgate::open_workspaces(&config, &data_dir)?;
                 workspaces.unlock(source).await?;
                 workspaces.set_secret(&format!("provider:{provider}"), &key)?;
-                println!("sandgate: stored the key for {provider}, sealed under the workspace master key");
+                println!(
+                    "sandgate: stored the key for {provider}, sealed under the workspace master key"
+                );
                 anyhow::Ok(())
             });
         }

@@ -47,14 +47,24 @@ pub struct Asker {
 
 impl std::fmt::Debug for Asker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Asker").field("providers", &self.providers.keys()).finish()
+        f.debug_struct("Asker")
+            .field("providers", &self.providers.keys())
+            .finish()
     }
 }
 
 /// How an ask ended, for the reply.
 enum Ending {
-    Ok { code: Option<String> },
-    Error { ename: String, evalue: String, code: Option<String> },
+    Ok {
+        code: Option<String>,
+    },
+    Error {
+        ename: String,
+        evalue: String,
+        code: Option<String>,
+        /// The kernel already published this error (it came from running the code).
+        shown: bool,
+    },
 }
 
 impl Asker {
@@ -94,7 +104,9 @@ impl Asker {
             client: provider::http_client(),
             workspaces,
             history,
-            run_timeout: cell_timeout.map_or(Duration::from_secs(24 * 3600), |t| t + Duration::from_secs(60)),
+            run_timeout: cell_timeout.map_or(Duration::from_secs(24 * 3600), |t| {
+                t + Duration::from_secs(60)
+            }),
         }
     }
 
@@ -121,21 +133,37 @@ impl Asker {
         names.sort();
         let mut out = String::from("Models for %%ask (--provider NAME --model MODEL):\n");
         for name in names {
-            let default = if *name == self.config.default_provider { " (default)" } else { "" };
-            out.push_str(&format!("  {name}{default}: {}\n", self.models[name].join(", ")));
+            let default = if *name == self.config.default_provider {
+                " (default)"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "  {name}{default}: {}\n",
+                self.models[name].join(", ")
+            ));
         }
         out
     }
 
     async fn serve_request(&self, kernel: Arc<Kernel>, request: ClientRequest) -> bool {
         let parent = request.header.clone();
-        let code = request.content["code"].as_str().unwrap_or_default().to_owned();
+        let code = request.content["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let silent = request.content["silent"].as_bool().unwrap_or(false);
-        kernel.publish(&parent, "status", json!({"execution_state": "busy"})).await;
+        kernel
+            .publish(&parent, "status", json!({"execution_state": "busy"}))
+            .await;
         if !silent {
             let count = kernel.last_execution_count() + 1;
             kernel
-                .publish(&parent, "execute_input", json!({"code": code, "execution_count": count}))
+                .publish(
+                    &parent,
+                    "execute_input",
+                    json!({"code": code, "execution_count": count}),
+                )
                 .await;
         }
         let ending = match prompt::parse(&code) {
@@ -143,6 +171,7 @@ impl Asker {
                 ename: "UsageError".into(),
                 evalue: usage_error,
                 code: None,
+                shown: false,
             },
             Ok(Command::Help) => {
                 stream(&kernel, &parent, "stdout", prompt::USAGE).await;
@@ -165,9 +194,16 @@ impl Asker {
                 reply["status"] = json!("ok");
                 code
             }
-            Ending::Error { ename, evalue, code } => {
+            Ending::Error {
+                ename,
+                evalue,
+                code,
+                shown,
+            } => {
                 let error = json!({"ename": ename, "evalue": evalue, "traceback": [format!("{ename}: {evalue}")]});
-                kernel.publish(&parent, "error", error.clone()).await;
+                if !shown {
+                    kernel.publish(&parent, "error", error.clone()).await;
+                }
                 reply["status"] = json!("error");
                 reply["ename"] = error["ename"].clone();
                 reply["evalue"] = error["evalue"].clone();
@@ -177,15 +213,23 @@ impl Asker {
         };
         if let Some(code) = generated {
             // JupyterLab offers this as a new cell below.
-            reply["payload"] = json!([{"source": "set_next_input", "text": code, "replace": false}]);
+            reply["payload"] =
+                json!([{"source": "set_next_input", "text": code, "replace": false}]);
         }
-        kernel.reply(&request.session, &parent, "execute_reply", reply).await;
-        kernel.publish(&parent, "status", json!({"execution_state": "idle"})).await;
+        kernel
+            .reply(&request.session, &parent, "execute_reply", reply)
+            .await;
+        kernel
+            .publish(&parent, "status", json!({"execution_state": "idle"}))
+            .await;
         failed
     }
 
     async fn ask(&self, kernel: &Arc<Kernel>, parent: &Bytes, options: Options) -> Ending {
-        let provider_name = options.provider.clone().unwrap_or_else(|| self.config.default_provider.clone());
+        let provider_name = options
+            .provider
+            .clone()
+            .unwrap_or_else(|| self.config.default_provider.clone());
         let provider = match self.provider(&provider_name) {
             Ok(p) => p,
             Err(e) => return ask_error(e, None),
@@ -193,10 +237,21 @@ impl Asker {
         let model = options
             .model
             .clone()
-            .or_else(|| (!self.config.default_model.is_empty() && provider_name == self.config.default_provider).then(|| self.config.default_model.clone()))
-            .or_else(|| self.models.get(&provider_name).and_then(|m| m.first().cloned()));
+            .or_else(|| {
+                (!self.config.default_model.is_empty()
+                    && provider_name == self.config.default_provider)
+                    .then(|| self.config.default_model.clone())
+            })
+            .or_else(|| {
+                self.models
+                    .get(&provider_name)
+                    .and_then(|m| m.first().cloned())
+            });
         let Some(model) = model else {
-            return ask_error(format!("provider {provider_name:?} lists no models; pass --model NAME"), None);
+            return ask_error(
+                format!("provider {provider_name:?} lists no models; pass --model NAME"),
+                None,
+            );
         };
         if provider.key.is_none() && provider.needs_key {
             return ask_error(ProviderError::NoKey(provider_name).to_string(), None);
@@ -219,9 +274,21 @@ impl Asker {
         let mut code = None;
         for attempt in 0..=self.config.max_repairs {
             if attempt > 0 {
-                stream(kernel, parent, "stderr", &format!("[ask] attempt {}: asking {model} to fix the error\n", attempt + 1)).await;
+                stream(
+                    kernel,
+                    parent,
+                    "stderr",
+                    &format!(
+                        "[ask] attempt {}: asking {model} to fix the error\n",
+                        attempt + 1
+                    ),
+                )
+                .await;
             }
-            let completion = match self.stream_completion(kernel, parent, &provider, &chat, &mut interrupts).await {
+            let completion = match self
+                .stream_completion(kernel, parent, &provider, &chat, &mut interrupts)
+                .await
+            {
                 Ok(c) => c,
                 Err(Some(e)) => return ask_error(e.to_string(), code),
                 Err(None) => {
@@ -229,10 +296,16 @@ impl Asker {
                         ename: "KeyboardInterrupt".into(),
                         evalue: "interrupted while the model was writing".into(),
                         code,
+                        shown: false,
                     };
                 }
             };
-            self.usage.record(&kernel.owner, kernel.id, completion.input_tokens, completion.output_tokens);
+            self.usage.record(
+                &kernel.owner,
+                kernel.id,
+                completion.input_tokens,
+                completion.output_tokens,
+            );
             let generated = prompt::extract_code(&completion.text);
             if options.explain
                 && let Some(explanation) = prompt::explanation(&completion.text)
@@ -240,31 +313,56 @@ impl Asker {
                 display_markdown(kernel, parent, &explanation).await;
             }
             code = Some(generated.clone());
-            self.show_usage(kernel, parent, &provider_name, &model, &completion).await;
+            self.show_usage(kernel, parent, &provider_name, &model, &completion)
+                .await;
             if options.no_run {
                 return Ending::Ok { code };
             }
             let run = json!({"code": generated, "silent": false, "store_history": true,
                              "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
-            let reply = kernel.execute_internal(run, Some(parent.clone()), self.run_timeout).await;
+            let reply = kernel
+                .execute_internal(run, Some(parent.clone()), self.run_timeout)
+                .await;
             let Some(reply) = reply else {
-                return ask_error("the kernel did not answer while running the generated code".into(), code);
+                return ask_error(
+                    "the kernel did not answer while running the generated code".into(),
+                    code,
+                );
             };
             if reply["status"] == "ok" {
                 return Ending::Ok { code };
             }
             let ename = reply["ename"].as_str().unwrap_or("Error").to_owned();
             let evalue = reply["evalue"].as_str().unwrap_or_default().to_owned();
-            if ename == "KeyboardInterrupt" || ename == "TimeoutError" || attempt == self.config.max_repairs {
+            if ename == "KeyboardInterrupt"
+                || ename == "TimeoutError"
+                || attempt == self.config.max_repairs
+            {
                 // The kernel already showed the error under the cell.
-                return Ending::Error { ename, evalue, code };
+                return Ending::Error {
+                    ename,
+                    evalue,
+                    code,
+                    shown: true,
+                };
             }
             let traceback: Vec<String> = reply["traceback"]
                 .as_array()
-                .map(|t| t.iter().filter_map(|l| l.as_str()).map(prompt::strip_ansi).collect())
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|l| l.as_str())
+                        .map(prompt::strip_ansi)
+                        .collect()
+                })
                 .unwrap_or_default();
-            chat.turns.push(Turn { role: "assistant", text: completion.text });
-            chat.turns.push(Turn { role: "user", text: prompt::repair(&ename, &evalue, &traceback) });
+            chat.turns.push(Turn {
+                role: "assistant",
+                text: completion.text,
+            });
+            chat.turns.push(Turn {
+                role: "user",
+                text: prompt::repair(&ename, &evalue, &traceback),
+            });
         }
         Ending::Ok { code }
     }
@@ -288,7 +386,11 @@ impl Asker {
                 let mut first = true;
                 while text_rx.changed().await.is_ok() {
                     let text = text_rx.borrow_and_update().clone();
-                    let msg_type = if first { "display_data" } else { "update_display_data" };
+                    let msg_type = if first {
+                        "display_data"
+                    } else {
+                        "update_display_data"
+                    };
                     first = false;
                     let content = json!({"data": {"text/markdown": text, "text/plain": text},
                                          "metadata": {}, "transient": {"display_id": display_id}});
@@ -326,7 +428,14 @@ impl Asker {
         }
     }
 
-    async fn show_usage(&self, kernel: &Arc<Kernel>, parent: &Bytes, provider: &str, model: &str, c: &provider::Completion) {
+    async fn show_usage(
+        &self,
+        kernel: &Arc<Kernel>,
+        parent: &Bytes,
+        provider: &str,
+        model: &str,
+        c: &provider::Completion,
+    ) {
         let totals = self.usage.kernel_totals(kernel.id);
         let workspace = self.usage.workspace_totals(&kernel.owner);
         let budget = if self.config.budget_tokens > 0 {
@@ -351,12 +460,19 @@ impl Asker {
         };
         let describe = json!({"code": "", "silent": true, "store_history": false, "allow_stdin": false,
                               "user_expressions": {"ns": "__import__('sys').modules['_sandgate'].describe()"}});
-        if let Some(reply) = kernel.execute_internal(describe, None, DESCRIBE_TIMEOUT).await {
+        if let Some(reply) = kernel
+            .execute_internal(describe, None, DESCRIBE_TIMEOUT)
+            .await
+        {
             let ns = &reply["user_expressions"]["ns"]["data"]["application/json"];
             context.variables = ns["variables"].as_array().cloned().unwrap_or_default();
             context.packages = ns["packages"]
                 .as_array()
-                .map(|p| p.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .map(|p| {
+                    p.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
                 .unwrap_or_default();
         }
         if let Ok(space) = self.workspaces.space(&kernel.owner).await
@@ -382,11 +498,14 @@ fn ask_error(evalue: String, code: Option<String>) -> Ending {
         ename: "AskError".into(),
         evalue,
         code,
+        shown: false,
     }
 }
 
 async fn stream(kernel: &Arc<Kernel>, parent: &Bytes, name: &str, text: &str) {
-    kernel.publish(parent, "stream", json!({"name": name, "text": text})).await;
+    kernel
+        .publish(parent, "stream", json!({"name": name, "text": text}))
+        .await;
 }
 
 async fn display_markdown(kernel: &Arc<Kernel>, parent: &Bytes, text: &str) {

@@ -53,7 +53,12 @@ pub struct Options {
 
 /// Whether a cell is an ask magic (and so served by the gateway).
 pub fn is_ask(code: &str) -> bool {
-    let first = code.trim_start().lines().next().unwrap_or_default().trim_end();
+    let first = code
+        .trim_start()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end();
     first == "%%ask"
         || first.starts_with("%%ask ")
         || first == "%ask"
@@ -96,7 +101,9 @@ pub fn parse(code: &str) -> Result<Command, String> {
             "--no-run" => options.no_run = true,
             "--explain" => options.explain = true,
             "--model" | "--provider" => {
-                let value = it.next().ok_or_else(|| format!("{w} needs a value\n\n{USAGE}"))?;
+                let value = it
+                    .next()
+                    .ok_or_else(|| format!("{w} needs a value\n\n{USAGE}"))?;
                 if w == "--model" {
                     options.model = Some(value.to_owned());
                 } else {
@@ -120,7 +127,9 @@ pub fn parse(code: &str) -> Result<Command, String> {
     }
     options.prompt = rest.trim().to_owned();
     if options.prompt.is_empty() {
-        return Err(format!("%%ask needs a prompt on the lines below it\n\n{USAGE}"));
+        return Err(format!(
+            "%%ask needs a prompt on the lines below it\n\n{USAGE}"
+        ));
     }
     Ok(Command::Ask(options))
 }
@@ -271,7 +280,11 @@ pub fn extract_code(text: &str) -> String {
         if !in_block {
             if let Some(lang) = t.strip_prefix("```") {
                 let lang = lang.trim();
-                if lang.is_empty() || lang.eq_ignore_ascii_case("python") || lang.eq_ignore_ascii_case("py") || lang.eq_ignore_ascii_case("python3") {
+                if lang.is_empty()
+                    || lang.eq_ignore_ascii_case("python")
+                    || lang.eq_ignore_ascii_case("py")
+                    || lang.eq_ignore_ascii_case("python3")
+                {
                     in_block = true;
                 }
             }
@@ -339,16 +352,26 @@ mod tests {
         assert_eq!(parse("%ask?"), Ok(Command::Help));
         assert_eq!(parse("%%ask --help\n"), Ok(Command::Help));
         assert_eq!(parse("%ask models"), Ok(Command::Models));
-        let Ok(Command::Ask(o)) = parse("%%ask --model m1 --provider=p --no-run --explain\nload sales.csv\nplot it") else {
+        let Ok(Command::Ask(o)) =
+            parse("%%ask --model m1 --provider=p --no-run --explain\nload sales.csv\nplot it")
+        else {
             panic!("not parsed");
         };
         assert_eq!(o.model.as_deref(), Some("m1"));
         assert_eq!(o.provider.as_deref(), Some("p"));
         assert!(o.no_run && o.explain);
         assert_eq!(o.prompt, "load sales.csv\nplot it");
-        assert!(parse("%%ask --colour red\nx").unwrap_err().contains("unknown option"));
+        assert!(
+            parse("%%ask --colour red\nx")
+                .unwrap_err()
+                .contains("unknown option")
+        );
         assert!(parse("%%ask\n   ").unwrap_err().contains("needs a prompt"));
-        assert!(parse("%%ask --model\nx").unwrap_err().contains("needs a value"));
+        assert!(
+            parse("%%ask --model\nx")
+                .unwrap_err()
+                .contains("needs a value")
+        );
     }
 
     #[test]
@@ -358,15 +381,22 @@ mod tests {
         assert_eq!(explanation(text).unwrap(), "Here you go:\nIt prints 1.");
         assert_eq!(extract_code("print(2)"), "print(2)");
         assert_eq!(extract_code("```\nx = 1\n"), "x = 1");
-        assert_eq!(strip_ansi("\u{1b}[0;31mValueError\u{1b}[0m: bad"), "ValueError: bad");
+        assert_eq!(
+            strip_ansi("\u{1b}[0;31mValueError\u{1b}[0m: bad"),
+            "ValueError: bad"
+        );
     }
 
     #[test]
     fn context_is_capped_and_names_columns() {
         let context = Context {
-            cells: (0..50).map(|i| (format!("x{i} = {i}"), "y".repeat(500))).collect(),
-            variables: vec![serde_json::json!({"name": "df", "type": "pandas.DataFrame", "shape": [3, 2],
-                "columns": {"month": "object", "revenue": "int64"}})],
+            cells: (0..50)
+                .map(|i| (format!("x{i} = {i}"), "y".repeat(500)))
+                .collect(),
+            variables: vec![
+                serde_json::json!({"name": "df", "type": "pandas.DataFrame", "shape": [3, 2],
+                "columns": {"month": "object", "revenue": "int64"}}),
+            ],
             files: (0..1000).map(|i| (format!("f{i}.csv"), 10)).collect(),
             packages: vec![],
         };

@@ -162,7 +162,11 @@ impl SseParser {
                 .windows(2)
                 .position(|w| w == b"\n\n")
                 .map(|p| (p, 2))
-                .or_else(|| text.windows(4).position(|w| w == b"\r\n\r\n").map(|p| (p, 4)));
+                .or_else(|| {
+                    text.windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map(|p| (p, 4))
+                });
             let Some((at, sep)) = end else { break };
             let block = String::from_utf8_lossy(&self.buffer[..at]).into_owned();
             self.buffer.drain(..at + sep);
@@ -193,7 +197,11 @@ impl Provider {
         let (url, body) = match self.kind {
             Kind::Openai => {
                 let mut messages = vec![json!({"role": "system", "content": chat.system})];
-                messages.extend(chat.turns.iter().map(|t| json!({"role": t.role, "content": t.text})));
+                messages.extend(
+                    chat.turns
+                        .iter()
+                        .map(|t| json!({"role": t.role, "content": t.text})),
+                );
                 (
                     format!("{base}/chat/completions"),
                     json!({"model": chat.model, "messages": messages, "stream": true,
@@ -201,7 +209,11 @@ impl Provider {
                 )
             }
             Kind::Anthropic => {
-                let messages: Vec<Value> = chat.turns.iter().map(|t| json!({"role": t.role, "content": t.text})).collect();
+                let messages: Vec<Value> = chat
+                    .turns
+                    .iter()
+                    .map(|t| json!({"role": t.role, "content": t.text}))
+                    .collect();
                 (
                     format!("{base}/v1/messages"),
                     json!({"model": chat.model, "system": chat.system, "messages": messages,
@@ -212,9 +224,14 @@ impl Provider {
         let mut req = Request::post(&url)
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "text/event-stream")
-            .header(header::USER_AGENT, concat!("sandgate/", env!("CARGO_PKG_VERSION")));
+            .header(
+                header::USER_AGENT,
+                concat!("sandgate/", env!("CARGO_PKG_VERSION")),
+            );
         match (self.kind, key) {
-            (Kind::Openai, Some(k)) => req = req.header(header::AUTHORIZATION, format!("Bearer {k}")),
+            (Kind::Openai, Some(k)) => {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {k}"))
+            }
             (Kind::Anthropic, Some(k)) => req = req.header("x-api-key", k),
             (_, None) => {}
         }
@@ -222,7 +239,12 @@ impl Provider {
             req = req.header("anthropic-version", "2023-06-01");
         }
         req.body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| ProviderError::Unavailable(self.name.clone(), format!("invalid base URL {url:?}: {e}")))
+            .map_err(|e| {
+                ProviderError::Unavailable(
+                    self.name.clone(),
+                    format!("invalid base URL {url:?}: {e}"),
+                )
+            })
     }
 
     /// The provider's error text from an error body (both APIs put it in `error.message`).
@@ -250,7 +272,12 @@ impl Provider {
             let req = self.request(chat)?;
             let sent = tokio::time::timeout_at(deadline, client.request(req)).await;
             let retry_wait = match sent {
-                Err(_) => return Err(unavailable(format!("no answer within {} s", self.timeout.as_secs()))),
+                Err(_) => {
+                    return Err(unavailable(format!(
+                        "no answer within {} s",
+                        self.timeout.as_secs()
+                    )));
+                }
                 Ok(Err(e)) => {
                     if attempt >= self.attempts {
                         return Err(unavailable(format!("cannot reach {}: {e}", self.base_url)));
@@ -267,13 +294,22 @@ impl Provider {
                         .get(header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.trim().parse::<f64>().ok());
-                    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
                     let text = self.error_text(&body);
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || status.as_u16() == 529;
+                    let retryable = status == StatusCode::TOO_MANY_REQUESTS
+                        || status.is_server_error()
+                        || status.as_u16() == 529;
                     if !retryable || attempt >= self.attempts {
                         return Err(match status.as_u16() {
                             401 | 403 => ProviderError::BadKey(name.clone(), text),
-                            404 => ProviderError::UnknownModel(name.clone(), chat.model.clone(), text),
+                            404 => {
+                                ProviderError::UnknownModel(name.clone(), chat.model.clone(), text)
+                            }
                             429 => ProviderError::RateLimited(name.clone(), text),
                             s if s >= 500 => unavailable(format!("HTTP {s}: {text}")),
                             s => ProviderError::Other(name.clone(), s, text),
@@ -286,7 +322,8 @@ impl Provider {
                 }
             };
             tracing::info!(provider = %self.name, attempt, wait_ms = retry_wait.as_millis() as u64, "retrying a model call");
-            tokio::time::sleep_until((tokio::time::Instant::now() + retry_wait).min(deadline)).await;
+            tokio::time::sleep_until((tokio::time::Instant::now() + retry_wait).min(deadline))
+                .await;
         };
         let mut body = response.into_body();
         let mut parser = SseParser::default();
@@ -295,12 +332,19 @@ impl Provider {
         while !finished {
             let idle = tokio::time::Instant::now() + self.idle_timeout;
             let frame = match tokio::time::timeout_at(idle.min(deadline), body.frame()).await {
-                Err(_) => return Err(unavailable(format!("the reply stalled (nothing for {} s)", self.idle_timeout.as_secs()))),
+                Err(_) => {
+                    return Err(unavailable(format!(
+                        "the reply stalled (nothing for {} s)",
+                        self.idle_timeout.as_secs()
+                    )));
+                }
                 Ok(None) => break,
                 Ok(Some(Err(e))) => return Err(unavailable(format!("the reply broke off: {e}"))),
                 Ok(Some(Ok(f))) => f,
             };
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             for (event, data) in parser.push(&data) {
                 match self.kind {
                     Kind::Openai => {
@@ -308,29 +352,44 @@ impl Provider {
                             finished = true;
                             break;
                         }
-                        let v: Value = serde_json::from_str(&data)
-                            .map_err(|e| ProviderError::Malformed(name.clone(), format!("a stream event is not JSON: {e}")))?;
+                        let v: Value = serde_json::from_str(&data).map_err(|e| {
+                            ProviderError::Malformed(
+                                name.clone(),
+                                format!("a stream event is not JSON: {e}"),
+                            )
+                        })?;
                         if let Some(err) = v.get("error") {
-                            return Err(unavailable(redact(&err["message"].as_str().unwrap_or("error").to_owned(), self.key.as_deref())));
+                            return Err(unavailable(redact(
+                                &err["message"].as_str().unwrap_or("error").to_owned(),
+                                self.key.as_deref(),
+                            )));
                         }
                         if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
                             done.text.push_str(t);
                             on_text(t);
                         }
                         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
-                            done.input_tokens = u["prompt_tokens"].as_u64().unwrap_or(done.input_tokens);
-                            done.output_tokens = u["completion_tokens"].as_u64().unwrap_or(done.output_tokens);
+                            done.input_tokens =
+                                u["prompt_tokens"].as_u64().unwrap_or(done.input_tokens);
+                            done.output_tokens = u["completion_tokens"]
+                                .as_u64()
+                                .unwrap_or(done.output_tokens);
                         }
                     }
                     Kind::Anthropic => {
                         if data.is_empty() {
                             continue;
                         }
-                        let v: Value = serde_json::from_str(&data)
-                            .map_err(|e| ProviderError::Malformed(name.clone(), format!("a stream event is not JSON: {e}")))?;
+                        let v: Value = serde_json::from_str(&data).map_err(|e| {
+                            ProviderError::Malformed(
+                                name.clone(),
+                                format!("a stream event is not JSON: {e}"),
+                            )
+                        })?;
                         match (event.as_str(), v["type"].as_str().unwrap_or_default()) {
                             (_, "message_start") => {
-                                done.input_tokens = v["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0);
+                                done.input_tokens =
+                                    v["message"]["usage"]["input_tokens"].as_u64().unwrap_or(0);
                             }
                             (_, "content_block_delta") => {
                                 if let Some(t) = v["delta"]["text"].as_str() {
@@ -339,14 +398,19 @@ impl Provider {
                                 }
                             }
                             (_, "message_delta") => {
-                                done.output_tokens = v["usage"]["output_tokens"].as_u64().unwrap_or(done.output_tokens);
+                                done.output_tokens = v["usage"]["output_tokens"]
+                                    .as_u64()
+                                    .unwrap_or(done.output_tokens);
                             }
                             (_, "message_stop") => {
                                 finished = true;
                                 break;
                             }
                             (_, "error") => {
-                                let text = redact(v["error"]["message"].as_str().unwrap_or("error"), self.key.as_deref());
+                                let text = redact(
+                                    v["error"]["message"].as_str().unwrap_or("error"),
+                                    self.key.as_deref(),
+                                );
                                 return Err(unavailable(text));
                             }
                             _ => {}
@@ -356,10 +420,16 @@ impl Provider {
             }
         }
         if !finished {
-            return Err(ProviderError::Malformed(name, "the stream ended before it was complete".into()));
+            return Err(ProviderError::Malformed(
+                name,
+                "the stream ended before it was complete".into(),
+            ));
         }
         if done.text.is_empty() {
-            return Err(ProviderError::Malformed(name, "the reply had no text".into()));
+            return Err(ProviderError::Malformed(
+                name,
+                "the reply had no text".into(),
+            ));
         }
         Ok(done)
     }
@@ -374,15 +444,30 @@ mod tests {
         let mut p = SseParser::default();
         assert!(p.push(b"event: message_start\ndata: {\"a\"").is_empty());
         let e = p.push(b":1}\n\ndata: [DONE]\n\n");
-        assert_eq!(e, vec![("message_start".into(), "{\"a\":1}".into()), (String::new(), "[DONE]".into())]);
-        assert_eq!(p.push(b"data: x\r\n\r\n"), vec![(String::new(), "x".into())]);
+        assert_eq!(
+            e,
+            vec![
+                ("message_start".into(), "{\"a\":1}".into()),
+                (String::new(), "[DONE]".into())
+            ]
+        );
+        assert_eq!(
+            p.push(b"data: x\r\n\r\n"),
+            vec![(String::new(), "x".into())]
+        );
     }
 
     #[test]
     fn keys_are_masked_in_error_text() {
         let key = "sk-test-0123456789abcdef";
-        let text = format!("Incorrect API key provided: {key}. Also sk-test-0***cdef and {}", &key[..8]);
+        let text = format!(
+            "Incorrect API key provided: {key}. Also sk-test-0***cdef and {}",
+            &key[..8]
+        );
         let out = redact(&text, Some(key));
-        assert!(!out.contains(key) && !out.contains(&key[..8]) && !out.contains(&key[key.len() - 8..]), "{out}");
+        assert!(
+            !out.contains(key) && !out.contains(&key[..8]) && !out.contains(&key[key.len() - 8..]),
+            "{out}"
+        );
     }
 }

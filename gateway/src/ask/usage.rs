@@ -75,7 +75,12 @@ impl Usage {
         if self.budget == 0 {
             return Ok(());
         }
-        let t = self.lock().workspaces.get(owner).copied().unwrap_or_default();
+        let t = self
+            .lock()
+            .workspaces
+            .get(owner)
+            .copied()
+            .unwrap_or_default();
         let spent = t.input + t.output;
         if spent >= self.budget {
             return Err(format!(
@@ -91,24 +96,37 @@ impl Usage {
     pub fn record(&self, owner: &str, kernel: uuid::Uuid, input: u64, output: u64) {
         let snapshot = {
             let mut s = self.lock();
-            s.workspaces.entry(owner.to_owned()).or_default().add(input, output);
+            s.workspaces
+                .entry(owner.to_owned())
+                .or_default()
+                .add(input, output);
             s.kernels.entry(kernel).or_default().add(input, output);
             serde_json::to_vec_pretty(&s.workspaces).expect("JSON")
         };
         let tmp = self.file.with_extension("json.tmp");
-        if let Err(e) = std::fs::write(&tmp, snapshot).and_then(|()| std::fs::rename(&tmp, &self.file)) {
+        if let Err(e) =
+            std::fs::write(&tmp, snapshot).and_then(|()| std::fs::rename(&tmp, &self.file))
+        {
             tracing::warn!(error = %e, "cannot save the ask usage");
         }
     }
 
     /// A kernel's totals.
     pub fn kernel_totals(&self, kernel: uuid::Uuid) -> Totals {
-        self.lock().kernels.get(&kernel).copied().unwrap_or_default()
+        self.lock()
+            .kernels
+            .get(&kernel)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// A workspace's totals.
     pub fn workspace_totals(&self, owner: &str) -> Totals {
-        self.lock().workspaces.get(owner).copied().unwrap_or_default()
+        self.lock()
+            .workspaces
+            .get(owner)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// `GET /api/ask/usage` for `owner`, with the kernels it can see.
@@ -116,7 +134,12 @@ impl Usage {
         let s = self.lock();
         let per_kernel: serde_json::Map<String, Value> = kernels
             .iter()
-            .map(|k| (k.to_string(), s.kernels.get(k).copied().unwrap_or_default().json()))
+            .map(|k| {
+                (
+                    k.to_string(),
+                    s.kernels.get(k).copied().unwrap_or_default().json(),
+                )
+            })
             .collect();
         json!({
             "workspace": s.workspaces.get(owner).copied().unwrap_or_default().json(),
@@ -132,7 +155,8 @@ mod tests {
 
     #[test]
     fn budget_refuses_once_spent_and_survives_reopening() {
-        let file = std::env::temp_dir().join(format!("sandgate-usage-{}.json", uuid::Uuid::new_v4()));
+        let file =
+            std::env::temp_dir().join(format!("sandgate-usage-{}.json", uuid::Uuid::new_v4()));
         let k = uuid::Uuid::new_v4();
         let u = Usage::open(file.clone(), 100);
         u.check_budget("me").unwrap();

@@ -350,7 +350,10 @@ async fn dispatch(
         }
         Route::AskUsage => {
             let ids: Vec<uuid::Uuid> = kernels.list(user).iter().map(|k| k.id).collect();
-            Ok(json_response(StatusCode::OK, &app.asker.usage_report(user, &ids)))
+            Ok(json_response(
+                StatusCode::OK,
+                &app.asker.usage_report(user, &ids),
+            ))
         }
         route @ (Route::Contents(_) | Route::Checkpoints(_) | Route::Checkpoint(..)) => {
             let space = app.workspaces.space(user).await?;

@@ -64,7 +64,10 @@ fn output_text(o: &Value) -> String {
             o["ename"].as_str().unwrap_or_default(),
             o["evalue"].as_str().unwrap_or_default()
         ),
-        _ => o["data"]["text/plain"].as_str().unwrap_or_default().to_owned(),
+        _ => o["data"]["text/plain"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
     }
 }
 
@@ -129,7 +132,12 @@ impl HistoryObserver {
 
     fn spawn_append(&self, kernel: &Kernel, cell: Cell) {
         {
-            let mut text: String = cell.outputs.iter().map(output_text).collect::<Vec<_>>().join("\n");
+            let mut text: String = cell
+                .outputs
+                .iter()
+                .map(output_text)
+                .collect::<Vec<_>>()
+                .join("\n");
             if text.len() > RECENT_OUTPUT_CHARS {
                 let mut cut = RECENT_OUTPUT_CHARS;
                 while !text.is_char_boundary(cut) {
@@ -279,7 +287,10 @@ impl Observer for HistoryObserver {
 
     fn kernel_ended(&self, kernel: &Arc<Kernel>) {
         self.lock().remove(&kernel.id);
-        self.recent.lock().unwrap_or_else(|e| e.into_inner()).remove(&kernel.id);
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&kernel.id);
         self.spawn_sync(kernel);
     }
 }

@@ -490,12 +490,20 @@ impl Keyring {
 
     /// Seals a host secret (a model provider's API key) under the master key.
     pub fn seal_secret(&self, name: &str, value: &[u8]) -> Vec<u8> {
-        seal(&self.secrets_key(), format!("sandgate-secret:{name}").as_bytes(), value)
+        seal(
+            &self.secrets_key(),
+            format!("sandgate-secret:{name}").as_bytes(),
+            value,
+        )
     }
 
     /// Opens what [`Keyring::seal_secret`] sealed under `name`.
     pub fn open_secret(&self, name: &str, sealed: &[u8]) -> Option<Vec<u8>> {
-        open(&self.secrets_key(), format!("sandgate-secret:{name}").as_bytes(), sealed)
+        open(
+            &self.secrets_key(),
+            format!("sandgate-secret:{name}").as_bytes(),
+            sealed,
+        )
     }
 
     /// Whether a slot of this kind exists.

@@ -429,12 +429,21 @@ impl Workspaces {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let sealed = keyring.read().unwrap_or_else(|e| e.into_inner()).seal_secret(name, value.as_bytes());
+        let sealed = keyring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .seal_secret(name, value.as_bytes());
         all.insert(name.to_owned(), hex::encode(sealed));
         let tmp = path.with_extension("json.tmp");
-        let io = |source| WorkspaceError::Live { path: path.clone(), source };
+        let io = |source| WorkspaceError::Live {
+            path: path.clone(),
+            source,
+        };
         std::fs::write(&tmp, serde_json::to_vec_pretty(&all).expect("JSON")).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(|source| WorkspaceError::Live { path: path.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| WorkspaceError::Live {
+            path: path.clone(),
+            source,
+        })?;
         Ok(())
     }
 
@@ -444,7 +453,10 @@ impl Workspaces {
         let all: std::collections::BTreeMap<String, String> =
             serde_json::from_slice(&std::fs::read(self.secrets_path()).ok()?).ok()?;
         let sealed = hex::decode(all.get(name)?).ok()?;
-        let plain = keyring.read().unwrap_or_else(|e| e.into_inner()).open_secret(name, &sealed)?;
+        let plain = keyring
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .open_secret(name, &sealed)?;
         String::from_utf8(plain).ok()
     }
 
