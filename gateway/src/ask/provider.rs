@@ -360,7 +360,7 @@ impl Provider {
                         })?;
                         if let Some(err) = v.get("error") {
                             return Err(unavailable(redact(
-                                &err["message"].as_str().unwrap_or("error").to_owned(),
+                                err["message"].as_str().unwrap_or("error"),
                                 self.key.as_deref(),
                             )));
                         }
