@@ -1,5 +1,9 @@
-"""nbclient executes every notebook in notebooks/ through the sandgate-python kernel."""
+"""Every notebook in notebooks/ runs end to end: the plain ones with nbclient straight on the
+sandgate-python kernel; the ones that need the gateway (`%%ask`, metadata `sandgate.needs_gateway`)
+through a real `jupyter lab --gateway-url=...` in front of Sandgate, with the model played by the
+local fake provider. Executed copies go to tests/artifacts/."""
 
+import json
 import os
 import pathlib
 
@@ -7,12 +11,22 @@ import nbclient
 import nbformat
 import pytest
 
+from conftest import KernelSocket
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def needs_gateway(path):
+    return nbformat.read(path, as_version=4).metadata.get("sandgate", {}).get("needs_gateway", False)
+
+
+DIRECT = [p for p in NOTEBOOKS if not needs_gateway(p)]
+THROUGH_GATEWAY = [p for p in NOTEBOOKS if needs_gateway(p)]
+
+
+@pytest.mark.parametrize("path", DIRECT, ids=[p.name for p in DIRECT])
 def test_notebook_runs(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, kernel_name=os.environ.get("SANDGATE_KERNEL_NAME", "sandgate-python"),
@@ -26,3 +40,68 @@ def test_notebook_runs(path, tmp_path):
         assert any("<table" in o.get("data", {}).get("text/html", "") for o in outputs)
         assert any("image/png" in o.get("data", {}) for o in outputs)
         assert any("extra units per month" in o.get("text", "") for o in outputs)
+
+
+# What the fake model answers, in order, for each gateway notebook's %%ask cells.
+MODEL_REPLIES = {
+    "ask-sales.ipynb": [
+        "```python\nimport pandas as pd\nsales = pd.read_csv('sales.csv')\n"
+        "by_month = sales.groupby('month', sort=False)['revenue'].sum()\n"
+        "by_month.plot(kind='bar', title='Revenue by month')\nby_month\n```",
+        "```python\nfirst, last = sales[sales.month == 'Jan'], sales[sales.month == 'Jun']\n"
+        "growth = last.set_index('region').revenue / first.set_index('region').revenue\ngrowth.idxmax()\n```\n"
+        "This divides June's revenue by January's for each region and names the larger ratio.",
+    ],
+}
+
+
+def as_output(msg):
+    """An iopub message as an nbformat output, as nbclient builds them."""
+    c, t = msg["content"], msg["msg_type"]
+    if t == "stream":
+        return nbformat.v4.new_output("stream", name=c["name"], text=c["text"])
+    if t in ("display_data", "execute_result"):
+        kw = {"execution_count": c["execution_count"]} if t == "execute_result" else {}
+        return nbformat.v4.new_output(t, data=c["data"], metadata=c.get("metadata", {}), **kw)
+    if t == "error":
+        return nbformat.v4.new_output("error", ename=c["ename"], evalue=c["evalue"], traceback=c["traceback"])
+    return None
+
+
+@pytest.mark.parametrize("path", THROUGH_GATEWAY, ids=[p.name for p in THROUGH_GATEWAY])
+def test_gateway_notebook_runs_through_jupyterlab(path, start_gateway, start_lab, tmp_path):
+    from fake_models import FakeModels
+    nb = nbformat.read(path, as_version=4)
+    with FakeModels() as fake:
+        config = tmp_path / "ask.toml"
+        config.write_text(f'[kernels]\npool_size = 1\n[ask]\ndefault_provider = "openai"\n'
+                          f'[[ask.providers]]\nname = "openai"\nkind = "openai"\nbase_url = "{fake.openai_base}"\n'
+                          f'key_env = "SANDGATE_NOTEBOOK_TEST_KEY"\nmodels = ["gpt-4.1-mini"]\n')
+        fake.models = set(fake.models) | {"gpt-4.1-mini"}
+        fake.script(*MODEL_REPLIES[path.name])
+        gw = start_gateway(["--config", str(config)], env={"SANDGATE_NOTEBOOK_TEST_KEY": fake.key})
+        lab = start_lab(gw)
+        status, session, _ = lab.request("POST", "/api/sessions", {
+            "path": path.name, "type": "notebook", "name": path.name, "kernel": {"name": nb.metadata.kernelspec.name}})
+        assert status == 201, session
+        s = KernelSocket(lab, session["kernel"]["id"])
+        payloads = []
+        try:
+            for cell in nb.cells:
+                if cell.cell_type != "code":
+                    continue
+                reply, out = s.execute(cell.source, timeout=120)
+                cell.outputs = [o for o in map(as_output, out) if o is not None]
+                cell.execution_count = reply.get("execution_count")
+                payloads += reply.get("payload", [])
+                assert reply["status"] == "ok", (cell.source, reply)
+        finally:
+            s.close()
+            lab.request("DELETE", f"/api/sessions/{session['id']}")
+    ARTIFACTS.mkdir(exist_ok=True)
+    nbformat.write(nb, ARTIFACTS / path.name)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the chart"
+    assert [p["source"] for p in payloads] == ["set_next_input"] * len(MODEL_REPLIES[path.name])
+    assert "by_month" in payloads[0]["text"]
+    assert any("divides June" in json.dumps(o.get("data", {})) for o in outputs), "the explanation"

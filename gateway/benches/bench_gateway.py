@@ -552,7 +552,8 @@ def main():
                         help="the installed Sandgate home with images/ and cache/ (default $SANDGATE_HOME "
                              "or ~/.local/share/sandgate)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the gateways' folders and logs")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the gateways' folders and logs (always kept when the run fails)")
     args = parser.parse_args()
     # `timeout` and `kill` send SIGTERM: end through the clean-up below, not at once.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -567,8 +568,9 @@ def main():
     max_kernels = max(64, args.kernels + 1)
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="sandgate-gw-bench-"))
-    progress(f"gateway folders and logs in {tmp}")
+    progress(f"gateway folders and logs in {tmp} (removed after a run that succeeds, unless --keep-logs)")
     gateways = []
+    succeeded = False
 
     def launch(start, *a):
         gw = start(*a)
@@ -593,10 +595,11 @@ def main():
         progress(f"memory: {args.kernels} kernels on {gw.label}")
         memory["reference"] = measure_memory(gw, args.kernels)
         gw.stop()
+        succeeded = True
     finally:
         for gw in gateways:
             gw.stop()
-        if not args.keep_logs:
+        if succeeded and not args.keep_logs:
             shutil.rmtree(tmp, ignore_errors=True)
 
     sg_mem, kg_mem = memory["sandgate"], memory["reference"]
@@ -613,7 +616,7 @@ def main():
                statistics.median(k), chart=("start", "gateway, pool empty")),
         metric("start_empty_p95", "start to idle, pool empty (p95)", "ms", p95(e), p95(k)),
         metric("rtt_median", "WebSocket `1+1` round trip (median)", "ms", statistics.median(sg_rtt["default"]),
-               statistics.median(kg_rtt["default"]), not_slower, chart=("roundtrip", "gateway (WebSocket)")),
+               statistics.median(kg_rtt["default"]), not_slower, chart=("roundtrip", "gateway, taking turns")),
         metric("rtt_p95", "WebSocket `1+1` round trip (p95)", "ms", p95(sg_rtt["default"]), p95(kg_rtt["default"])),
         metric("rtt_quickack_median", "WebSocket `1+1` round trip, client TCP_QUICKACK (median)", "ms",
                statistics.median(sg_rtt["quickack"]), statistics.median(kg_rtt["quickack"]), not_slower,

@@ -110,8 +110,8 @@ fn draw(output: &Path, pairs: &[Pair]) -> Result<()> {
         .iter()
         .map(|(key, title)| (*title, pairs.iter().filter(|p| p.panel == *key).collect()))
         .collect();
-    // Each panel is as wide as its pairs of bars, plus one pair's width for its axis.
-    let weights: Vec<usize> = panels.iter().map(|(_, p)| p.len().max(1) + 1).collect();
+    // Each panel is as wide as its pairs of bars (at least two), plus one pair's width for its axis.
+    let weights: Vec<usize> = panels.iter().map(|(_, p)| p.len().max(2) + 1).collect();
     let total: usize = weights.iter().sum();
     let width = body.dim_in_pixel().0 as usize;
     let breaks: Vec<i32> = weights[..weights.len() - 1]
@@ -209,13 +209,12 @@ fn panel(
             )])?;
         }
         let (cx, cy) = chart.backend_coord(&(x + 0.5, 0.0));
-        let lines = [
-            p.label.clone(),
-            format!("ratio {:.2}", p.sandgate / p.reference),
-        ];
-        for (n, line) in lines.iter().enumerate() {
+        // One line per comma-separated part of the label, then the ratio.
+        let ratio = format!("ratio {:.2}", p.sandgate / p.reference);
+        let lines = p.label.split(", ").chain([ratio.as_str()]);
+        for (n, line) in lines.enumerate() {
             root.draw(&Text::new(
-                line.as_str(),
+                line,
                 (cx, cy + 8 + 18 * n as i32),
                 label_style.clone(),
             ))?;

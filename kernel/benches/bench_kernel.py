@@ -32,7 +32,8 @@ What is measured:
   `--rtt-runs` runs each; the target is checked against both.
 
 The client side (jupyter_client, message signing; its channels' sockets are read directly) is
-the same Python for both kernels, so the ratio sandgate/ipykernel compares the kernels. Targets: start under 300 ms, round trip under 1 ms.
+the same Python for both kernels, so the ratio sandgate/ipykernel compares the kernels.
+Targets: start under 300 ms, round trip under 1 ms.
 """
 
 import argparse
@@ -309,7 +310,7 @@ def main():
         metric("start_p95", "start to idle, module cached (p95)", "ms", p95(starts[sg]), p95(starts[ref])),
         metric("rtt_median", "execute `1+1` round trip, kernels taking turns (median)", "ms",
                statistics.median(rtts[sg]["turns"]), statistics.median(rtts[ref]["turns"]), rtt_target,
-               chart=("roundtrip", "kernel (ZeroMQ)")),
+               chart=("roundtrip", "kernel, taking turns")),
         metric("rtt_p95", "execute `1+1` round trip, kernels taking turns (p95)", "ms",
                p95(rtts[sg]["turns"]), p95(rtts[ref]["turns"])),
         metric("rtt_in_a_row_median", "execute `1+1` round trip, cells in a row (median)", "ms",
