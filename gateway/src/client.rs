@@ -120,6 +120,8 @@ pub struct LaunchSpec {
     pub heartbeat_misses: u32,
     /// Extra environment for the kernel process (only `SANDGATE_LOG` is passed through).
     pub env: Vec<(OsString, OsString)>,
+    /// How the gateway and the kernel talk.
+    pub transport: Transport,
 }
 
 /// Something the kernel process sent or did.
@@ -167,6 +169,87 @@ fn new_key() -> String {
         .fill(&mut key)
         .expect("the system random source works");
     hex::encode(key)
+}
+
+/// How the gateway and its kernels talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Unix sockets in the runtime folder (mode 0700): no port races, no other local user can
+    /// connect, and the kernel process can live in a network namespace with no network at all.
+    Ipc,
+    /// TCP on 127.0.0.1.
+    Tcp,
+}
+
+/// Where one kernel process's five channels are.
+#[derive(Debug, Clone)]
+enum Endpoints {
+    Tcp([u16; 5]),
+    /// `{base}-1` … `{base}-5`, Jupyter's naming for IPC.
+    Ipc(PathBuf),
+}
+
+/// Channel order in [`Endpoints`]: shell, iopub, stdin, control, heartbeat.
+const SHELL: usize = 0;
+const IOPUB: usize = 1;
+const STDIN: usize = 2;
+const CONTROL: usize = 3;
+const HEARTBEAT: usize = 4;
+
+/// Longest Unix socket path Linux accepts (`sun_path`), less the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+impl Endpoints {
+    fn new(transport: Transport, runtime_dir: &Path) -> std::io::Result<Endpoints> {
+        match transport {
+            Transport::Tcp => free_ports().map(Endpoints::Tcp),
+            Transport::Ipc => {
+                let base = runtime_dir.join(&uuid::Uuid::new_v4().simple().to_string()[..12]);
+                if base.as_os_str().len() + 2 > MAX_SOCKET_PATH {
+                    return Err(std::io::Error::other(format!(
+                        "the runtime folder {} is too long for Unix socket paths; use a shorter \
+                         data folder or kernels.transport = \"tcp\"",
+                        runtime_dir.display()
+                    )));
+                }
+                Ok(Endpoints::Ipc(base))
+            }
+        }
+    }
+
+    fn url(&self, channel: usize) -> String {
+        match self {
+            Endpoints::Tcp(ports) => format!("tcp://127.0.0.1:{}", ports[channel]),
+            Endpoints::Ipc(base) => format!("ipc://{}-{}", base.display(), channel + 1),
+        }
+    }
+
+    /// The connection-file fields for these endpoints.
+    fn info(&self) -> Value {
+        let (transport, ip, ports) = match self {
+            Endpoints::Tcp(p) => ("tcp", "127.0.0.1".to_owned(), *p),
+            Endpoints::Ipc(base) => ("ipc", base.display().to_string(), [1, 2, 3, 4, 5]),
+        };
+        json!({
+            "transport": transport,
+            "ip": ip,
+            "shell_port": ports[SHELL],
+            "iopub_port": ports[IOPUB],
+            "stdin_port": ports[STDIN],
+            "control_port": ports[CONTROL],
+            "hb_port": ports[HEARTBEAT],
+        })
+    }
+
+    /// Removes IPC socket files (a killed kernel leaves them behind).
+    fn remove(&self) {
+        if let Endpoints::Ipc(base) = self {
+            for n in 1..=5 {
+                let _ = std::fs::remove_file(format!("{}-{n}", base.display()));
+            }
+        }
+    }
 }
 
 /// Five free TCP ports on 127.0.0.1 (bound and released, as jupyter_client does).
@@ -317,22 +400,16 @@ impl Process {
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
         let started = std::time::Instant::now();
         let key = new_key();
-        let ports = free_ports().map_err(|source| ClientError::ConnectionFile {
-            path: spec.runtime_dir.clone(),
-            source,
+        let endpoints = Endpoints::new(spec.transport, &spec.runtime_dir).map_err(|source| {
+            ClientError::ConnectionFile {
+                path: spec.runtime_dir.clone(),
+                source,
+            }
         })?;
-        let info = json!({
-            "transport": "tcp",
-            "ip": "127.0.0.1",
-            "shell_port": ports[0],
-            "iopub_port": ports[1],
-            "stdin_port": ports[2],
-            "control_port": ports[3],
-            "hb_port": ports[4],
-            "key": key,
-            "signature_scheme": "hmac-sha256",
-            "kernel_name": crate::kernelspec::NAME,
-        });
+        let mut info = endpoints.info();
+        info["key"] = json!(key);
+        info["signature_scheme"] = json!("hmac-sha256");
+        info["kernel_name"] = json!(crate::kernelspec::NAME);
         let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let conn_file = spec.runtime_dir.join(format!("kernel-{id}-{suffix}.json"));
         write_private(&conn_file, &serde_json::to_vec_pretty(&info).expect("JSON")).map_err(
@@ -341,7 +418,7 @@ impl Process {
                 source,
             },
         )?;
-        let result = Self::start(spec, id, key, ports, &conn_file).await;
+        let result = Self::start(spec, id, key, endpoints.clone(), &conn_file).await;
         match &result {
             Ok(_) => tracing::info!(
                 kernel = %id,
@@ -350,6 +427,7 @@ impl Process {
             ),
             Err(_) => {
                 let _ = std::fs::remove_file(&conn_file);
+                endpoints.remove();
             }
         }
         result
@@ -359,7 +437,7 @@ impl Process {
         spec: &LaunchSpec,
         id: uuid::Uuid,
         key: String,
-        ports: [u16; 5],
+        endpoints: Endpoints,
         conn_file: &Path,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
         let mut command = tokio::process::Command::new(&spec.binary);
@@ -455,7 +533,6 @@ impl Process {
             }
         });
 
-        let endpoint = |port: u16| format!("tcp://127.0.0.1:{port}");
         let signer = Signer::new(key.as_bytes());
         let identity = zeromq::util::PeerIdentity::try_from(
             format!("sandgate-{}", uuid::Uuid::new_v4().simple()).into_bytes(),
@@ -465,7 +542,7 @@ impl Process {
         options.peer_identity(identity.clone());
         let shell = connect(
             zeromq::DealerSocket::with_options(options),
-            &endpoint(ports[0]),
+            &endpoints.url(SHELL),
             "shell",
         )
         .await?;
@@ -473,12 +550,12 @@ impl Process {
         options.peer_identity(identity);
         let stdin = connect(
             zeromq::DealerSocket::with_options(options),
-            &endpoint(ports[2]),
+            &endpoints.url(STDIN),
             "stdin",
         )
         .await?;
-        let control = connect(zeromq::DealerSocket::new(), &endpoint(ports[3]), "control").await?;
-        let mut iopub = connect(zeromq::SubSocket::new(), &endpoint(ports[1]), "iopub").await?;
+        let control = connect(zeromq::DealerSocket::new(), &endpoints.url(CONTROL), "control").await?;
+        let mut iopub = connect(zeromq::SubSocket::new(), &endpoints.url(IOPUB), "iopub").await?;
         iopub
             .subscribe("")
             .await
@@ -486,7 +563,7 @@ impl Process {
                 channel: "iopub",
                 reason: e.to_string(),
             })?;
-        let hb_endpoint = endpoint(ports[4]);
+        let hb_endpoint = endpoints.url(HEARTBEAT);
         let heartbeat = connect(zeromq::ReqSocket::new(), &hb_endpoint, "heartbeat").await?;
 
         let (tx, rx) = mpsc::channel(1024);
@@ -513,6 +590,7 @@ impl Process {
         }
         let died = tx.clone();
         let conn_path = conn_file.to_owned();
+        let sockets = endpoints.clone();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
@@ -522,6 +600,7 @@ impl Process {
                 }
             };
             let _ = std::fs::remove_file(&conn_path);
+            sockets.remove();
             let _ = exited_tx.send(true);
             let words = match status {
                 Ok(s) => format!("the kernel process exited ({s})"),

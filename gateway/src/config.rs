@@ -269,6 +269,9 @@ pub struct KernelsConfig {
     pub restart_limit: usize,
     /// The window of `restart_limit`, seconds. Default 60.
     pub restart_window_s: u64,
+    /// How the gateway talks to its kernels: `ipc` (Unix sockets, default; lets each kernel
+    /// process run without any network) or `tcp` (127.0.0.1).
+    pub transport: crate::client::Transport,
 }
 
 impl Default for KernelsConfig {
@@ -286,6 +289,7 @@ impl Default for KernelsConfig {
             heartbeat_misses: 3,
             restart_limit: 5,
             restart_window_s: 60,
+            transport: crate::client::Transport::Ipc,
         }
     }
 }

@@ -126,6 +126,7 @@ pub fn launch_spec(
         heartbeat_interval: Duration::from_secs(k.heartbeat_interval_s),
         heartbeat_misses: k.heartbeat_misses,
         env,
+        transport: k.transport,
     })
 }
 
