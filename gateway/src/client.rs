@@ -554,7 +554,12 @@ impl Process {
             "stdin",
         )
         .await?;
-        let control = connect(zeromq::DealerSocket::new(), &endpoints.url(CONTROL), "control").await?;
+        let control = connect(
+            zeromq::DealerSocket::new(),
+            &endpoints.url(CONTROL),
+            "control",
+        )
+        .await?;
         let mut iopub = connect(zeromq::SubSocket::new(), &endpoints.url(IOPUB), "iopub").await?;
         iopub
             .subscribe("")

@@ -485,6 +485,8 @@ impl Executor {
             }
             other => tracing::info!(msg_type = other, "ignored shell message"),
         }
+        // As ipykernel: the reply is on the wire before `idle` is published.
+        self.shell.flush().await;
         m.status(msg, "idle").await;
         failed
     }

@@ -48,6 +48,8 @@ pub struct HistoryObserver {
     tasks: Mutex<tokio::task::JoinSet<()>>,
     /// The last cells of each kernel, as text (code, outputs), for `%%ask`'s context.
     recent: Mutex<HashMap<uuid::Uuid, std::collections::VecDeque<(String, String)>>>,
+    /// Cells waiting to be appended to each kernel's history notebook, and whether a writer runs.
+    pending: Arc<Mutex<HashMap<uuid::Uuid, (Vec<Value>, bool)>>>,
 }
 
 /// Cells of each kernel kept as text for `%%ask`'s context.
@@ -79,6 +81,7 @@ impl HistoryObserver {
             recorders: Mutex::default(),
             tasks: Mutex::default(),
             recent: Mutex::default(),
+            pending: Arc::default(),
         }
     }
 
@@ -114,7 +117,7 @@ impl HistoryObserver {
             else {
                 return;
             };
-            if let Err(e) = space.write(path, bytes, true).await {
+            if let Err(e) = space.write_stored(path, bytes).await {
                 tracing::warn!(error = %e, file = %name, "cannot save a displayed image");
             }
         });
@@ -153,9 +156,6 @@ impl HistoryObserver {
                 cells.pop_front();
             }
         }
-        let workspaces = self.workspaces.clone();
-        let owner = kernel.owner.clone();
-        let name = format!("history/{}.ipynb", kernel.id);
         let mut source = cell.code;
         if cell.cut {
             source.push_str("\n# [sandgate] this cell's recorded output was cut at 4 MiB");
@@ -167,39 +167,72 @@ impl HistoryObserver {
             "outputs": cell.outputs,
             "source": source,
         });
-        self.spawn(async move {
-            let (Ok(space), Ok(path)) = (workspaces.space(&owner).await, WsPath::parse(&name))
-            else {
+        // Cells that end while the notebook is being written join the next write: one writer
+        // per kernel at a time, however fast cells come.
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let (cells, writing) = pending.entry(kernel.id).or_default();
+            cells.push(record);
+            if *writing {
                 return;
-            };
-            let read = {
-                let p = path.clone();
-                space
-                    .read(move |s| {
-                        if s.exists(&p) {
-                            s.read(&p).map(|(_, d)| Some(d))
-                        } else {
-                            Ok(None)
-                        }
-                    })
-                    .await
-            };
-            let mut nb = match read {
-                Ok(Some(bytes)) => {
-                    serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| empty_notebook())
-                }
-                _ => empty_notebook(),
-            };
-            if let Some(cells) = nb["cells"].as_array_mut() {
-                cells.push(record);
-                let extra = cells.len().saturating_sub(HISTORY_CELLS);
-                cells.drain(..extra);
             }
-            let body = serde_json::to_vec_pretty(&nb).expect("JSON");
-            if let Err(e) = space.write(path, body, true).await {
-                tracing::warn!(error = %e, file = %name, "cannot append to a history notebook");
+            *writing = true;
+        }
+        let pending = self.pending_handle();
+        let workspaces = self.workspaces.clone();
+        let owner = kernel.owner.clone();
+        let id = kernel.id;
+        let name = format!("history/{id}.ipynb");
+        self.spawn(async move {
+            loop {
+                let batch: Vec<Value> = {
+                    let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some((cells, writing)) = p.get_mut(&id) else {
+                        return;
+                    };
+                    if cells.is_empty() {
+                        *writing = false;
+                        return;
+                    }
+                    std::mem::take(cells)
+                };
+                let (Ok(space), Ok(path)) = (workspaces.space(&owner).await, WsPath::parse(&name))
+                else {
+                    continue;
+                };
+                let read = {
+                    let p = path.clone();
+                    space
+                        .read(move |s| {
+                            if s.exists(&p) {
+                                s.read(&p).map(|(_, d)| Some(d))
+                            } else {
+                                Ok(None)
+                            }
+                        })
+                        .await
+                };
+                let mut nb = match read {
+                    Ok(Some(bytes)) => {
+                        serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| empty_notebook())
+                    }
+                    _ => empty_notebook(),
+                };
+                if let Some(cells) = nb["cells"].as_array_mut() {
+                    cells.extend(batch);
+                    let extra = cells.len().saturating_sub(HISTORY_CELLS);
+                    cells.drain(..extra);
+                }
+                let body = serde_json::to_vec_pretty(&nb).expect("JSON");
+                if let Err(e) = space.write_stored(path, body).await {
+                    tracing::warn!(error = %e, file = %name, "cannot append to a history notebook");
+                }
             }
         });
+    }
+
+    fn pending_handle(&self) -> Arc<Mutex<HashMap<uuid::Uuid, (Vec<Value>, bool)>>> {
+        self.pending.clone()
     }
 
     /// Saves the files a cell wrote; what could not be saved is told to the user under the

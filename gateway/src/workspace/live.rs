@@ -171,7 +171,9 @@ fn sync(dir: &Dir, store: &Store, previous: &Snapshot, deletions: bool) -> (Snap
     paths.sort_by_key(|p| p.as_str().matches('/').count());
     for path in paths {
         let seen = now[path];
-        let unchanged = previous.get(path) == Some(&seen) && store.exists(path);
+        // Unchanged since the last sync: nothing to do (and the store is not even asked, so a
+        // sync with nothing to save never waits for a write in progress).
+        let unchanged = previous.get(path) == Some(&seen);
         if unchanged {
             next.insert(path.clone(), seen);
             continue;

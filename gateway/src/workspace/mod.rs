@@ -140,6 +140,22 @@ impl Space {
         Ok(entry)
     }
 
+    /// Writes a file into the store only, not the live folder (history and saved outputs:
+    /// kernels see them from their next start on, and writing them never waits for a sync).
+    pub async fn write_stored(
+        self: &Arc<Self>,
+        path: WsPath,
+        data: Vec<u8>,
+    ) -> Result<store::Entry, WorkspaceError> {
+        let me = self.clone();
+        blocking(move || {
+            me.store
+                .write(&path, &data, true)
+                .map_err(WorkspaceError::from)
+        })
+        .await
+    }
+
     /// Makes a folder in both.
     pub async fn mkdir(self: &Arc<Self>, path: WsPath) -> Result<store::Entry, WorkspaceError> {
         let mut snapshot = self.snapshot.lock().await;
@@ -414,6 +430,8 @@ impl Workspaces {
                 tracing::warn!(error = %e, "cannot remove a live workspace folder");
             }
         }
+        // The live root too, once nothing is left in it (kernels' own folders are gone).
+        let _ = std::fs::remove_dir(&self.config.live_root);
     }
 
     fn secrets_path(&self) -> PathBuf {
