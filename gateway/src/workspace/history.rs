@@ -49,8 +49,11 @@ pub struct HistoryObserver {
     /// The last cells of each kernel, as text (code, outputs), for `%%ask`'s context.
     recent: Mutex<HashMap<uuid::Uuid, std::collections::VecDeque<(String, String)>>>,
     /// Cells waiting to be appended to each kernel's history notebook, and whether a writer runs.
-    pending: Arc<Mutex<HashMap<uuid::Uuid, (Vec<Value>, bool)>>>,
+    pending: Arc<Mutex<HashMap<uuid::Uuid, Pending>>>,
 }
+
+/// A kernel's cells waiting for its history notebook, and whether a writer is running.
+type Pending = (Vec<Value>, bool);
 
 /// Cells of each kernel kept as text for `%%ask`'s context.
 pub const RECENT_CELLS: usize = 10;
@@ -231,7 +234,7 @@ impl HistoryObserver {
         });
     }
 
-    fn pending_handle(&self) -> Arc<Mutex<HashMap<uuid::Uuid, (Vec<Value>, bool)>>> {
+    fn pending_handle(&self) -> Arc<Mutex<HashMap<uuid::Uuid, Pending>>> {
         self.pending.clone()
     }
 
