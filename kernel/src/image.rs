@@ -8,7 +8,7 @@
 //! images/python-wasi-0.1.0/   the unpacked image (see images/python-wasi/fetch.py)
 //!     verified.json           size/mtime stamps of the files whose SHA-256 was checked
 //! cache/<image>-<sha>-<engine>.cwasm            the compiled module
-//! cache/<image>-<sha>-<engine>.interrupt.json   the interrupt flags found by the probe
+//! cache/<image>-<sha>-<engine>-<driver>.interrupt.json   the interrupt flags found by the probe
 //! ```
 //!
 //! Hashing 150 MB costs a few hundred milliseconds, so a file is re-hashed only when its stamp
@@ -326,7 +326,7 @@ pub fn prepare(
     std::fs::create_dir_all(&cache).map_err(io(&cache))?;
     let stem = format!("{}-{}-{}", pins.name, &snapshot_sha[..16], key);
     let cwasm = cache.join(format!("{stem}.cwasm"));
-    let flags_path = cache.join(format!("{stem}.interrupt.json"));
+    let flags_path = cache.join(format!("{stem}-{}.interrupt.json", sandbox::driver_tag()));
     let mut image = Image {
         dir: dir.clone(),
         cwasm: cwasm.clone(),
@@ -374,7 +374,7 @@ pub fn compile_image(home: &Path, limits: &Limits) -> Result<(), ImageError> {
     let stem = format!("{}-{}-{}", pins.name, &snapshot_sha[..16], key);
     let cache = home.join("cache");
     let cwasm = cache.join(format!("{stem}.cwasm"));
-    let flags_path = cache.join(format!("{stem}.interrupt.json"));
+    let flags_path = cache.join(format!("{stem}-{}.interrupt.json", sandbox::driver_tag()));
     if !cwasm.exists() {
         let started = std::time::Instant::now();
         sandbox::compile(limits, &dir.join("python-snapshot.wasm"), &cwasm)

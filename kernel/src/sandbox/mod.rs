@@ -62,6 +62,13 @@ pub const GUEST_ENV: &[(&str, &str)] = &[
 /// The kernel's guest-side driver: formats results, catches errors, runs matplotlib's inline
 /// backend. It is sent through the door when an interpreter starts.
 const DRIVER: &str = include_str!("driver.py");
+
+/// A short hash of the driver: the interrupt flags are probed with it booted, so a new driver
+/// is probed anew.
+pub fn driver_tag() -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, DRIVER.as_bytes());
+    hex::encode(&d.as_ref()[..4])
+}
 /// The first turn of every interpreter: fetch the driver through the door and run it.
 const BOOT: &str = "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), \
                     '<sandgate-driver>', 'exec'), {'__name__': '_sandgate'})";
