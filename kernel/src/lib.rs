@@ -10,10 +10,12 @@
 //!   guest-side driver (`sandbox/driver.py`). The only module that imports wasmtime.
 //! - [`image`]: the sandbox image: fetching, SHA-256 pins, the compiled-module cache.
 //! - [`kernelspec`]: `sandgate-kernel install`, the kernelspec Jupyter finds.
+//! - [`harden`]: the second wall: rlimits, no_new_privs, an empty network namespace, seccomp.
 //!
 //! The binary (`main.rs`) reads the command line and environment, builds a
 //! [`server::KernelConfig`] and calls [`server::run`].
 
+pub mod harden;
 pub mod image;
 pub mod kernelspec;
 pub mod sandbox;

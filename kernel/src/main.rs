@@ -59,6 +59,11 @@ struct RunArgs {
     #[arg(long, global = true)]
     no_fetch: bool,
 
+    /// Do not apply the process-level hardening (rlimits, no_new_privs, own network namespace,
+    /// seccomp). For debugging only: the wasm sandbox still applies.
+    #[arg(long)]
+    no_harden: bool,
+
     /// Print `ready` on stdout once the kernel serves requests (for launchers such as the
     /// gateway, which wait on that line instead of polling).
     #[arg(long)]
@@ -201,7 +206,7 @@ fn main() -> Result<()> {
             };
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read the connection file {}", file.display()))?;
-            let connection = serde_json::from_str(&text)
+            let connection: jupyter_protocol::ConnectionInfo = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a valid connection file", file.display()))?;
             let image = image::prepare(&home, &limits, fetch, &progress)?;
             let workspace = cli
@@ -221,6 +226,15 @@ fn main() -> Result<()> {
             };
             // Like ipykernel: a kernel whose launcher died exits instead of lingering.
             let parent = std::os::unix::process::parent_id();
+            // The second wall, while the process still has one thread (see `harden`).
+            if !cli.run.no_harden {
+                use jupyter_protocol::connection_info::Transport;
+                let network = match config.connection.transport {
+                    Transport::IPC => sandgate_kernel::harden::Network::UnixOnly,
+                    Transport::TCP => sandgate_kernel::harden::Network::Tcp,
+                };
+                sandgate_kernel::harden::apply(network);
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
