@@ -306,6 +306,11 @@ pub struct SandboxConfig {
     pub output_bytes: u64,
     /// Files the guest may hold open. Default 256.
     pub open_files: u32,
+    /// MiB the guest may keep in its /tmp, home and /workspace. Default 2048; past it writes
+    /// fail with `OSError(ENOSPC)`.
+    pub disk_mb: u64,
+    /// Files and folders the guest may keep there. Default 20000.
+    pub disk_files: u64,
 }
 
 impl Default for SandboxConfig {
@@ -315,6 +320,8 @@ impl Default for SandboxConfig {
             cell_timeout_s: 600,
             output_bytes: 8 << 20,
             open_files: 256,
+            disk_mb: 2048,
+            disk_files: 20_000,
         }
     }
 }

@@ -113,6 +113,8 @@ pub fn launch_spec(
         format!("--cell-timeout-s={}", s.cell_timeout_s).into(),
         format!("--output-bytes={}", s.output_bytes).into(),
         format!("--open-files={}", s.open_files).into(),
+        format!("--disk-mb={}", s.disk_mb).into(),
+        format!("--disk-files={}", s.disk_files).into(),
     ];
     let env = std::env::var_os("SANDGATE_LOG")
         .map(|v| vec![("SANDGATE_LOG".into(), v)])

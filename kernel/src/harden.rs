@@ -95,7 +95,10 @@ mod imp {
         use rustix::thread::{UnshareFlags, unshare_unsafe};
         // A user namespace comes first where the process lacks CAP_SYS_ADMIN (unprivileged
         // user namespaces); as root the network namespace alone is enough.
-        let attempts = [UnshareFlags::NEWNET, UnshareFlags::NEWUSER | UnshareFlags::NEWNET];
+        let attempts = [
+            UnshareFlags::NEWNET,
+            UnshareFlags::NEWUSER | UnshareFlags::NEWNET,
+        ];
         let mut last = String::new();
         for flags in attempts {
             // SAFETY: `unshare` is unsafe because it changes what the whole (single-threaded,
@@ -119,43 +122,131 @@ mod imp {
     fn allowed() -> Vec<i64> {
         let mut v = vec![
             // memory
-            libc::SYS_brk, libc::SYS_mmap, libc::SYS_munmap, libc::SYS_mremap, libc::SYS_mprotect,
-            libc::SYS_madvise, libc::SYS_mincore, libc::SYS_memfd_create, libc::SYS_membarrier,
+            libc::SYS_brk,
+            libc::SYS_mmap,
+            libc::SYS_munmap,
+            libc::SYS_mremap,
+            libc::SYS_mprotect,
+            libc::SYS_madvise,
+            libc::SYS_mincore,
+            libc::SYS_memfd_create,
+            libc::SYS_membarrier,
             // threads, time, signals
-            libc::SYS_futex, libc::SYS_set_robust_list, libc::SYS_get_robust_list, libc::SYS_rseq,
-            libc::SYS_set_tid_address, libc::SYS_gettid, libc::SYS_getpid, libc::SYS_getppid,
-            libc::SYS_sched_yield, libc::SYS_sched_getaffinity, libc::SYS_clock_gettime,
-            libc::SYS_clock_getres, libc::SYS_clock_nanosleep, libc::SYS_nanosleep,
-            libc::SYS_gettimeofday, libc::SYS_rt_sigaction, libc::SYS_rt_sigprocmask,
-            libc::SYS_rt_sigreturn, libc::SYS_sigaltstack, libc::SYS_tgkill, libc::SYS_restart_syscall,
-            libc::SYS_exit, libc::SYS_exit_group, libc::SYS_prctl, libc::SYS_prlimit64,
-            libc::SYS_getrandom, libc::SYS_uname, libc::SYS_getuid, libc::SYS_geteuid,
-            libc::SYS_getgid, libc::SYS_getegid, libc::SYS_sysinfo,
+            libc::SYS_futex,
+            libc::SYS_set_robust_list,
+            libc::SYS_get_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_set_tid_address,
+            libc::SYS_gettid,
+            libc::SYS_getpid,
+            libc::SYS_getppid,
+            libc::SYS_sched_yield,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_clock_gettime,
+            libc::SYS_clock_getres,
+            libc::SYS_clock_nanosleep,
+            libc::SYS_nanosleep,
+            libc::SYS_gettimeofday,
+            libc::SYS_rt_sigaction,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_rt_sigreturn,
+            libc::SYS_sigaltstack,
+            libc::SYS_tgkill,
+            libc::SYS_restart_syscall,
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+            libc::SYS_prctl,
+            libc::SYS_prlimit64,
+            libc::SYS_getrandom,
+            libc::SYS_uname,
+            libc::SYS_getuid,
+            libc::SYS_geteuid,
+            libc::SYS_getgid,
+            libc::SYS_getegid,
+            libc::SYS_sysinfo,
             // files (the guest's preopened folders, the image, the cache)
-            libc::SYS_read, libc::SYS_write, libc::SYS_readv, libc::SYS_writev, libc::SYS_pread64,
-            libc::SYS_pwrite64, libc::SYS_preadv, libc::SYS_pwritev, libc::SYS_openat,
-            libc::SYS_openat2, libc::SYS_close, libc::SYS_close_range, libc::SYS_lseek,
-            libc::SYS_fstat, libc::SYS_newfstatat, libc::SYS_statx, libc::SYS_fstatfs,
-            libc::SYS_statfs, libc::SYS_getdents64, libc::SYS_mkdirat, libc::SYS_unlinkat,
-            libc::SYS_renameat, libc::SYS_renameat2, libc::SYS_linkat, libc::SYS_symlinkat,
-            libc::SYS_readlinkat, libc::SYS_faccessat, libc::SYS_faccessat2, libc::SYS_fchmod,
-            libc::SYS_fchmodat, libc::SYS_utimensat, libc::SYS_fsync, libc::SYS_fdatasync,
-            libc::SYS_ftruncate, libc::SYS_fallocate, libc::SYS_fadvise64, libc::SYS_fcntl,
-            libc::SYS_dup, libc::SYS_dup3, libc::SYS_pipe2, libc::SYS_getcwd,
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_readv,
+            libc::SYS_writev,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_preadv,
+            libc::SYS_pwritev,
+            libc::SYS_preadv2,
+            libc::SYS_pwritev2,
+            libc::SYS_openat,
+            libc::SYS_openat2,
+            libc::SYS_close,
+            libc::SYS_close_range,
+            libc::SYS_lseek,
+            libc::SYS_fstat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_fstatfs,
+            libc::SYS_statfs,
+            libc::SYS_getdents64,
+            libc::SYS_mkdirat,
+            libc::SYS_unlinkat,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
+            libc::SYS_linkat,
+            libc::SYS_symlinkat,
+            libc::SYS_readlinkat,
+            libc::SYS_faccessat,
+            libc::SYS_faccessat2,
+            libc::SYS_fchmod,
+            libc::SYS_fchmodat,
+            libc::SYS_utimensat,
+            libc::SYS_fsync,
+            libc::SYS_fdatasync,
+            libc::SYS_ftruncate,
+            libc::SYS_fallocate,
+            libc::SYS_fadvise64,
+            libc::SYS_fcntl,
+            libc::SYS_dup,
+            libc::SYS_dup3,
+            libc::SYS_pipe2,
+            libc::SYS_getcwd,
             libc::SYS_flock,
             // its own sockets and the event loop
-            libc::SYS_bind, libc::SYS_listen, libc::SYS_accept4, libc::SYS_connect,
-            libc::SYS_getsockname, libc::SYS_getpeername, libc::SYS_getsockopt,
-            libc::SYS_setsockopt, libc::SYS_sendto, libc::SYS_recvfrom, libc::SYS_sendmsg,
-            libc::SYS_recvmsg, libc::SYS_shutdown, libc::SYS_epoll_create1, libc::SYS_epoll_ctl,
-            libc::SYS_epoll_pwait, libc::SYS_eventfd2, libc::SYS_ppoll,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_getsockname,
+            libc::SYS_getpeername,
+            libc::SYS_getsockopt,
+            libc::SYS_setsockopt,
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_shutdown,
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_pwait,
+            libc::SYS_eventfd2,
+            libc::SYS_ppoll,
         ];
         #[cfg(target_arch = "x86_64")]
         v.extend([
-            libc::SYS_arch_prctl, libc::SYS_access, libc::SYS_mkdir, libc::SYS_unlink,
-            libc::SYS_rename, libc::SYS_readlink, libc::SYS_stat, libc::SYS_lstat, libc::SYS_open,
-            libc::SYS_chmod, libc::SYS_epoll_wait, libc::SYS_poll, libc::SYS_dup2, libc::SYS_pipe,
-            libc::SYS_getdents, libc::SYS_time,
+            libc::SYS_arch_prctl,
+            libc::SYS_access,
+            libc::SYS_mkdir,
+            libc::SYS_unlink,
+            libc::SYS_rename,
+            libc::SYS_readlink,
+            libc::SYS_stat,
+            libc::SYS_lstat,
+            libc::SYS_open,
+            libc::SYS_chmod,
+            libc::SYS_epoll_wait,
+            libc::SYS_poll,
+            libc::SYS_dup2,
+            libc::SYS_pipe,
+            libc::SYS_getdents,
+            libc::SYS_time,
         ]);
         v
     }
@@ -163,15 +254,36 @@ mod imp {
     /// Calls that only an attack would make: the process is killed on the spot.
     fn fatal() -> Vec<i64> {
         let mut v = vec![
-            libc::SYS_execve, libc::SYS_execveat, libc::SYS_ptrace, libc::SYS_process_vm_readv,
-            libc::SYS_process_vm_writev, libc::SYS_mount, libc::SYS_umount2, libc::SYS_pivot_root,
-            libc::SYS_chroot, libc::SYS_setns, libc::SYS_unshare, libc::SYS_bpf,
-            libc::SYS_perf_event_open, libc::SYS_init_module, libc::SYS_finit_module,
-            libc::SYS_delete_module, libc::SYS_kexec_load, libc::SYS_keyctl, libc::SYS_add_key,
-            libc::SYS_request_key, libc::SYS_userfaultfd, libc::SYS_open_by_handle_at,
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_readv,
+            libc::SYS_process_vm_writev,
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_chroot,
+            libc::SYS_setns,
+            libc::SYS_unshare,
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_delete_module,
+            libc::SYS_kexec_load,
+            libc::SYS_keyctl,
+            libc::SYS_add_key,
+            libc::SYS_request_key,
+            libc::SYS_userfaultfd,
+            libc::SYS_open_by_handle_at,
         ];
         #[cfg(target_arch = "x86_64")]
-        v.extend([libc::SYS_fork, libc::SYS_vfork, libc::SYS_iopl, libc::SYS_ioperm]);
+        v.extend([
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_iopl,
+            libc::SYS_ioperm,
+        ]);
         v
     }
 
@@ -185,9 +297,10 @@ mod imp {
         SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
     }
 
-    /// Three filters, installed in this order: the allow-list (anything else: `EPERM`), the
-    /// attack-only calls (kill), and `clone3` (`ENOSYS`; installed last, so its answer wins
-    /// over the allow-list's `EPERM`, as the kernel picks the latest filter among equals).
+    /// Three filters, installed in this order: the attack-only calls (kill), `clone3`
+    /// (`ENOSYS`), and the allow-list (anything else: `EPERM`; it allows `clone3`, so the
+    /// second filter's `ENOSYS` is the answer, an error outranking an allow). The allow-list
+    /// goes last because it does not allow `seccomp` itself: no filter can follow it.
     fn programs(network: Network) -> Result<Vec<BpfProgram>, String> {
         let arch = arch()?;
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
@@ -198,18 +311,28 @@ mod imp {
         }
         rules.insert(
             libc::SYS_socket,
-            families.iter().map(|f| rule(0, *f)).collect::<Result<_, _>>()?,
+            families
+                .iter()
+                .map(|f| rule(0, *f))
+                .collect::<Result<_, _>>()?,
         );
         rules.insert(libc::SYS_socketpair, vec![rule(0, libc::AF_UNIX as u64)?]);
+        rules.insert(libc::SYS_clone3, Vec::new());
         // ioctl only for what the runtime does with its own descriptors: non-blocking mode,
         // close-on-exec, bytes ready, and `isatty`'s TCGETS (never TIOCSTI, which would type
         // into a terminal the process inherited).
         rules.insert(
             libc::SYS_ioctl,
-            [libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, libc::FIONREAD, libc::TCGETS]
-                .iter()
-                .map(|r| rule(1, *r as u64))
-                .collect::<Result<_, _>>()?,
+            [
+                libc::FIONBIO,
+                libc::FIOCLEX,
+                libc::FIONCLEX,
+                libc::FIONREAD,
+                libc::TCGETS,
+            ]
+            .iter()
+            .map(|r| rule(1, *r))
+            .collect::<Result<_, _>>()?,
         );
         // New threads only: the flags must include CLONE_THREAD.
         let thread = SeccompCondition::new(
@@ -244,7 +367,7 @@ mod imp {
             arch,
         )
         .map_err(|e| e.to_string())?;
-        [allow, fatal, clone3]
+        [fatal, clone3, allow]
             .into_iter()
             .map(|f| BpfProgram::try_from(f).map_err(|e| e.to_string()))
             .collect()
@@ -274,9 +397,13 @@ mod imp {
         report.skipped.push(("no_new_privs", "not Linux".into()));
     }
     pub(super) fn own_network(report: &mut Report) {
-        report.skipped.push(("own network namespace", "not Linux".into()));
+        report
+            .skipped
+            .push(("own network namespace", "not Linux".into()));
     }
     pub(super) fn seccomp(_: Network, report: &mut Report) {
-        report.skipped.push(("seccomp allow-list", "not Linux".into()));
+        report
+            .skipped
+            .push(("seccomp allow-list", "not Linux".into()));
     }
 }

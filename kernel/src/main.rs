@@ -55,6 +55,14 @@ struct RunArgs {
     #[arg(long, default_value_t = 256)]
     open_files: u32,
 
+    /// MiB the guest may keep in its writable folders (/tmp, home, /workspace).
+    #[arg(long, default_value_t = 2048)]
+    disk_mb: u64,
+
+    /// Files and folders the guest may keep there.
+    #[arg(long, default_value_t = 20_000)]
+    disk_files: u64,
+
     /// Fail with a clear error instead of fetching a missing image.
     #[arg(long, global = true)]
     no_fetch: bool,
@@ -78,6 +86,8 @@ impl RunArgs {
                 .then(|| Duration::from_secs(self.cell_timeout_s)),
             output_bytes: self.output_bytes,
             open_files: self.open_files,
+            disk_bytes: self.disk_mb << 20,
+            disk_files: self.disk_files,
             ..Limits::default()
         }
     }
@@ -146,8 +156,10 @@ fn progress(message: &str) {
 }
 
 fn main() -> Result<()> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDGATE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

@@ -23,6 +23,8 @@ pub const PROTOCOL_VERSION: &str = "5.3";
 const SHELL_QUEUE: usize = 256;
 /// Outgoing messages queued per socket.
 const SEND_QUEUE: usize = 1024;
+/// Signatures remembered to recognise replayed messages.
+const REPLAY_MEMORY: usize = 65_536;
 /// How much of a cell's output text the history keeps.
 const HISTORY_OUTPUT_CHARS: usize = 10_000;
 
@@ -173,6 +175,7 @@ fn spawn_reader(
     signer: Signer,
     name: &'static str,
     tx: mpsc::Sender<Message>,
+    replays: Arc<std::sync::Mutex<wire::ReplayGuard>>,
 ) {
     tokio::spawn(async move {
         loop {
@@ -183,7 +186,16 @@ fn spawn_reader(
                     continue;
                 }
             };
+            let sig = wire::signature(&frames).cloned().unwrap_or_default();
             match wire::parse(frames, &signer) {
+                Ok(_)
+                    if !replays
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .first_time(&sig) =>
+                {
+                    tracing::warn!(socket = name, "dropped a replayed message");
+                }
                 Ok(msg) => {
                     if tx.send(msg).await.is_err() {
                         break;
@@ -234,12 +246,27 @@ pub async fn run(
     let control_out = spawn_writer(control_send, "control");
     let stdin_out = spawn_writer(stdin_send, "stdin");
 
+    // One memory of recent signatures for all channels: a message captured on one channel
+    // and sent again on another is a replay too.
+    let replays = Arc::new(std::sync::Mutex::new(wire::ReplayGuard::new(REPLAY_MEMORY)));
     let (shell_tx, shell_rx) = mpsc::channel(SHELL_QUEUE);
-    spawn_reader(shell_recv, signer.clone(), "shell", shell_tx);
+    spawn_reader(
+        shell_recv,
+        signer.clone(),
+        "shell",
+        shell_tx,
+        replays.clone(),
+    );
     let (control_tx, mut control_rx) = mpsc::channel(64);
-    spawn_reader(control_recv, signer.clone(), "control", control_tx);
+    spawn_reader(
+        control_recv,
+        signer.clone(),
+        "control",
+        control_tx,
+        replays.clone(),
+    );
     let (stdin_tx, stdin_rx) = mpsc::channel(16);
-    spawn_reader(stdin_recv, signer.clone(), "stdin", stdin_tx);
+    spawn_reader(stdin_recv, signer.clone(), "stdin", stdin_tx, replays);
 
     let mut events_rx = events_rx;
     let info = kernel_info(&sandbox, &mut events_rx).await;

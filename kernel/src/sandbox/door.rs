@@ -24,6 +24,9 @@ const MAX_PROMPT: usize = 64 << 10;
 const EINVAL: i32 = 28;
 const EMFILE: i32 = 33;
 const EFAULT: i32 = 21;
+const ENOSPC: i32 = 51;
+/// `path_open`'s `O_CREAT` bit.
+const OFLAGS_CREAT: i32 = 1;
 /// A door call's result codes, as the image's `_host` module reads them.
 const DOOR_FAULT: i32 = -2;
 
@@ -79,6 +82,102 @@ pub(crate) struct DoorState {
     probe: Option<Vec<interrupt::FlagWord>>,
     open_files: HashSet<u32>,
     max_open_files: u32,
+    disk: DiskBudget,
+}
+
+/// Bytes written to files between two measurements of the guest's folders.
+const DISK_STEP: u64 = 16 << 20;
+/// Files created between two measurements.
+const FILES_STEP: u64 = 500;
+
+/// What the guest may keep in its writable folders (its private root and `/workspace`), so a
+/// cell cannot fill the host's disk or its inodes. Writes and file creations are counted as
+/// they happen; every [`DISK_STEP`] bytes or [`FILES_STEP`] files (and whenever the estimate
+/// crosses a limit) the folders are measured for real, so deleted files give their room back.
+pub(crate) struct DiskBudget {
+    dirs: Vec<std::path::PathBuf>,
+    max_bytes: u64,
+    max_files: u64,
+    measured_bytes: u64,
+    measured_files: u64,
+    written_since: u64,
+    created_since: u64,
+}
+
+impl DiskBudget {
+    pub(crate) fn new(dirs: Vec<std::path::PathBuf>, max_bytes: u64, max_files: u64) -> Self {
+        let mut b = DiskBudget {
+            dirs,
+            max_bytes,
+            max_files,
+            measured_bytes: 0,
+            measured_files: 0,
+            written_since: 0,
+            created_since: 0,
+        };
+        b.measure();
+        b
+    }
+
+    /// Bytes on disk (blocks) and entries in the folders; symlinks are not followed.
+    fn measure(&mut self) {
+        let (mut bytes, mut files) = (0u64, 0u64);
+        let mut stack: Vec<std::path::PathBuf> = self.dirs.clone();
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(meta) = entry.path().symlink_metadata() else {
+                    continue;
+                };
+                files += 1;
+                #[cfg(unix)]
+                {
+                    bytes += std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+                }
+                #[cfg(not(unix))]
+                {
+                    bytes += meta.len();
+                }
+                if meta.is_dir() && files <= self.max_files.saturating_mul(2) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+        self.measured_bytes = bytes;
+        self.measured_files = files;
+        self.written_since = 0;
+        self.created_since = 0;
+    }
+
+    /// Whether `n` more bytes may be written.
+    fn allow_write(&mut self, n: u64) -> bool {
+        if self.written_since >= DISK_STEP
+            || self.measured_bytes + self.written_since + n > self.max_bytes
+        {
+            self.measure();
+        }
+        if self.measured_bytes + self.written_since + n > self.max_bytes {
+            return false;
+        }
+        self.written_since += n;
+        true
+    }
+
+    /// Whether one more file may be created.
+    fn allow_create(&mut self) -> bool {
+        if self.created_since >= FILES_STEP
+            || self.measured_files + self.created_since + 1 > self.max_files
+        {
+            self.measure();
+        }
+        if self.measured_files + self.created_since + 1 > self.max_files {
+            return false;
+        }
+        self.created_since += 1;
+        true
+    }
 }
 
 impl DoorState {
@@ -92,6 +191,7 @@ impl DoorState {
         grace: Duration,
         max_open_files: u32,
         flags: Option<InterruptFlags>,
+        disk: DiskBudget,
     ) -> Self {
         DoorState {
             sink,
@@ -112,6 +212,7 @@ impl DoorState {
             probe: None,
             open_files: HashSet::new(),
             max_open_files,
+            disk,
         }
     }
 
@@ -248,7 +349,12 @@ pub(crate) struct Forwards {
     path_open: Option<TypedFunc<PathOpenArgs, i32>>,
     fd_close: Option<TypedFunc<i32, i32>>,
     poll_oneoff: Option<TypedFunc<(i32, i32, i32, i32), i32>>,
+    fd_write: Option<TypedFunc<(i32, i32, i32, i32), i32>>,
+    fd_pwrite: Option<TypedFunc<PwriteArgs, i32>>,
 }
+
+/// `fd_pwrite(fd, iovs, iovs_len, offset, nwritten_out)`.
+type PwriteArgs = (i32, i32, i32, i64, i32);
 
 /// `path_open(fd, dirflags, path, path_len, oflags, rights, inheriting, fdflags, fd_out)`.
 type PathOpenArgs = (i32, i32, i32, i32, i32, i64, i64, i32, i32);
@@ -262,6 +368,10 @@ const TRAMPOLINE: &str = r#"(module
   (import "wasi_snapshot_preview1" "fd_close" (func $fd_close (param i32) (result i32)))
   (import "wasi_snapshot_preview1" "poll_oneoff"
     (func $poll_oneoff (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write"
+    (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_pwrite"
+    (func $fd_pwrite (param i32 i32 i32 i64 i32) (result i32)))
   (export "memory" (memory 0))
   (func (export "path_open") (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)
     local.get 0 local.get 1 local.get 2 local.get 3 local.get 4
@@ -270,7 +380,11 @@ const TRAMPOLINE: &str = r#"(module
   (func (export "fd_close") (param i32) (result i32)
     local.get 0 call $fd_close)
   (func (export "poll_oneoff") (param i32 i32 i32 i32) (result i32)
-    local.get 0 local.get 1 local.get 2 local.get 3 call $poll_oneoff))"#;
+    local.get 0 local.get 1 local.get 2 local.get 3 call $poll_oneoff)
+  (func (export "fd_write") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_write)
+  (func (export "fd_pwrite") (param i32 i32 i32 i64 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 local.get 4 call $fd_pwrite))"#;
 
 /// WASI alone, and the trampoline module, from which each store's forwards are made.
 pub(crate) struct WasiOnly {
@@ -289,7 +403,13 @@ impl WasiOnly {
     /// Instantiates the trampoline over the guest's `memory` and stores the forwards.
     pub(crate) fn bind(&self, store: &mut Store<Guest>, memory: Memory) -> wasmtime::Result<()> {
         let mut imports: Vec<Extern> = vec![memory.into()];
-        for name in ["path_open", "fd_close", "poll_oneoff"] {
+        for name in [
+            "path_open",
+            "fd_close",
+            "poll_oneoff",
+            "fd_write",
+            "fd_pwrite",
+        ] {
             let func = self
                 .linker
                 .get(&mut *store, "wasi_snapshot_preview1", name)
@@ -303,6 +423,8 @@ impl WasiOnly {
             path_open: Some(instance.get_typed_func(&mut *store, "path_open")?),
             fd_close: Some(instance.get_typed_func(&mut *store, "fd_close")?),
             poll_oneoff: Some(instance.get_typed_func(&mut *store, "poll_oneoff")?),
+            fd_write: Some(instance.get_typed_func(&mut *store, "fd_write")?),
+            fd_pwrite: Some(instance.get_typed_func(&mut *store, "fd_pwrite")?),
         };
         store.data_mut().forward = forwards;
         Ok(())
@@ -321,6 +443,8 @@ pub(crate) fn define(linker: &mut Linker<Guest>) -> wasmtime::Result<()> {
     linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)?;
     linker.func_wrap("wasi_snapshot_preview1", "path_open", path_open)?;
     linker.func_wrap("wasi_snapshot_preview1", "fd_close", fd_close)?;
+    linker.func_wrap("wasi_snapshot_preview1", "fd_write", fd_write)?;
+    linker.func_wrap("wasi_snapshot_preview1", "fd_pwrite", fd_pwrite)?;
     linker.allow_shadowing(false);
     Ok(())
 }
@@ -644,9 +768,12 @@ fn path_open(
     fdflags: i32,
     fd_out: i32,
 ) -> wasmtime::Result<i32> {
-    let door = &caller.data().door;
+    let door = &mut caller.data_mut().door;
     if door.open_files.len() >= door.max_open_files as usize {
         return Ok(EMFILE);
+    }
+    if oflags & OFLAGS_CREAT != 0 && !door.disk.allow_create() {
+        return Ok(ENOSPC);
     }
     let forward = caller
         .data()
@@ -678,4 +805,66 @@ fn fd_close(mut caller: Caller<'_, Guest>, fd: i32) -> wasmtime::Result<i32> {
         caller.data_mut().door.open_files.remove(&(fd as u32));
     }
     Ok(errno)
+}
+
+/// The bytes an iovec list asks to write, or `None` if it lies outside guest memory.
+fn iovec_bytes(data: &[u8], iovs: i32, count: i32) -> Option<u64> {
+    let count = count as u32 as usize;
+    let range = guest_slice(data, iovs, count.checked_mul(8)?)?;
+    let list = &data[range];
+    Some(
+        list.chunks_exact(8)
+            .map(|iov| u64::from(u32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]])))
+            .sum(),
+    )
+}
+
+/// Counts a file write against the disk budget (stdout and stderr are not files).
+fn charge_write(caller: &mut Caller<'_, Guest>, fd: i32, iovs: i32, count: i32) -> Option<i32> {
+    if (0..=2).contains(&fd) {
+        return None;
+    }
+    let memory = caller.data().memory?;
+    let n = iovec_bytes(memory.data(&*caller), iovs, count)?;
+    if caller.data_mut().door.disk.allow_write(n) {
+        None
+    } else {
+        Some(ENOSPC)
+    }
+}
+
+/// `fd_write`, refused with `ENOSPC` once the guest's folders hold their cap.
+fn fd_write(
+    mut caller: Caller<'_, Guest>,
+    fd: i32,
+    iovs: i32,
+    count: i32,
+    nwritten: i32,
+) -> wasmtime::Result<i32> {
+    if let Some(errno) = charge_write(&mut caller, fd, iovs, count) {
+        return Ok(errno);
+    }
+    let forward = caller.data().forward.fd_write.clone().ok_or_else(unbound)?;
+    forward.call(&mut caller, (fd, iovs, count, nwritten))
+}
+
+/// `fd_pwrite`, refused with `ENOSPC` once the guest's folders hold their cap.
+fn fd_pwrite(
+    mut caller: Caller<'_, Guest>,
+    fd: i32,
+    iovs: i32,
+    count: i32,
+    offset: i64,
+    nwritten: i32,
+) -> wasmtime::Result<i32> {
+    if let Some(errno) = charge_write(&mut caller, fd, iovs, count) {
+        return Ok(errno);
+    }
+    let forward = caller
+        .data()
+        .forward
+        .fd_pwrite
+        .clone()
+        .ok_or_else(unbound)?;
+    forward.call(&mut caller, (fd, iovs, count, offset, nwritten))
 }

@@ -28,6 +28,12 @@ pub struct Limits {
     /// How long a soft stop (interrupt or timeout) may take before the interpreter is stopped
     /// hard and restarted. Default 5 s.
     pub hard_stop_grace: Duration,
+    /// Bytes the guest may keep in its writable folders (its `/tmp` and home, and
+    /// `/workspace`). Default 2 GiB. Past it a write fails with `OSError(ENOSPC)`.
+    pub disk_bytes: u64,
+    /// Files and folders the guest may keep there. Default 20000. Past it creating one fails
+    /// with `OSError(ENOSPC)`.
+    pub disk_files: u64,
 }
 
 impl Default for Limits {
@@ -39,6 +45,8 @@ impl Default for Limits {
             open_files: 256,
             wasm_stack_bytes: 8 << 20,
             hard_stop_grace: Duration::from_secs(5),
+            disk_bytes: 2 << 30,
+            disk_files: 20_000,
         }
     }
 }

@@ -538,6 +538,11 @@ impl Host {
                 limits.hard_stop_grace,
                 limits.open_files,
                 self.config.image.interrupt.clone(),
+                door::DiskBudget::new(
+                    vec![self.root.path().to_owned(), self.config.workspace.clone()],
+                    limits.disk_bytes,
+                    limits.disk_files,
+                ),
             ),
             memory: None,
             forward: door::Forwards::default(),

@@ -122,6 +122,50 @@ fn json(frame: &'static str, bytes: &[u8]) -> Result<Value, WireError> {
     })
 }
 
+/// The signature frame of a message (the frame after `<IDS|MSG>`), if it has one.
+pub fn signature(frames: &[Bytes]) -> Option<&Bytes> {
+    let delim = frames.iter().position(|f| f.as_ref() == DELIMITER)?;
+    frames.get(delim + 1)
+}
+
+/// Remembers the signatures of recent messages, so a signed message sent again (a replay of
+/// captured traffic) is recognised. Bounded: the oldest are forgotten first.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    seen: std::collections::HashSet<Bytes>,
+    order: std::collections::VecDeque<Bytes>,
+    cap: usize,
+}
+
+impl ReplayGuard {
+    /// A guard remembering up to `cap` signatures.
+    pub fn new(cap: usize) -> ReplayGuard {
+        ReplayGuard {
+            seen: Default::default(),
+            order: Default::default(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// Records `signature`; false if it was seen before (a replay). Empty signatures (unsigned
+    /// connections) are never replays.
+    pub fn first_time(&mut self, signature: &Bytes) -> bool {
+        if signature.is_empty() {
+            return true;
+        }
+        if !self.seen.insert(signature.clone()) {
+            return false;
+        }
+        self.order.push_back(signature.clone());
+        while self.order.len() > self.cap {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
 /// A message whose signature has been checked but whose JSON frames are still bytes: what a
 /// relay (the gateway) needs to forward a message without parsing all of it.
 #[derive(Debug, Clone)]
@@ -326,6 +370,24 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn replays_are_recognised_and_the_guard_is_bounded() {
+        let mut g = ReplayGuard::new(2);
+        let (a, b, c) = (
+            Bytes::from_static(b"a"),
+            Bytes::from_static(b"b"),
+            Bytes::from_static(b"c"),
+        );
+        assert!(g.first_time(&a) && g.first_time(&b));
+        assert!(!g.first_time(&a));
+        assert!(g.first_time(&c));
+        // `a` was forgotten to make room.
+        assert!(g.first_time(&a));
+        assert!(g.first_time(&Bytes::new()) && g.first_time(&Bytes::new()));
+        let frames = serialize(&sample(), &Signer::new(b"k"));
+        assert_eq!(signature(&frames).map(|s| s.len()), Some(64));
     }
 
     #[test]

@@ -1,0 +1,220 @@
+"""The adversarial suite: each case is an attack a malicious notebook or client would try, with
+the behaviour Sandgate promises, checked end to end through the gateway (a real WebSocket client)
+or straight on the kernel's ZeroMQ channels. Escapes that jupyter_client drives on a bare
+kernel are in test_sandbox.py; this file adds what only the full system can show."""
+
+import ast
+import os
+import pathlib
+import signal
+import uuid
+
+import pytest
+import zmq
+from jupyter_client.session import Session
+
+from conftest import KernelSocket
+
+
+def result(out):
+    return [m for m in out if m["msg_type"] == "execute_result"][0]["content"]["data"]["text/plain"]
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway, tmp_path_factory):
+    config = tmp_path_factory.mktemp("adv") / "adv.toml"
+    config.write_text("[kernels]\npool_size = 1\n[sandbox]\nmemory_mb = 512\ncell_timeout_s = 5\n"
+                      "output_bytes = 200000\ndisk_mb = 64\ndisk_files = 2000\n")
+    return start_gateway(["--config", str(config)], env={"OPENAI_API_KEY": "sk-adversarial-" + uuid.uuid4().hex})
+
+
+@pytest.fixture
+def k(gw):
+    model = gw.start_kernel()
+    s = KernelSocket(gw, model["id"])
+    s.kernel_id = model["id"]
+    yield s
+    s.close()
+    gw.request("DELETE", f"/api/kernels/{model['id']}")
+
+
+def alive(s):
+    reply, out = s.execute("6 * 7")
+    assert reply["status"] == "ok" and result(out) == "42"
+
+
+# --- reaching the host --------------------------------------------------------------------------
+
+def test_host_files_do_not_exist_for_the_guest(k):
+    """Expected: host paths are not there (FileNotFoundError), whatever the spelling."""
+    for path in ["/etc/passwd", "/proc/self/environ", "/root/.ssh/id_rsa", "/dev/shm", "/work"]:
+        reply, out = k.execute(f"import os\nos.path.exists({path!r})")
+        assert result(out) == "False", path
+
+
+def test_workspace_traversal_and_symlinks_stay_inside(k):
+    """Expected: `..` and symlinks resolve inside the guest's folders, never to the host."""
+    reply, out = k.execute("import os\ntry:\n    os.symlink('/etc', '/workspace/etc_link')\nexcept OSError:\n    pass\n"
+                           "[os.path.exists('/workspace/../etc/passwd'), os.path.exists('/workspace/etc_link/passwd')]")
+    assert result(out) == "[False, False]"
+
+
+def test_no_network_at_all(gw, k):
+    """Expected: socket calls fail; the gateway's own port is unreachable from the guest."""
+    port = int(gw.url.rsplit(":", 1)[1])
+    reply, _ = k.execute(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)")
+    assert reply["status"] == "error"
+    reply, _ = k.execute(f"s = socket.socket()\ns.connect(('127.0.0.1', {port}))")
+    assert reply["status"] == "error" and reply["ename"] == "OSError"
+
+
+def test_no_host_environment_or_model_key(k):
+    """Expected: the guest's environment is Sandgate's fixed list; no key, token or path."""
+    reply, out = k.execute("import os\nsorted(os.environ)")
+    names = ast.literal_eval(result(out))
+    assert set(names) <= {"HOME", "TMPDIR", "MPLCONFIGDIR", "MPLBACKEND", "PYTHONTZPATH", "PYTHONUNBUFFERED", "LANG"}
+
+
+def test_the_kernel_process_has_no_network_and_is_filtered(gw, k):
+    """Expected (Linux): the kernel process has its own network namespace, no_new_privs, and
+    seccomp filters in force."""
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"sandgate-kernel" in cmd and f"kernel-{k.kernel_id}".encode() in cmd:
+            status = (d / "status").read_text()
+            assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+            assert os.readlink(d / "ns/net") != os.readlink(f"/proc/{gw.proc.pid}/ns/net")
+            return
+    pytest.fail("kernel process not found")
+
+
+# --- exhausting resources -----------------------------------------------------------------------
+
+def test_memory_bomb(k):
+    """Expected: MemoryError in the cell; the kernel keeps its state."""
+    k.execute("keep = 'me'")
+    reply, _ = k.execute("bomb = []\nwhile True:\n    bomb.append(bytearray(16 << 20))")
+    assert reply["ename"] == "MemoryError"
+    reply, out = k.execute("del bomb\nkeep")
+    assert result(out) == "'me'"
+
+
+def test_infinite_loop(k):
+    """Expected: the cell time limit stops it with TimeoutError; state kept."""
+    k.execute("before_loop = 1")
+    reply, _ = k.execute("while True:\n    pass", timeout=30)
+    assert reply["ename"] == "TimeoutError"
+    reply, out = k.execute("before_loop")
+    assert result(out) == "1"
+
+
+def test_deep_recursion(k):
+    """Expected: RecursionError, never a crash of the kernel process."""
+    reply, _ = k.execute("def f(n):\n    return f(n + 1)\nf(0)")
+    assert reply["ename"] == "RecursionError"
+    alive(k)
+
+
+def test_stdout_flood(k):
+    """Expected: output past the per-cell cap is dropped with one notice; the client gets at
+    most the cap (plus the notice), and the cell finishes."""
+    reply, out = k.execute("for i in range(10**6):\n    print('flood', i)", timeout=60)
+    text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+    assert len(text.encode()) < 200_000 + 1000
+    assert text.count("output limit reached") == 1
+    alive(k)
+
+
+def test_disk_fill(k):
+    """Expected: writing past the guest's disk cap fails with OSError(ENOSPC); the data
+    written before stays, and deleting it gives the room back."""
+    reply, _ = k.execute("f = open('/tmp/fill.bin', 'wb')\nchunk = b'x' * (1 << 20)\n"
+                         "for i in range(1000):\n    f.write(chunk)\n    f.flush()")
+    assert reply["status"] == "error" and "No space left" in reply["evalue"], reply
+    reply, out = k.execute("f.close()\nimport os\nsize = os.path.getsize('/tmp/fill.bin')\n"
+                           "os.remove('/tmp/fill.bin')\nopen('/tmp/after.bin', 'wb').write(b'y' * (1 << 20))\nsize > (32 << 20)")
+    assert result(out) == "True"
+
+
+def test_many_files(k):
+    """Expected: creating files past the cap fails with OSError(ENOSPC)."""
+    reply, _ = k.execute("import os\nos.makedirs('/tmp/many', exist_ok=True)\n"
+                         "for i in range(5000):\n    open(f'/tmp/many/{i}', 'w').close()")
+    assert reply["status"] == "error" and "No space left" in reply["evalue"], reply
+    reply, _ = k.execute("import shutil\nshutil.rmtree('/tmp/many')\nopen('/tmp/one-more', 'w').close()")
+    assert reply["status"] == "ok"
+
+
+def test_thousands_of_messages_per_second(gw, k):
+    """Expected: a client firing 2000 requests without waiting gets 2000 replies, in order."""
+    ids = [k.send("kernel_info_request", {}) for _ in range(2000)]
+    got = []
+    k.ws.settimeout(120)
+    while len(got) < len(ids):
+        m = k.recv()
+        if m["msg_type"] == "kernel_info_reply":
+            got.append(m["parent_header"]["msg_id"])
+    assert got == ids
+    alive(k)
+
+
+# --- the wire -----------------------------------------------------------------------------------
+
+def test_replayed_signed_messages_are_dropped(start_kernel):
+    """Expected: a captured, validly signed execute_request sent again is not executed twice."""
+    kern = start_kernel()
+    info = kern.km.get_connection_info()
+    session = Session(key=info["key"], signature_scheme="hmac-sha256")
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+    try:
+        msg = session.msg("execute_request", {"code": "with open('/workspace/count.txt', 'a') as f:\n    f.write('x')", "silent": False,
+                                               "store_history": False, "user_expressions": {}, "allow_stdin": False})
+        frames = session.serialize(msg)
+        sock.send_multipart(frames)
+        sock.send_multipart(frames)  # the replay
+        assert sock.poll(30_000), "the first copy is answered"
+        sock.recv_multipart()
+        # Requests on one connection are read in order, so the replay was read before this.
+        reply, _ = kern.execute("open('/workspace/count.txt').read()")
+        assert reply["status"] == "ok"
+        assert (kern.workspace / "count.txt").read_text() == "x"
+    finally:
+        sock.close(0)
+
+
+# --- losing work --------------------------------------------------------------------------------
+
+def test_kill_9_mid_cell_keeps_saved_files(gw, k):
+    """Expected: `kill -9` of the kernel process mid-cell is reported (`restarting`), the kernel
+    comes back under the same id, and every file saved before is still there."""
+    reply, _ = k.execute("open('/workspace/saved-before.txt', 'w').write('safe')")
+    assert reply["status"] == "ok"
+    msg_id = k.send("execute_request", {"code": "import time\ntime.sleep(30)", "silent": False})
+    while True:
+        m = k.recv()
+        if m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == msg_id:
+            break
+    for d in pathlib.Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes() if d.name.isdigit() else b""
+        except OSError:
+            continue
+        if b"sandgate-kernel" in cmd and f"kernel-{k.kernel_id}".encode() in cmd:
+            os.kill(int(d.name), signal.SIGKILL)
+    seen = []
+    k.ws.settimeout(60)
+    while "idle" not in seen or "restarting" not in seen:
+        m = k.recv()
+        if m["msg_type"] == "status":
+            seen.append(m["content"]["execution_state"])
+    reply, out = k.execute("open('/workspace/saved-before.txt').read()")
+    assert result(out) == "'safe'"
+    status, model, _ = gw.request("GET", "/api/contents/saved-before.txt")
+    assert status == 200 and model["content"] == "safe"
