@@ -218,3 +218,26 @@ def test_kill_9_mid_cell_keeps_saved_files(gw, k):
     assert result(out) == "'safe'"
     status, model, _ = gw.request("GET", "/api/contents/saved-before.txt")
     assert status == 200 and model["content"] == "safe"
+
+
+def test_an_iopub_flood_is_rate_limited_with_a_notice(start_gateway, tmp_path):
+    """Expected: past the iopub rate, output is dropped and clients are told once; once the
+    rate is back under the limit, output resumes (and they are told)."""
+    config = tmp_path / "rate.toml"
+    config.write_text("[kernels]\npool_size = 1\niopub_msg_rate_limit = 100\nrate_limit_window_s = 1\n")
+    g = start_gateway(["--config", str(config)])
+    model = g.start_kernel()
+    s = KernelSocket(g, model["id"])
+    try:
+        reply, out = s.execute("for i in range(3000):\n    display(i)")
+        assert reply["status"] == "ok"
+        shown = [m for m in out if m["msg_type"] == "display_data"]
+        assert 0 < len(shown) < 3000
+        notices = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+        assert notices.count("IOPub rate exceeded") == 1
+        # A cell that outlasts the window gets its output through again.
+        reply, out = s.execute("import time\ntime.sleep(1.5)\nprint('after the flood')")
+        text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+        assert "after the flood" in text and "output resumes" in text
+    finally:
+        s.close()

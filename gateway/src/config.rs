@@ -272,6 +272,13 @@ pub struct KernelsConfig {
     /// How the gateway talks to its kernels: `ipc` (Unix sockets, default; lets each kernel
     /// process run without any network) or `tcp` (127.0.0.1).
     pub transport: crate::client::Transport,
+    /// Output messages per second one kernel may send to clients (as Jupyter Server's
+    /// `iopub_msg_rate_limit`). Default 1000.
+    pub iopub_msg_rate_limit: u64,
+    /// Output bytes per second one kernel may send to clients. Default 10000000.
+    pub iopub_data_rate_limit: u64,
+    /// Seconds the two rates are averaged over. Default 3.
+    pub rate_limit_window_s: u64,
 }
 
 impl Default for KernelsConfig {
@@ -290,6 +297,9 @@ impl Default for KernelsConfig {
             restart_limit: 5,
             restart_window_s: 60,
             transport: crate::client::Transport::Ipc,
+            iopub_msg_rate_limit: 1000,
+            iopub_data_rate_limit: 10_000_000,
+            rate_limit_window_s: 3,
         }
     }
 }
@@ -455,6 +465,11 @@ impl Config {
             shutdown_grace: Duration::from_secs(k.shutdown_grace_s),
             restart_limit: k.restart_limit,
             restart_window: Duration::from_secs(k.restart_window_s),
+            iopub_rate: crate::session::RateLimit {
+                messages_per_s: k.iopub_msg_rate_limit.max(1),
+                bytes_per_s: k.iopub_data_rate_limit.max(1),
+                window: Duration::from_secs(k.rate_limit_window_s.max(1)),
+            },
         }
     }
 }

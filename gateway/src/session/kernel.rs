@@ -45,6 +45,74 @@ pub struct ShellItem {
     pub msg_type: String,
 }
 
+/// The iopub rate limit per kernel, as Jupyter Server has it: output messages (streams,
+/// displays, results) beyond a rate over a sliding window are dropped, and clients are told
+/// once when output stops and once when it resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Output messages per second.
+    pub messages_per_s: u64,
+    /// Output bytes per second.
+    pub bytes_per_s: u64,
+    /// The window the rates are averaged over.
+    pub window: Duration,
+}
+
+/// What the limiter decided for one message.
+enum Admit {
+    Yes,
+    No,
+    NoAndTell(String),
+    YesAndTell(String),
+}
+
+struct Limiter {
+    limit: RateLimit,
+    seen: VecDeque<(Instant, usize)>,
+    bytes: usize,
+    limited: bool,
+}
+
+impl Limiter {
+    fn admit(&mut self, size: usize) -> Admit {
+        let now = Instant::now();
+        while self
+            .seen
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > self.limit.window)
+        {
+            if let Some((_, b)) = self.seen.pop_front() {
+                self.bytes -= b;
+            }
+        }
+        let secs = self.limit.window.as_secs_f64().max(0.001);
+        let over = (self.seen.len() + 1) as f64 / secs > self.limit.messages_per_s as f64
+            || (self.bytes + size) as f64 / secs > self.limit.bytes_per_s as f64;
+        if over {
+            // Dropped messages do not count: the rate measures what clients get.
+            if self.limited {
+                return Admit::No;
+            }
+            self.limited = true;
+            return Admit::NoAndTell(format!(
+                "IOPub rate exceeded: the gateway stops sending this kernel's output to clients \
+                 for a moment so they are not overwhelmed (limits: {} messages/s, {} bytes/s \
+                 over {} s; see kernels.iopub_msg_rate_limit and iopub_data_rate_limit).\n",
+                self.limit.messages_per_s,
+                self.limit.bytes_per_s,
+                self.limit.window.as_secs()
+            ));
+        }
+        self.seen.push_back((now, size));
+        self.bytes += size;
+        if self.limited {
+            self.limited = false;
+            return Admit::YesAndTell("IOPub rate back under the limit: output resumes.\n".into());
+        }
+        Admit::Yes
+    }
+}
+
 /// What happens to the iopub messages of a request the gateway made.
 #[derive(Clone)]
 struct Internal {
@@ -233,6 +301,7 @@ pub struct Kernel {
     last_count: AtomicU64,
     observer: Arc<dyn super::Observer>,
     hook: Option<Arc<dyn super::ShellHook>>,
+    rate: Mutex<Limiter>,
     /// Serialises restarts and shutdowns.
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
     /// The session id of messages the gateway makes up (status on restart).
@@ -257,6 +326,7 @@ impl Kernel {
         owner: String,
         observer: Arc<dyn super::Observer>,
         hook: Option<Arc<dyn super::ShellHook>>,
+        rate: RateLimit,
     ) -> Kernel {
         let (shell_queue, shell_rx) = mpsc::channel(SHELL_QUEUE);
         Kernel {
@@ -282,6 +352,12 @@ impl Kernel {
             last_count: AtomicU64::new(0),
             observer,
             hook,
+            rate: Mutex::new(Limiter {
+                limit: rate,
+                seen: VecDeque::new(),
+                bytes: 0,
+                limited: false,
+            }),
             lifecycle: tokio::sync::Mutex::new(()),
             session: uuid::Uuid::new_v4().to_string(),
         }
@@ -772,6 +848,31 @@ impl Kernel {
                 s.last_activity = Utc::now();
             } else {
                 self.touch();
+            }
+            if matches!(
+                msg_type.as_str(),
+                "stream" | "display_data" | "update_display_data" | "execute_result"
+            ) {
+                let size =
+                    message.content.len() + message.buffers.iter().map(|b| b.len()).sum::<usize>();
+                let admitted = self
+                    .rate
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .admit(size);
+                match admitted {
+                    Admit::Yes => {}
+                    Admit::No => return,
+                    Admit::NoAndTell(text) => {
+                        self.publish_stream(message.parent_header.clone(), "stderr", &text)
+                            .await;
+                        return;
+                    }
+                    Admit::YesAndTell(text) => {
+                        self.publish_stream(message.parent_header.clone(), "stderr", &text)
+                            .await;
+                    }
+                }
             }
             self.deliver_all(Outgoing {
                 channel,

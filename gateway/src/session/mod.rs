@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::client::{Channel, ClientError, Incoming, LaunchSpec, Process};
 use kernel::Expect;
-pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Outgoing};
+pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Outgoing, RateLimit};
 
 /// Lifecycle settings (see `config::KernelsConfig` for their defaults).
 #[derive(Debug, Clone)]
@@ -43,6 +43,8 @@ pub struct LifecycleConfig {
     pub restart_limit: usize,
     /// The window of the restart limit.
     pub restart_window: Duration,
+    /// The iopub rate limit per kernel.
+    pub iopub_rate: RateLimit,
 }
 
 /// Errors of the kernel lifecycle.
@@ -248,6 +250,7 @@ impl Kernels {
             owner.to_owned(),
             self.0.observer.clone(),
             self.0.hook.clone(),
+            self.0.config.iopub_rate,
         ));
         kernel.start_forwarder(self.0.launch.startup_timeout);
         kernel.set_state(ExecutionState::Idle);
