@@ -27,16 +27,16 @@ pub enum AuthError {
     Origin(String),
 }
 
-/// The token check.
+/// The token check: each token (kept as its SHA-256) names a user.
 #[derive(Clone)]
 pub struct Auth {
-    /// SHA-256 of the token; `None` when authentication is off.
-    token_hash: Option<[u8; 32]>,
+    /// (SHA-256 of a token, its user); `None` when authentication is off.
+    users: Option<Vec<([u8; 32], String)>>,
 }
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.token_hash.is_some() {
+        f.write_str(if self.users.is_some() {
             "Auth(token)"
         } else {
             "Auth(off)"
@@ -76,9 +76,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Auth {
-    /// Checks tokens against `token_hash`; `None` turns authentication off.
+    /// One user's token (`None` turns authentication off).
     pub fn new(token_hash: Option<[u8; 32]>) -> Auth {
-        Auth { token_hash }
+        Auth {
+            users: token_hash.map(|h| vec![(h, DEFAULT_USER.to_owned())]),
+        }
+    }
+
+    /// Several users, each with the SHA-256 of their token.
+    pub fn with_users(users: Vec<([u8; 32], String)>) -> Auth {
+        Auth { users: Some(users) }
     }
 
     /// The token a request carries: `Authorization: token T` or `Bearer T`, or, when
@@ -115,19 +122,23 @@ impl Auth {
         headers: &HeaderMap,
         query: Option<&str>,
         query_allowed: bool,
-    ) -> Result<&'static str, AuthError> {
-        let Some(want) = &self.token_hash else {
-            return Ok(DEFAULT_USER);
+    ) -> Result<String, AuthError> {
+        let Some(users) = &self.users else {
+            return Ok(DEFAULT_USER.to_owned());
         };
         let token = Self::presented(headers, query, query_allowed).ok_or(AuthError::Missing)?;
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        if constant_time_eq(&hash_token(&token), want) {
-            Ok(DEFAULT_USER)
-        } else {
-            Err(AuthError::Invalid)
+        let presented = hash_token(&token);
+        // Every entry is compared, so the time taken does not tell which one matched.
+        let mut found = None;
+        for (hash, user) in users {
+            if constant_time_eq(&presented, hash) && found.is_none() {
+                found = Some(user.clone());
+            }
         }
+        found.ok_or(AuthError::Invalid)
     }
 }
 
@@ -257,7 +268,7 @@ mod tests {
         for v in ["token s3cret", "Bearer s3cret", "bearer s3cret"] {
             assert_eq!(
                 auth.check(&headers(&[("authorization", v)]), None, false),
-                Ok(DEFAULT_USER)
+                Ok(DEFAULT_USER.to_owned())
             );
         }
         assert_eq!(
@@ -275,11 +286,11 @@ mod tests {
         );
         assert_eq!(
             auth.check(&headers(&[]), Some("a=1&token=s3cret"), true),
-            Ok(DEFAULT_USER)
+            Ok(DEFAULT_USER.to_owned())
         );
         assert_eq!(
             Auth::new(None).check(&headers(&[]), None, false),
-            Ok(DEFAULT_USER)
+            Ok(DEFAULT_USER.to_owned())
         );
     }
 

@@ -108,7 +108,7 @@ pub enum ClientError {
 pub struct LaunchSpec {
     /// The `sandgate-kernel` binary.
     pub binary: PathBuf,
-    /// Arguments before `-f` (home, limits, `--no-fetch`).
+    /// Arguments before `-f` (home, limits, `--no-fetch`; the workspace is given per launch).
     pub args: Vec<OsString>,
     /// Where connection files are written (mode 0600; they hold the key).
     pub runtime_dir: PathBuf,
@@ -397,6 +397,7 @@ impl Process {
     pub async fn launch(
         spec: &LaunchSpec,
         id: uuid::Uuid,
+        workspace: &Path,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
         let started = std::time::Instant::now();
         let key = new_key();
@@ -418,7 +419,7 @@ impl Process {
                 source,
             },
         )?;
-        let result = Self::start(spec, id, key, endpoints.clone(), &conn_file).await;
+        let result = Self::start(spec, id, key, endpoints.clone(), &conn_file, workspace).await;
         match &result {
             Ok(_) => tracing::info!(
                 kernel = %id,
@@ -439,10 +440,13 @@ impl Process {
         key: String,
         endpoints: Endpoints,
         conn_file: &Path,
+        workspace: &Path,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
         let mut command = tokio::process::Command::new(&spec.binary);
         command
             .args(&spec.args)
+            .arg("--workspace")
+            .arg(workspace)
             .arg("--notify-ready")
             .arg("-f")
             .arg(conn_file)

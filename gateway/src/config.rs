@@ -239,6 +239,20 @@ pub struct AuthConfig {
     /// Extra host names accepted as local. Default none (`localhost`, `127.0.0.1` and `::1`
     /// always are).
     pub local_hostnames: Vec<String>,
+    /// More users, each with their own token, kernels and workspace. Default none (one user,
+    /// `default`, with the main token). With users, the workspace key must come from
+    /// `$SANDGATE_MASTER_KEY`, `workspace.master_key_file` or `$SANDGATE_PASSPHRASE`.
+    pub users: Vec<UserConfig>,
+}
+
+/// One more user.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Their name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Hex SHA-256 of their token.
+    pub token_sha256: String,
 }
 
 /// Kernel lifecycle settings.
@@ -426,6 +440,27 @@ impl Config {
                 "auth.disable is only allowed when listening on a loopback address, not {}",
                 self.ip
             )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for u in &self.auth.users {
+            let ok_name = !u.name.is_empty()
+                && u.name.len() <= 64
+                && u.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok_name || u.name == crate::auth::DEFAULT_USER || !names.insert(u.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.users: {:?} is not a valid, unique user name (letters, digits, - and _; \
+                     not \"default\")",
+                    u.name
+                )));
+            }
+            if u.token_sha256.len() != 64 || hex::decode(&u.token_sha256).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.users: the token_sha256 of {:?} must be 64 hex digits",
+                    u.name
+                )));
+            }
         }
         if let Some(h) = &self.auth.token_sha256
             && (h.len() != 64 || hex::decode(h).is_err())

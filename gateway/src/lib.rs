@@ -54,6 +54,8 @@ pub struct Runtime {
     pub key_source: Option<workspace::keys::MasterSource>,
     /// Model providers' API keys read from the environment, by provider name.
     pub provider_keys: std::collections::HashMap<String, String>,
+    /// More users: (SHA-256 of their token, name), from `auth.users`.
+    pub users: Vec<([u8; 32], String)>,
 }
 
 /// Errors that stop the gateway.
@@ -93,21 +95,16 @@ fn private_dir(path: PathBuf) -> Result<PathBuf, GatewayError> {
     Ok(path)
 }
 
-/// The launch settings for kernel processes under this configuration; `workspace` is the
-/// folder they see at `/workspace`.
+/// The launch settings for kernel processes under this configuration.
 pub fn launch_spec(
     config: &config::Config,
     rt: &Runtime,
-    workspace: PathBuf,
 ) -> Result<client::LaunchSpec, GatewayError> {
     let runtime_dir = private_dir(rt.data_dir.join("runtime"))?;
-    let workspace = private_dir(workspace)?;
     let s = &config.sandbox;
     let args: Vec<std::ffi::OsString> = vec![
         "--home".into(),
         rt.data_dir.clone().into(),
-        "--workspace".into(),
-        workspace.into(),
         "--no-fetch".into(),
         format!("--memory-mb={}", s.memory_mb).into(),
         format!("--cell-timeout-s={}", s.cell_timeout_s).into(),
@@ -182,7 +179,15 @@ impl Gateway {
             workspaces.unlock(source).await?;
             workspaces.space(auth::DEFAULT_USER).await?;
         }
-        let launch = launch_spec(&config, &rt, workspaces.live_dir(auth::DEFAULT_USER))?;
+        let launch = launch_spec(&config, &rt)?;
+        let live = workspaces.clone();
+        let live_dir: session::LiveDir = Arc::new(move |user: &str| {
+            let dir = live.live_dir(user);
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                tracing::error!(error = %e, "cannot make a live workspace folder");
+            }
+            dir
+        });
         let observer = Arc::new(workspace::history::HistoryObserver::new(workspaces.clone()));
         let asker = Arc::new(ask::Asker::new(
             config.ask.clone(),
@@ -196,6 +201,7 @@ impl Gateway {
         let kernels = session::Kernels::new(
             config.lifecycle(),
             launch,
+            live_dir,
             observer.clone(),
             Some(asker.clone() as Arc<dyn session::ShellHook>),
         );
@@ -239,7 +245,15 @@ impl Gateway {
             .map(|a| a.ip().is_loopback())
             .unwrap_or(true);
         let app = Arc::new(http::App {
-            auth: auth::Auth::new(rt.token_hash),
+            auth: if rt.users.is_empty() {
+                auth::Auth::new(rt.token_hash)
+            } else {
+                let mut users: Vec<([u8; 32], String)> = rt.users.clone();
+                if let Some(h) = rt.token_hash {
+                    users.push((h, auth::DEFAULT_USER.to_owned()));
+                }
+                auth::Auth::with_users(users)
+            },
             kernels: kernels.clone(),
             workspaces: workspaces.clone(),
             asker,

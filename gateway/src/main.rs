@@ -410,6 +410,10 @@ fn main() -> Result<()> {
     }
     let key_source = match explicit_key_source(&config)? {
         Some(s) => Some(s),
+        None if !config.auth.users.is_empty() => bail!(
+            "with auth.users, each user's token cannot open the shared workspace key: set \
+             SANDGATE_MASTER_KEY, workspace.master_key_file or SANDGATE_PASSPHRASE"
+        ),
         None if config.auth.disable => bail!(
             "with auth.disable there is no token to open the workspace key: set \
              SANDGATE_MASTER_KEY, workspace.master_key_file or SANDGATE_PASSPHRASE"
@@ -433,6 +437,16 @@ fn main() -> Result<()> {
             data_dir: data_dir.clone(),
             key_source,
             provider_keys: provider_keys(&config),
+            users: config
+                .auth
+                .users
+                .iter()
+                .map(|u| {
+                    let mut h = [0u8; 32];
+                    h.copy_from_slice(&hex::decode(&u.token_sha256).expect("validated"));
+                    (h, u.name.clone())
+                })
+                .collect(),
         };
         let (ip, port) = (config.ip, config.port);
         let gateway = sandgate::Gateway::start(config, rt).await?;

@@ -216,6 +216,7 @@ async fn dispatch(
     }
     let is_ws = matches!(route, Route::Channels(_));
     let user = app.auth.check(req.headers(), req.uri().query(), is_ws)?;
+    let user = user.as_str();
     if !app.workspaces.is_unlocked()
         && let Some(token) = crate::auth::Auth::presented(req.headers(), req.uri().query(), is_ws)
     {

@@ -77,6 +77,9 @@ pub enum SessionError {
 
 type Ready = (Process, mpsc::Receiver<Incoming>);
 
+/// The live workspace folder of a user (what their kernels see at `/workspace`).
+pub type LiveDir = Arc<dyn Fn(&str) -> std::path::PathBuf + Send + Sync>;
+
 /// Work an observer wants done before a message is relayed.
 pub type Before = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -137,6 +140,7 @@ struct Inner {
     closing: AtomicBool,
     observer: Arc<dyn Observer>,
     hook: Option<Arc<dyn ShellHook>>,
+    live_dir: LiveDir,
 }
 
 /// Every kernel of the gateway.
@@ -149,6 +153,7 @@ impl Kernels {
     pub fn new(
         config: LifecycleConfig,
         launch: LaunchSpec,
+        live_dir: LiveDir,
         observer: Arc<dyn Observer>,
         hook: Option<Arc<dyn ShellHook>>,
     ) -> Kernels {
@@ -163,6 +168,7 @@ impl Kernels {
             closing: AtomicBool::new(false),
             observer,
             hook,
+            live_dir,
         }))
     }
 
@@ -236,7 +242,7 @@ impl Kernels {
             self.0.starting.fetch_sub(1, Ordering::SeqCst);
             return Err(SessionError::Limit { running, max });
         }
-        let result = self.take_process(None).await;
+        let result = self.take_process(owner, None).await;
         let (process, incoming) = match result {
             Ok(ready) => ready,
             Err(e) => {
@@ -263,20 +269,27 @@ impl Kernels {
         Ok(kernel)
     }
 
-    /// A ready process: from the pool if it has a live one, else a fresh launch (with a new id
-    /// unless `id` is given).
-    async fn take_process(&self, id: Option<uuid::Uuid>) -> Result<Ready, ClientError> {
-        loop {
-            let pooled = self.0.pool.lock().await.pop_front();
-            self.0.pool_changed.notify_one();
-            match pooled {
-                Some((p, rx)) if !p.has_exited() => return Ok((p, rx)),
-                Some(_) => continue,
-                None => break,
+    /// A ready process for `owner`: from the pool if it has a live one (the pool's kernels
+    /// see the default user's workspace), else a fresh launch with `owner`'s workspace (with a
+    /// new id unless `id` is given).
+    async fn take_process(
+        &self,
+        owner: &str,
+        id: Option<uuid::Uuid>,
+    ) -> Result<Ready, ClientError> {
+        if owner == crate::auth::DEFAULT_USER {
+            loop {
+                let pooled = self.0.pool.lock().await.pop_front();
+                self.0.pool_changed.notify_one();
+                match pooled {
+                    Some((p, rx)) if !p.has_exited() => return Ok((p, rx)),
+                    Some(_) => continue,
+                    None => break,
+                }
             }
         }
         let id = id.unwrap_or_else(uuid::Uuid::new_v4);
-        Process::launch(&self.0.launch, id).await
+        Process::launch(&self.0.launch, id, &(self.0.live_dir)(owner)).await
     }
 
     async fn fill_pool(&self) {
@@ -285,7 +298,9 @@ impl Kernels {
             let have = self.0.pool.lock().await.len() + self.0.filling.load(Ordering::SeqCst);
             if want > have && !self.0.closing.load(Ordering::SeqCst) {
                 self.0.filling.fetch_add(1, Ordering::SeqCst);
-                let launched = Process::launch(&self.0.launch, uuid::Uuid::new_v4()).await;
+                let workspace = (self.0.live_dir)(crate::auth::DEFAULT_USER);
+                let launched =
+                    Process::launch(&self.0.launch, uuid::Uuid::new_v4(), &workspace).await;
                 self.0.filling.fetch_sub(1, Ordering::SeqCst);
                 match launched {
                     Ok(ready) => {
@@ -426,7 +441,8 @@ impl Kernels {
                 }
             }
         };
-        let (retired, fresh) = tokio::join!(retire, self.take_process(Some(kernel.id)));
+        let (retired, fresh) =
+            tokio::join!(retire, self.take_process(&kernel.owner, Some(kernel.id)));
         let () = retired;
         let (process, incoming) = match fresh {
             Ok(ready) => ready,
