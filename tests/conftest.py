@@ -344,6 +344,33 @@ def decode_v1(data):
     return channel, parts
 
 
+# --- kernel processes ---------------------------------------------------------------------------
+
+def children(pid):
+    """Pids of processes whose parent is `pid`, with their command lines."""
+    out = {}
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                out[int(d.name)] = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def kernel_pid(gateway, kernel_id):
+    """The process serving `kernel_id` (launched with a connection file named after it)."""
+    for pid, argv in children(gateway.proc.pid).items():
+        if any(f"kernel-{kernel_id}".encode() in a for a in argv):
+            return pid
+    raise AssertionError(f"no process for kernel {kernel_id}")
+
+
+
 # --- JupyterLab in front of a gateway ------------------------------------------------------------
 
 class Lab(Gateway):

@@ -13,7 +13,7 @@ import pytest
 import zmq
 from jupyter_client.session import Session
 
-from conftest import KernelSocket
+from conftest import KernelSocket, kernel_pid
 
 
 def result(out):
@@ -78,19 +78,10 @@ def test_no_host_environment_or_model_key(k):
 def test_the_kernel_process_has_no_network_and_is_filtered(gw, k):
     """Expected (Linux): the kernel process has its own network namespace, no_new_privs, and
     seccomp filters in force."""
-    for d in pathlib.Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"sandgate-kernel" in cmd and f"kernel-{k.kernel_id}".encode() in cmd:
-            status = (d / "status").read_text()
-            assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
-            assert os.readlink(d / "ns/net") != os.readlink(f"/proc/{gw.proc.pid}/ns/net")
-            return
-    pytest.fail("kernel process not found")
+    pid = kernel_pid(gw, k.kernel_id)
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink(f"/proc/{gw.proc.pid}/ns/net")
 
 
 # --- exhausting resources -----------------------------------------------------------------------
@@ -201,13 +192,7 @@ def test_kill_9_mid_cell_keeps_saved_files(gw, k):
         m = k.recv()
         if m["msg_type"] == "execute_input" and m["parent_header"].get("msg_id") == msg_id:
             break
-    for d in pathlib.Path("/proc").iterdir():
-        try:
-            cmd = (d / "cmdline").read_bytes() if d.name.isdigit() else b""
-        except OSError:
-            continue
-        if b"sandgate-kernel" in cmd and f"kernel-{k.kernel_id}".encode() in cmd:
-            os.kill(int(d.name), signal.SIGKILL)
+    os.kill(kernel_pid(gw, k.kernel_id), signal.SIGKILL)
     seen = []
     k.ws.settimeout(60)
     while "idle" not in seen or "restarting" not in seen:
@@ -241,3 +226,42 @@ def test_an_iopub_flood_is_rate_limited_with_a_notice(start_gateway, tmp_path):
         assert "after the flood" in text and "output resumes" in text
     finally:
         s.close()
+
+
+def test_slow_clients_are_cut_off(start_gateway, tmp_path):
+    """Expected: a client that never finishes its headers, or trickles its body, is cut off
+    (slowloris), and the gateway keeps serving others."""
+    import socket
+    config = tmp_path / "slow.toml"
+    config.write_text("[kernels]\npool_size = 0\n[http]\nheader_timeout_s = 1\nbody_timeout_s = 1\n")
+    g = start_gateway(["--config", str(config)])
+    port = int(g.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(b"GET /api HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        answer = s.recv(4096)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+        s.sendall(b"POST /api/kernels HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: token " + g.token.encode()
+                  + b"\r\nContent-Length: 100\r\n\r\n{")
+        answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer, answer
+    status, _, _ = g.request("GET", "/api/kernels")
+    assert status == 200
+
+
+def test_each_kernel_process_has_a_cgroup_of_its_own(gw, k):
+    """Expected: where the host lets the gateway make cgroups, each kernel process is in one of
+    its own, capped at the sandbox's memory plus the process overhead (512 + 1024 MiB here);
+    where it does not, the gateway said so in its log (never silently)."""
+    lines = pathlib.Path(f"/proc/{kernel_pid(gw, k.kernel_id)}/cgroup").read_text().splitlines()
+    own = [line.split(":", 2) for line in lines if "sandgate-kernels" in line]
+    if not own:
+        assert "kernels run without cgroups of their own" in gw.log()
+        return
+    for _, controllers, path in own:
+        if controllers == "memory":
+            limit = pathlib.Path(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes").read_text()
+            assert int(limit) == (512 + 1024) << 20
+        elif controllers == "":
+            limit = pathlib.Path(f"/sys/fs/cgroup{path}/memory.max").read_text().strip()
+            assert int(limit) == (512 + 1024) << 20

@@ -6,31 +6,7 @@ import pathlib
 import signal
 import time
 
-from conftest import KernelSocket
-
-
-def children(pid):
-    """Pids of processes whose parent is `pid`, with their command lines."""
-    out = {}
-    for d in pathlib.Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                out[int(d.name)] = (d / "cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
-def kernel_pid(gateway, kernel_id):
-    """The process serving `kernel_id` (launched with a connection file named after it)."""
-    for pid, argv in children(gateway.proc.pid).items():
-        if any(f"kernel-{kernel_id}".encode() in a for a in argv):
-            return pid
-    raise AssertionError(f"no process for kernel {kernel_id}")
+from conftest import KernelSocket, children, kernel_pid
 
 
 def wait_until(condition, timeout=30, what="condition"):

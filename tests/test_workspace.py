@@ -37,7 +37,7 @@ def scan_for(root, needle):
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         for name in filenames:
             p = pathlib.Path(dirpath) / name
-            if p.is_symlink():
+            if p.is_symlink() or not p.is_file():  # sockets and the like hold no data
                 continue
             if needle in p.read_bytes() or needle in name.encode():
                 hits.append(p)

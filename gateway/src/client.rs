@@ -122,6 +122,10 @@ pub struct LaunchSpec {
     pub env: Vec<(OsString, OsString)>,
     /// How the gateway and the kernel talk.
     pub transport: Transport,
+    /// Where kernel cgroups go, and their caps.
+    pub cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
+    /// The caps of each kernel's cgroup.
+    pub caps: crate::cgroup::Caps,
 }
 
 /// Something the kernel process sent or did.
@@ -461,6 +465,16 @@ impl Process {
             source,
         })?;
         let pid = child.id();
+        let placement = pid.and_then(|pid| {
+            let name = conn_file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            match spec.cgroups.place(&name, pid, spec.caps) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    tracing::debug!(kernel = %id, %why, "the kernel runs without a cgroup of its own");
+                    None
+                }
+            }
+        });
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         // The kernel's stderr goes to the gateway's log, and its last lines are kept to explain
@@ -610,6 +624,7 @@ impl Process {
             };
             let _ = std::fs::remove_file(&conn_path);
             sockets.remove();
+            drop(placement);
             let _ = exited_tx.send(true);
             let words = match status {
                 Ok(s) => format!("the kernel process exited ({s})"),

@@ -319,7 +319,7 @@ impl Default for KernelsConfig {
 }
 
 /// What each kernel's sandbox may use (passed to `sandgate-kernel`).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
     /// The guest's memory, MiB. Default 2048; past it Python raises `MemoryError`.
@@ -335,6 +335,11 @@ pub struct SandboxConfig {
     pub disk_mb: u64,
     /// Files and folders the guest may keep there. Default 20000.
     pub disk_files: u64,
+    /// CPU one kernel process may use, in cores (its cgroup's quota). Default 1.0.
+    pub cpu_cores: f64,
+    /// MiB the kernel process may use beyond the guest's memory (its cgroup's memory cap is
+    /// `memory_mb + process_overhead_mb`). Default 1024.
+    pub process_overhead_mb: u64,
 }
 
 impl Default for SandboxConfig {
@@ -346,6 +351,8 @@ impl Default for SandboxConfig {
             open_files: 256,
             disk_mb: 2048,
             disk_files: 20_000,
+            cpu_cores: 1.0,
+            process_overhead_mb: 1024,
         }
     }
 }
@@ -362,6 +369,8 @@ pub struct HttpConfig {
     pub header_timeout_s: u64,
     /// Seconds between WebSocket pings; a client that misses two pongs is closed. Default 30.
     pub ws_ping_interval_s: u64,
+    /// Seconds a client has to send a request body (408 past it). Default 60.
+    pub body_timeout_s: u64,
 }
 
 impl Default for HttpConfig {
@@ -371,6 +380,7 @@ impl Default for HttpConfig {
             max_ws_message_bytes: 64 << 20,
             header_timeout_s: 15,
             ws_ping_interval_s: 30,
+            body_timeout_s: 60,
         }
     }
 }
@@ -429,6 +439,11 @@ impl Config {
                     p.name
                 )));
             }
+        }
+        if !(self.sandbox.cpu_cores > 0.0 && self.sandbox.cpu_cores <= 1024.0) {
+            return Err(ConfigError::Invalid(
+                "sandbox.cpu_cores must be above 0".into(),
+            ));
         }
         if self.sandbox.memory_mb < 64 {
             return Err(ConfigError::Invalid(

@@ -16,12 +16,14 @@
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
 //! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
+//! - [`cgroup`]: a cgroup of its own for each kernel process (memory and CPU), where allowed.
 //!
 //! The binary (`main.rs`) reads the command line, environment and config file, builds a
 //! [`config::Config`] and calls [`run`].
 
 pub mod ask;
 pub mod auth;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod http;
@@ -117,6 +119,15 @@ pub fn launch_spec(
         .map(|v| vec![("SANDGATE_LOG".into(), v)])
         .unwrap_or_default();
     let k = &config.kernels;
+    let cgroups = cgroup::Cgroups::detect();
+    match &cgroups {
+        cgroup::Cgroups::Unavailable(why) => tracing::warn!(
+            %why,
+            "kernels run without cgroups of their own (no memory or CPU cap on the whole process; \
+             the sandbox still caps the guest)"
+        ),
+        other => tracing::info!(cgroups = ?other, "each kernel gets a cgroup of its own"),
+    }
     Ok(client::LaunchSpec {
         binary: rt.kernel_binary.clone(),
         args,
@@ -126,6 +137,11 @@ pub fn launch_spec(
         heartbeat_misses: k.heartbeat_misses,
         env,
         transport: k.transport,
+        cgroups: Arc::new(cgroups),
+        caps: cgroup::Caps {
+            memory_bytes: (s.memory_mb + s.process_overhead_mb) << 20,
+            cpu_cores: s.cpu_cores,
+        },
     })
 }
 
@@ -261,6 +277,7 @@ impl Gateway {
             started: chrono::Utc::now(),
             loopback,
             closing: closing_rx,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(http::MAX_IN_FLIGHT)),
             config,
         });
         http::serve(listener, app, closing_tx, shutdown).await;
@@ -269,5 +286,12 @@ impl Gateway {
         syncer.abort();
         observer.flush().await;
         workspaces.close().await;
+        cgroup::Cgroups::detect().sweep();
+        // Connection files and sockets of kernels that did not get to clean up after themselves.
+        if let Ok(entries) = std::fs::read_dir(rt.data_dir.join("runtime")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 }

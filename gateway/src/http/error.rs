@@ -36,6 +36,12 @@ pub enum ApiError {
     /// The workspace key is not unlocked.
     #[error("{0}")]
     Locked(String),
+    /// The client did not finish sending its body in time.
+    #[error("the request body did not arrive within {0} s")]
+    SlowBody(u64),
+    /// Too many requests at once.
+    #[error("the gateway is serving {0} requests already; retry in a moment")]
+    Overloaded(usize),
     /// The body is over the cap.
     #[error("the request body is over the {0}-byte limit")]
     TooLarge(usize),
@@ -56,6 +62,8 @@ impl ApiError {
             ApiError::Auth(AuthError::Missing | AuthError::Invalid) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthError::Host(_) | AuthError::Origin(_)) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::SlowBody(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Quota(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Integrity(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -64,6 +64,8 @@ pub struct App {
     pub loopback: bool,
     /// Becomes true when the gateway shuts down; WebSockets close on it.
     pub closing: watch::Receiver<bool>,
+    /// Permits for requests in flight ([`MAX_IN_FLIGHT`]).
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// A JSON response.
@@ -86,8 +88,16 @@ pub(crate) fn empty(status: StatusCode) -> Response<Full<Bytes>> {
 }
 
 /// Reads a body of at most `max` bytes.
-async fn read_body(body: Incoming, max: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, max).collect().await {
+/// Requests served at once; past it, 503 with a message (WebSockets count while upgrading only).
+pub const MAX_IN_FLIGHT: usize = 512;
+
+/// Reads a body of at most `max` bytes within `limit` (a client that trickles it is cut off).
+async fn read_body(body: Incoming, max: usize, limit: Duration) -> Result<Bytes, ApiError> {
+    let collected = tokio::time::timeout(limit, Limited::new(body, max).collect()).await;
+    let Ok(collected) = collected else {
+        return Err(ApiError::SlowBody(limit.as_secs()));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
@@ -159,9 +169,13 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
     let started = std::time::Instant::now();
-    let mut response = match dispatch(&app, req).await {
-        Ok(r) => r,
-        Err(e) => e.response(),
+    let permit = app.in_flight.clone().try_acquire_owned();
+    let mut response = match permit {
+        Err(_) => ApiError::Overloaded(MAX_IN_FLIGHT).response(),
+        Ok(_permit) => match dispatch(&app, req).await {
+            Ok(r) => r,
+            Err(e) => e.response(),
+        },
     };
     cors_headers(&app, &headers, &mut response);
     if method == Method::HEAD {
@@ -237,6 +251,7 @@ async fn dispatch(
         }
     }
     let max_body = app.config.http.max_body_bytes;
+    let body_timeout = Duration::from_secs(app.config.http.body_timeout_s);
     let kernels = &app.kernels;
     match route {
         Route::Api => Ok(api_version()),
@@ -286,7 +301,7 @@ async fn dispatch(
             Ok(json_response(StatusCode::OK, &Value::Array(models)))
         }
         Route::Kernels => {
-            let body = read_body(req.into_body(), max_body).await?;
+            let body = read_body(req.into_body(), max_body, body_timeout).await?;
             let start: StartKernel = parse_json(&body)?;
             if let Some(env) = &start.env
                 && !env.values().all(Value::is_string)
@@ -328,7 +343,7 @@ async fn dispatch(
             &app.sessions.list(kernels, user),
         )),
         Route::Sessions => {
-            let body = read_body(req.into_body(), max_body).await?;
+            let body = read_body(req.into_body(), max_body, body_timeout).await?;
             let request: sessions::NewSession = parse_json(&body)?;
             let model = app.sessions.create(kernels, user, request).await?;
             Ok(json_response(StatusCode::CREATED, &model))
@@ -338,7 +353,7 @@ async fn dispatch(
             &app.sessions.get(kernels, user, &id)?,
         )),
         Route::Session(id) if req.method() == Method::PATCH => {
-            let body = read_body(req.into_body(), max_body).await?;
+            let body = read_body(req.into_body(), max_body, body_timeout).await?;
             let patch: sessions::SessionPatch = parse_json(&body)?;
             Ok(json_response(
                 StatusCode::OK,
@@ -360,7 +375,7 @@ async fn dispatch(
             let space = app.workspaces.space(user).await?;
             let method = req.method().clone();
             let query = req.uri().query().map(str::to_owned);
-            let body = read_body(req.into_body(), max_body).await?;
+            let body = read_body(req.into_body(), max_body, body_timeout).await?;
             contents::handle(space, &method, route, query.as_deref(), body).await
         }
     }

@@ -16,6 +16,9 @@ use cap_std::fs::Dir;
 use super::path::WsPath;
 use super::store::{Kind, Store, StoreError};
 
+/// The suffix of the gateway's own temporary files in a live folder (never saved).
+const TEMP_SUFFIX: &str = ".sandgate-partial";
+
 /// Most entries a scan looks at (a flood of files stops the scan, it does not stall it).
 pub const MAX_SCAN: usize = 50_000;
 
@@ -93,6 +96,9 @@ pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
                 return (out, skipped);
             }
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(TEMP_SUFFIX) {
+                continue;
+            }
             let Ok(path) = at.join(&name) else {
                 skipped.push((format!("{at}/{name}"), "not a valid workspace path".into()));
                 continue;
@@ -178,6 +184,21 @@ fn sync(dir: &Dir, store: &Store, previous: &Snapshot, deletions: bool) -> (Snap
             next.insert(path.clone(), seen);
             continue;
         }
+        // Recovering after a crash: a file the store holds a newer version of was saved after
+        // the live copy was last written; the store wins.
+        if !deletions
+            && seen.kind == Kind::File
+            && store.stat(path).is_ok_and(|e| {
+                e.modified
+                    .timestamp_nanos_opt()
+                    .map(i128::from)
+                    .unwrap_or(i128::MAX)
+                    >= seen.mtime
+            })
+        {
+            next.insert(path.clone(), seen);
+            continue;
+        }
         let result = match seen.kind {
             Kind::Dir => store.mkdir(path, true).map(|_| ()),
             Kind::File => match read_file(dir, path, quota.max_bytes) {
@@ -253,7 +274,11 @@ pub fn put(dir: &Dir, path: &WsPath, data: &[u8]) -> std::io::Result<Seen> {
     {
         dir.remove_file(path.as_str())?;
     }
-    dir.write(path.as_str(), data)?;
+    // Written beside and renamed into place, so a crash leaves the old file or the new one,
+    // never half of one (the next start saves what it finds here).
+    let tmp = format!("{}{TEMP_SUFFIX}", path.as_str());
+    dir.write(&tmp, data)?;
+    dir.rename(&tmp, dir, path.as_str())?;
     let meta = dir.symlink_metadata(path.as_str())?;
     Ok(Seen {
         kind: Kind::File,

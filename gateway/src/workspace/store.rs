@@ -200,9 +200,6 @@ fn write_atomic(tmp_dir: &Path, path: &Path, body: &[u8]) -> Result<(), StoreErr
         f.write_all(body).map_err(io(&tmp))?;
         f.sync_all().map_err(io(&tmp))?;
         drop(f);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
         std::fs::rename(&tmp, path).map_err(io(path))?;
         if let Some(parent) = path.parent() {
             sync_dir(parent);
@@ -226,6 +223,12 @@ impl Store {
     ) -> Result<Store, StoreError> {
         for sub in ["objects", "tmp"] {
             let d = dir.join(sub);
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+        }
+        // The 256 shard folders exist from the start, so a write never has to make one (and
+        // sync its parent) on the way.
+        for shard in 0..=255u8 {
+            let d = dir.join("objects").join(hex::encode([shard]));
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
         #[cfg(unix)]

@@ -181,6 +181,9 @@ struct Control {
     interrupt: AtomicBool,
     /// Serial of the cell now running, 0 when none.
     running: AtomicU64,
+    /// Cells submitted and not yet started: an interrupt that arrives before its cell's turn
+    /// begins (the client saw `execute_input` and interrupted at once) still counts.
+    queued: AtomicU64,
 }
 
 /// What the server needs to start sandboxes: the image and the limits.
@@ -260,6 +263,9 @@ impl Sandbox {
     /// event queue. `is_cell` requests run under the cell limits (timeout, output cap) and can
     /// be interrupted.
     pub fn submit(&self, request: Value, is_cell: bool) -> Result<(), SandboxError> {
+        if is_cell {
+            self.control.queued.fetch_add(1, Ordering::SeqCst);
+        }
         self.commands
             .send(Command { request, is_cell })
             .map_err(|_| SandboxError::Stopped)
@@ -268,7 +274,9 @@ impl Sandbox {
     /// Asks the running cell to stop with `KeyboardInterrupt`. A second interrupt more than a
     /// second after the first, while the same cell still runs, stops it hard.
     pub fn interrupt(&self) {
-        if self.control.running.load(Ordering::SeqCst) != 0 {
+        if self.control.running.load(Ordering::SeqCst) != 0
+            || self.control.queued.load(Ordering::SeqCst) != 0
+        {
             self.control.interrupt.store(true, Ordering::SeqCst);
         }
     }
@@ -602,11 +610,20 @@ impl Host {
         self.serial += 1;
         if is_cell {
             self.budget.reset();
-            self.control.interrupt.store(false, Ordering::SeqCst);
+            // An interrupt that came while this cell waited to start is kept: it stops the
+            // cell at its first check.
             self.control.running.store(self.serial, Ordering::SeqCst);
+            let _ = self
+                .control
+                .queued
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
         }
         let result = self.run_turn(SERVE, Some((request, is_cell)));
         self.control.running.store(0, Ordering::SeqCst);
+        if is_cell {
+            // Whatever was not taken is withdrawn, so it does not hit the next cell.
+            self.control.interrupt.store(false, Ordering::SeqCst);
+        }
         match result {
             Ok(()) => {
                 let reply = self
