@@ -344,7 +344,7 @@ async fn dispatch(
         )),
         Route::Sessions => {
             let body = read_body(req.into_body(), max_body, body_timeout).await?;
-            let request: sessions::NewSession = parse_json(&body)?;
+            let request: sessions::SessionModel = parse_json(&body)?;
             let model = app.sessions.create(kernels, user, request).await?;
             Ok(json_response(StatusCode::CREATED, &model))
         }
@@ -354,7 +354,7 @@ async fn dispatch(
         )),
         Route::Session(id) if req.method() == Method::PATCH => {
             let body = read_body(req.into_body(), max_body, body_timeout).await?;
-            let patch: sessions::SessionPatch = parse_json(&body)?;
+            let patch: sessions::SessionModel = parse_json(&body)?;
             Ok(json_response(
                 StatusCode::OK,
                 &app.sessions.update(kernels, user, &id, patch).await?,

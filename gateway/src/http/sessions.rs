@@ -22,9 +22,10 @@ pub struct KernelRef {
     pub name: Option<String>,
 }
 
-/// `POST /api/sessions`.
+/// A session as clients send it: `POST /api/sessions` (a `path` is required) and
+/// `PATCH /api/sessions/{id}` (any subset of the fields).
 #[derive(Debug, Deserialize)]
-pub struct NewSession {
+pub struct SessionModel {
     /// The notebook's path.
     #[serde(default)]
     pub path: Option<String>,
@@ -34,24 +35,7 @@ pub struct NewSession {
     /// `notebook`, `console` or `file`.
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
-    /// The kernel.
-    #[serde(default)]
-    pub kernel: Option<KernelRef>,
-}
-
-/// `PATCH /api/sessions/{id}`: any subset of the fields.
-#[derive(Debug, Deserialize)]
-pub struct SessionPatch {
-    /// New path.
-    #[serde(default)]
-    pub path: Option<String>,
-    /// New name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// New type.
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    /// Another kernel (by id) or a new one (by name).
+    /// An existing kernel (by id) or a new one (by name).
     #[serde(default)]
     pub kernel: Option<KernelRef>,
 }
@@ -151,7 +135,7 @@ impl Sessions {
         &self,
         kernels: &Kernels,
         owner: &str,
-        req: NewSession,
+        req: SessionModel,
     ) -> Result<Value, ApiError> {
         let path = req
             .path
@@ -188,7 +172,7 @@ impl Sessions {
         kernels: &Kernels,
         owner: &str,
         id: &str,
-        patch: SessionPatch,
+        patch: SessionModel,
     ) -> Result<Value, ApiError> {
         let mut r = self.record(owner, id)?;
         if let Some(p) = patch.path {
