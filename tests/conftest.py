@@ -303,9 +303,15 @@ class KernelSocket:
         return self.collect(msg_id, timeout)
 
     def collect(self, msg_id, timeout=TIMEOUT):
-        self.ws.settimeout(timeout)
+        """Messages of one request until its reply and its idle status; `timeout` bounds the whole
+        wait, not each message, so a kernel that keeps talking about something else can't stall it."""
+        deadline = time.monotonic() + timeout
         reply, outputs, idle = None, [], False
         while reply is None or not idle:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no reply and idle for {msg_id} within {timeout} s")
+            self.ws.settimeout(left)
             msg = self.recv()
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue

@@ -22,10 +22,13 @@ def wait_until(condition, timeout=30, what="condition"):
 
 
 def statuses_until(s, wanted, timeout=60):
-    """iopub execution states received until `wanted` has been seen."""
-    s.ws.settimeout(timeout)
+    """iopub execution states received until `wanted` has been seen, within `timeout` in all."""
+    deadline = time.monotonic() + timeout
     seen = []
     while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {wanted!r} status within {timeout} s; saw {seen}"
+        s.ws.settimeout(left)
         m = s.recv()
         if m["msg_type"] == "status":
             seen.append(m["content"]["execution_state"])

@@ -215,3 +215,40 @@ def test_restart_gives_a_fresh_interpreter(start_kernel):
     k.kc.wait_for_ready(timeout=60)
     reply, _ = k.execute("before_restart")
     assert reply["ename"] == "NameError"
+
+
+def test_a_subscriber_that_stops_reading_does_not_stop_the_kernel(start_kernel):
+    """A second iopub subscriber that reads nothing (its buffers full) costs the kernel a short
+    stall, then its messages are dropped: the cell finishes, and once that subscriber has gone
+    the one that reads gets every message of the next cell."""
+    import zmq
+    k = start_kernel()
+    info = k.km.get_connection_info()
+    ctx = zmq.Context()
+    stuck = ctx.socket(zmq.SUB)
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(f"{info['transport']}://{info['ip']}:{info['iopub_port']}")
+    try:
+        # Subscribed once a message reaches it; from then on it never reads again.
+        for _ in range(100):
+            k.execute("0")
+            if stuck.poll(100):
+                break
+        else:
+            raise AssertionError("the second subscriber never received anything")
+        started = time.monotonic()
+        msg_id = k.kc.execute("for i in range(6000):\n    print('y' * 1000, flush=True)\n'flooded'")
+        reply = k.kc.get_shell_msg(timeout=120)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = k.kc.get_shell_msg(timeout=120)
+        assert reply["content"]["status"] == "ok"
+        assert time.monotonic() - started < 60
+    finally:
+        stuck.close(linger=0)
+        ctx.term()
+    # The reading client sees the next cell whole (its idle included).
+    reply, out = k.execute("'after'")
+    assert reply["status"] == "ok"
+    assert [m["content"]["data"]["text/plain"] for m in of_type(out, "execute_result")] == ["'after'"]

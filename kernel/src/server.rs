@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError};
+use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError, StreamName};
 use sandgate_wire::{self as wire, Message, Signer};
 
 /// The protocol version spoken.
@@ -27,6 +27,15 @@ const SEND_QUEUE: usize = 1024;
 const REPLAY_MEMORY: usize = 65_536;
 /// How much of a cell's output text the history keeps.
 const HISTORY_OUTPUT_CHARS: usize = 10_000;
+/// Stream text of a running cell goes out at most this often per cell (ipykernel: 200 ms).
+const STREAM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Stream text waiting for its interval is sent anyway once it is this large.
+const STREAM_BATCH: usize = 1 << 20;
+/// How long an iopub send may wait for a subscriber that does not read before it is given up.
+const IOPUB_STALL: std::time::Duration = std::time::Duration::from_secs(2);
+/// The same, while a subscriber is known to be stalled: a send that does not go through at
+/// once is dropped, so a stalled subscriber costs the kernel about this much per message.
+const IOPUB_STALLED: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Errors that stop the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +103,67 @@ fn spawn_writer<S: SocketSend + Send + 'static>(mut socket: S, name: &'static st
                 }
                 Outgoing::Flush(done) => {
                     let _ = done.send(());
+                }
+            }
+        }
+    });
+    Outbox(tx)
+}
+
+/// The iopub writer. iopub is an XPUB socket, as in ipykernel 7: SUB clients connect to it
+/// exactly as to a PUB. zeromq's PUB socket preallocates (and touches) a 100 000-slot queue, 4 MB
+/// that every idle kernel would carry; XPUB writes to each subscriber's connection directly.
+///
+/// XPUB learns of subscriptions only when it is read, so the same task reads it between sends.
+/// A subscriber that stops reading must not stop the kernel: a send that cannot finish within
+/// [`IOPUB_STALL`] is given up (the message is lost, as a PUB socket drops at its high-water
+/// mark), and while sends keep stalling each waits only [`IOPUB_STALLED`], until one goes
+/// through in time. zeromq's XPUB writes to its subscribers in turn, so while one is stalled
+/// the others can miss messages too; under the gateway each kernel has one subscriber, the
+/// gateway, which always reads.
+fn spawn_publisher(mut socket: zeromq::XPubSocket) -> Outbox {
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(SEND_QUEUE);
+    tokio::spawn(async move {
+        let mut stalled = false;
+        let mut dropped: u64 = 0;
+        loop {
+            tokio::select! {
+                biased;
+                item = rx.recv() => match item {
+                    None => break,
+                    Some(Outgoing::Frames(frames)) => {
+                        let Ok(message) = ZmqMessage::try_from(frames) else {
+                            continue;
+                        };
+                        let patience = if stalled { IOPUB_STALLED } else { IOPUB_STALL };
+                        match tokio::time::timeout(patience, socket.send(message)).await {
+                            Ok(Ok(())) => {
+                                if stalled {
+                                    tracing::warn!(dropped, "an iopub subscriber reads again");
+                                    stalled = false;
+                                    dropped = 0;
+                                }
+                            }
+                            Ok(Err(e)) => tracing::debug!(error = %e, "iopub send failed"),
+                            Err(_) => {
+                                if !stalled {
+                                    tracing::warn!("an iopub subscriber stopped reading; \
+                                                    messages it cannot take are dropped");
+                                }
+                                stalled = true;
+                                dropped += 1;
+                            }
+                        }
+                    }
+                    Some(Outgoing::Flush(done)) => {
+                        let _ = done.send(());
+                    }
+                },
+                // Subscriptions and unsubscriptions; XPUB records them as it reads them.
+                read = socket.recv() => {
+                    if let Err(e) = read {
+                        tracing::debug!(error = %e, "iopub read failed");
+                    }
                 }
             }
         }
@@ -220,7 +290,7 @@ pub async fn run(
     let (shell_send, shell_recv) = bind::<zeromq::RouterSocket>(c.shell_url()).await?.split();
     let (control_send, control_recv) = bind::<zeromq::RouterSocket>(c.control_url()).await?.split();
     let (stdin_send, stdin_recv) = bind::<zeromq::RouterSocket>(c.stdin_url()).await?.split();
-    let iopub = bind::<zeromq::PubSocket>(c.iopub_url()).await?;
+    let iopub = bind::<zeromq::XPubSocket>(c.iopub_url()).await?;
     let mut heartbeat = bind::<zeromq::RepSocket>(c.hb_url()).await?;
     tokio::spawn(async move {
         while let Ok(ping) = heartbeat.recv().await {
@@ -240,7 +310,7 @@ pub async fn run(
     let messenger = Messenger {
         signer: signer.clone(),
         session: uuid::Uuid::new_v4().to_string(),
-        iopub: spawn_writer(iopub, "iopub"),
+        iopub: spawn_publisher(iopub),
     };
     let shell_out = spawn_writer(shell_send, "shell");
     let control_out = spawn_writer(control_send, "control");
@@ -278,7 +348,6 @@ pub async fn run(
         stdin: stdin_out,
         sandbox: sandbox.clone(),
         events: events_rx,
-        lookahead: None,
         stdin_replies: stdin_rx,
         info: info.clone(),
         count: 0,
@@ -398,8 +467,6 @@ struct Executor {
     stdin: Outbox,
     sandbox: Arc<Sandbox>,
     events: mpsc::Receiver<Event>,
-    /// An event read ahead while coalescing output.
-    lookahead: Option<Event>,
     stdin_replies: mpsc::Receiver<Message>,
     info: Value,
     count: u64,
@@ -534,6 +601,12 @@ impl Executor {
 
     /// Sends a request to the sandbox and, while it runs, forwards its events to iopub (with
     /// `parent` as their parent) and serves its `input()` calls.
+    ///
+    /// Stream text is batched as ipykernel does: a write goes out at once when its stream has
+    /// been quiet for [`STREAM_INTERVAL`], otherwise it waits, with what follows, until that
+    /// interval has passed (or [`STREAM_BATCH`] bytes are waiting). Anything else the cell
+    /// publishes, and its end, first sends what waits, so order is kept. A cell that prints a
+    /// line at a time in a tight loop thus sends a few messages a second, not one per line.
     async fn run_in_sandbox(
         &mut self,
         request: Value,
@@ -542,38 +615,80 @@ impl Executor {
     ) -> Result<Outcome, SandboxError> {
         self.sandbox.submit(request, is_cell)?;
         let mut output = String::new();
+        let mut held: Option<(StreamName, String)> = None;
+        let mut last_sent: Option<tokio::time::Instant> = None;
         loop {
-            if let Some(event) = self.lookahead.take() {
-                match event {
-                    Event::Done(outcome) => return Ok(self.finish(outcome, parent, output)),
-                    event => {
-                        if let Some((parent, count)) = parent {
-                            self.forward(parent, count, event, &mut output).await;
-                        }
-                        continue;
-                    }
-                }
-            }
-            tokio::select! {
+            let due = held.as_ref().and(last_sent).map(|at| at + STREAM_INTERVAL);
+            let event = tokio::select! {
                 biased;
                 event = self.events.recv() => match event {
                     None => return Err(SandboxError::Stopped),
-                    Some(Event::Done(outcome)) => return Ok(self.finish(outcome, parent, output)),
-                    Some(event) => {
-                        if let Some((parent, count)) = parent {
-                            self.forward(parent, count, event, &mut output).await;
-                        }
-                    }
+                    Some(event) => event,
                 },
+                () = sleep_until_some(due), if due.is_some() => {
+                    if let (Some(parent), Some(text)) = (parent, held.take()) {
+                        self.publish_stream(parent.0, text).await;
+                    }
+                    last_sent = Some(tokio::time::Instant::now());
+                    continue;
+                }
                 reply = self.stdin_replies.recv() => {
                     if let Some(reply) = reply
                         && reply.header.msg_type == "input_reply" {
                             let value = reply.content.get("value").and_then(Value::as_str).map(str::to_owned);
                             self.sandbox.input_reply(value);
                         }
+                    continue;
+                }
+            };
+            let Some((parent, count)) = parent else {
+                if let Event::Done(outcome) = event {
+                    return Ok(outcome);
+                }
+                continue;
+            };
+            match event {
+                Event::Stream { name, text } => {
+                    match &mut held {
+                        Some((held_name, held_text)) if *held_name == name => {
+                            held_text.push_str(&text);
+                        }
+                        _ => {
+                            if let Some(previous) = held.replace((name, text)) {
+                                self.publish_stream(parent, previous).await;
+                            }
+                        }
+                    }
+                    let quiet = last_sent.is_none_or(|at| at.elapsed() >= STREAM_INTERVAL);
+                    let big = held.as_ref().is_some_and(|(_, t)| t.len() >= STREAM_BATCH);
+                    if quiet || big {
+                        if let Some(text) = held.take() {
+                            self.publish_stream(parent, text).await;
+                        }
+                        last_sent = Some(tokio::time::Instant::now());
+                    }
+                }
+                event => {
+                    if let Some(text) = held.take() {
+                        self.publish_stream(parent, text).await;
+                    }
+                    if let Event::Done(outcome) = event {
+                        return Ok(self.finish(outcome, Some((parent, count)), output));
+                    }
+                    self.forward(parent, count, event, &mut output).await;
                 }
             }
         }
+    }
+
+    async fn publish_stream(&self, parent: &Message, (name, text): (StreamName, String)) {
+        self.messenger
+            .publish(
+                parent,
+                "stream",
+                json!({"name": name.as_str(), "text": text}),
+            )
+            .await;
     }
 
     /// Records a cell's text result in the history and hands back its outcome.
@@ -592,33 +707,12 @@ impl Executor {
         outcome
     }
 
-    /// Publishes one event. Coalescing may read one event ahead; it is kept in `lookahead`.
+    /// Publishes one event other than stream text (see [`Executor::run_in_sandbox`]).
     async fn forward(&mut self, parent: &Message, count: u64, event: Event, output: &mut String) {
         let m = &self.messenger;
         match event {
-            Event::Stream { name, mut text } => {
-                // Coalesce what is already queued for the same stream into one message.
-                let mut next = None;
-                while let Ok(more) = self.events.try_recv() {
-                    match more {
-                        Event::Stream { name: n, text: t } if n == name && text.len() < 1 << 20 => {
-                            text.push_str(&t)
-                        }
-                        other => {
-                            next = Some(other);
-                            break;
-                        }
-                    }
-                }
-                m.publish(
-                    parent,
-                    "stream",
-                    json!({"name": name.as_str(), "text": text}),
-                )
-                .await;
-                if let Some(next) = next {
-                    self.lookahead = Some(next);
-                }
+            Event::Stream { name, text } => {
+                self.publish_stream(parent, (name, text)).await;
             }
             Event::Iopub {
                 msg_type,
@@ -841,5 +935,13 @@ mod tests {
         assert!(glob("a*c", "abbbc"));
         assert!(!glob("a*c", "abbb"));
         assert!(!glob("1?2*", "12"));
+    }
+}
+
+/// Sleeps until `at`; never resolves for `None` (the caller's `select!` guards that branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
