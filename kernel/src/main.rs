@@ -247,8 +247,10 @@ fn main() -> Result<()> {
                 };
                 sandgate_kernel::harden::apply(network);
             }
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // One thread carries all the kernel's sockets and tasks: they only move messages,
+            // and on one thread handing a message from task to task wakes no other thread
+            // (the guest runs on a thread of its own).
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(async {

@@ -300,7 +300,7 @@ pub async fn run(
         }
     });
 
-    let (events_tx, events_rx) = mpsc::channel(1024);
+    let (events_tx, events_rx) = mpsc::channel(crate::sandbox::EVENT_QUEUE);
     let sandbox_config = config.sandbox.clone();
     let sandbox = tokio::task::spawn_blocking(move || Sandbox::start(sandbox_config, events_tx))
         .await

@@ -507,13 +507,24 @@ def _cell_name(count):
 
 def _run_source(source, filename, want_value=True):
     """Runs `source` in the user's namespace; returns the last expression's value."""
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    if want_value:
+        # A cell that is one expression (`df.head()`, `1+1`) compiles straight to its value,
+        # without the round trip through Python AST objects; anything else fails to parse as
+        # an expression at once and takes the general path.
+        try:
+            code = compile(source, filename, "eval", flags=flags, dont_inherit=True)
+        except SyntaxError:
+            pass
+        else:
+            return _run_code(code, evaluate=True)
     tree = ast.parse(source, filename, "exec")
     last = None
     if want_value and tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
-    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
-    code = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
-    _run_code(code)
+    if tree.body or last is None:
+        code = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
+        _run_code(code)
     if last is not None:
         code = compile(last, filename, "eval", flags=flags, dont_inherit=True)
         return _run_code(code, evaluate=True)

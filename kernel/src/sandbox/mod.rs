@@ -45,7 +45,7 @@ pub const GUEST_THREAD_STACK: usize = 64 << 20;
 /// The epoch ticker's period: how often a running guest checks for interrupts and deadlines.
 const TICK: Duration = Duration::from_millis(10);
 /// Most events waiting between the guest and the kernel before the guest blocks on output.
-const EVENT_QUEUE: usize = 1024;
+pub const EVENT_QUEUE: usize = 1024;
 /// argv[0] the image was built to expect.
 const ARGV0: &str = "/usr/local/bin/python.wasm";
 /// The guest's whole environment. `MPLBACKEND` selects the kernel's inline backend, which shows
@@ -63,17 +63,24 @@ pub const GUEST_ENV: &[(&str, &str)] = &[
 /// backend. It is sent through the door when an interpreter starts.
 const DRIVER: &str = include_str!("driver.py");
 
-/// A short hash of the driver: the interrupt flags are probed with it booted, so a new driver
-/// is probed anew.
+/// A short hash of the driver and the turns that boot it: the interrupt flags are probed with
+/// it booted, so a new driver is probed anew.
 pub fn driver_tag() -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, DRIVER.as_bytes());
-    hex::encode(&d.as_ref()[..4])
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [DRIVER, BOOT, SERVE] {
+        d.update(part.as_bytes());
+        d.update(&[0]);
+    }
+    hex::encode(&d.finish().as_ref()[..4])
 }
-/// The first turn of every interpreter: fetch the driver through the door and run it.
+/// The first turn of every interpreter: fetch the driver through the door, run it, and name
+/// its `serve` in the turns' namespace (not the user's, which is the driver's own).
 const BOOT: &str = "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), \
-                    '<sandgate-driver>', 'exec'), {'__name__': '_sandgate'})";
-/// Every later turn: ask the driver to serve the kernel's pending request.
-const SERVE: &str = "__import__('sys').modules['_sandgate'].serve()";
+                    '<sandgate-driver>', 'exec'), {'__name__': '_sandgate'})\n\
+                    __sandgate_serve = __import__('sys').modules['_sandgate'].serve";
+/// Every later turn: ask the driver to serve the kernel's pending request. The image compiles
+/// each turn's text, so it is kept as short as a call can be.
+const SERVE: &str = "__sandgate_serve()";
 
 /// Errors of the sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -147,13 +154,44 @@ pub enum Event {
 }
 
 /// The guest-to-kernel event queue, bounded: a guest that floods output waits for the kernel.
+///
+/// The guest thread puts events straight on the kernel's tokio channel (no thread in between,
+/// so an event costs one wake-up). While the queue has room that is a `try_send`; when it is
+/// full the guest thread parks until the kernel takes some. It parks with [`park_on`], not
+/// `blocking_send`: WASI's stream writes run inside wasmtime-wasi's tokio context, where
+/// `blocking_send` refuses to block.
 #[derive(Clone, Debug)]
-pub struct EventSink(mpsc::SyncSender<Event>);
+pub struct EventSink(tokio::sync::mpsc::Sender<Event>);
 
 impl EventSink {
     fn send(&self, event: Event) {
-        // The receiver is gone only while the kernel shuts down; output is then moot.
-        let _ = self.0.send(event);
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.0.try_send(event) {
+            // The receiver is gone only while the kernel shuts down; output is then moot.
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(event)) => {
+                let _ = park_on(self.0.send(event));
+            }
+        }
+    }
+}
+
+/// Runs `future` to completion on this thread, parking it while the future waits.
+fn park_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let mut future = std::pin::pin!(future);
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    loop {
+        if let std::task::Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
     }
 }
 
@@ -211,20 +249,7 @@ impl Sandbox {
         config: SandboxConfig,
         events: tokio::sync::mpsc::Sender<Event>,
     ) -> Result<Sandbox, SandboxError> {
-        let (std_tx, std_rx) = mpsc::sync_channel(EVENT_QUEUE);
-        // The guest blocks in wasmtime-wasi's own tokio context, where a tokio channel cannot
-        // block; a plain thread moves events from the std channel to the kernel's.
-        std::thread::Builder::new()
-            .name("sandbox-events".into())
-            .spawn(move || {
-                while let Ok(ev) = std_rx.recv() {
-                    if events.blocking_send(ev).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| SandboxError::Start(e.to_string()))?;
-        let sink = EventSink(std_tx);
+        let sink = EventSink(events);
         let control = Arc::new(Control::default());
         let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
         let (input_tx, input_rx) = mpsc::channel();
@@ -677,8 +702,8 @@ pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFl
     drop(bytes);
     let mut config = config;
     config.image.interrupt = None;
-    let (std_tx, std_rx) = mpsc::sync_channel(EVENT_QUEUE);
-    std::thread::spawn(move || while std_rx.recv().is_ok() {});
+    let (std_tx, mut std_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    std::thread::spawn(move || while std_rx.blocking_recv().is_some() {});
     let (_input_tx, input_rx) = mpsc::channel();
     let config2 = config.clone();
     let handle = std::thread::Builder::new()

@@ -172,8 +172,8 @@ impl AsyncWrite for GuestOutput {
 mod tests {
     use super::*;
 
-    fn output() -> (GuestOutput, std::sync::mpsc::Receiver<Event>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel(64);
+    fn output() -> (GuestOutput, tokio::sync::mpsc::Receiver<Event>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let sink = EventSink(tx);
         (
             GuestOutput::new(StreamName::Stdout, sink, Arc::new(OutputBudget::new(10))),
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn split_utf8_is_joined() {
-        let (out, rx) = output();
+        let (out, mut rx) = output();
         let snow = "☃".as_bytes();
         out.forward(&snow[..1]);
         out.forward(&snow[1..]);
@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn cap_sends_one_notice_then_drops() {
-        let (out, rx) = output();
+        let (out, mut rx) = output();
         out.forward(b"0123456789");
         out.forward(b"more");
         out.forward(b"and more");
