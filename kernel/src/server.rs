@@ -924,6 +924,14 @@ fn glob(pattern: &str, text: &str) -> bool {
     pi == p.len()
 }
 
+/// Sleeps until `at`; never resolves for `None` (the caller's `select!` guards that branch).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::glob;
@@ -935,13 +943,5 @@ mod tests {
         assert!(glob("a*c", "abbbc"));
         assert!(!glob("a*c", "abbb"));
         assert!(!glob("1?2*", "12"));
-    }
-}
-
-/// Sleeps until `at`; never resolves for `None` (the caller's `select!` guards that branch).
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
