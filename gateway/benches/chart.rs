@@ -1,8 +1,10 @@
 //! Draws the benchmark results as a PNG bar chart, Sandgate beside the reference.
 //!
 //! ```text
-//! cargo bench -p sandgate --bench chart -- kernel.json gateway.json out.png
+//! cargo bench -p sandgate --bench chart -- "$PWD/kernel.json" "$PWD/gateway.json" "$PWD/out.png"
 //! ```
+//!
+//! (`cargo bench` runs it in `gateway/`, so relative paths would be taken from there.)
 //!
 //! The inputs are the `--json` files of `kernel/benches/bench_kernel.py` and
 //! `gateway/benches/bench_gateway.py` (any number of them, in that shape). Every metric with a
