@@ -78,8 +78,9 @@ pub fn driver_tag() -> String {
 const BOOT: &str = "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), \
                     '<sandgate-driver>', 'exec'), {'__name__': '_sandgate'})\n\
                     __sandgate_serve = __import__('sys').modules['_sandgate'].serve";
-/// Every later turn: ask the driver to serve the kernel's pending request. The image compiles
-/// each turn's text, so it is kept as short as a call can be.
+/// Every later turn: ask the driver to serve the kernel's pending request. The driver serves
+/// this exact text without compiling it (`_SERVE_TURN` in driver.py); should that shortcut be
+/// missing, the image compiles and runs it as it stands.
 const SERVE: &str = "__sandgate_serve()";
 
 /// Errors of the sandbox.
