@@ -137,6 +137,10 @@ struct Inner {
     /// Pool starts in flight.
     filling: AtomicUsize,
     pool_changed: Notify,
+    /// Told whenever a start outside the pool ends (see `starting`).
+    started: Notify,
+    /// The warm-pool filler, awaited at shutdown so a launch in flight is shut down too.
+    filler: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     closing: AtomicBool,
     observer: Arc<dyn Observer>,
     hook: Option<Arc<dyn ShellHook>>,
@@ -165,6 +169,8 @@ impl Kernels {
             starting: AtomicUsize::new(0),
             filling: AtomicUsize::new(0),
             pool_changed: Notify::new(),
+            started: Notify::new(),
+            filler: std::sync::Mutex::new(None),
             closing: AtomicBool::new(false),
             observer,
             hook,
@@ -180,7 +186,8 @@ impl Kernels {
     /// Starts the warm-pool filler and the idle culler.
     pub fn spawn_background(&self) {
         let me = self.clone();
-        tokio::spawn(async move { me.fill_pool().await });
+        let filler = tokio::spawn(async move { me.fill_pool().await });
+        *self.0.filler.lock().unwrap_or_else(|e| e.into_inner()) = Some(filler);
         let me = self.clone();
         tokio::spawn(async move { me.cull_loop().await });
     }
@@ -239,17 +246,23 @@ impl Kernels {
         let reserved = self.0.starting.fetch_add(1, Ordering::SeqCst);
         let running = self.count();
         if running + reserved >= max {
-            self.0.starting.fetch_sub(1, Ordering::SeqCst);
+            self.start_ended();
             return Err(SessionError::Limit { running, max });
         }
         let result = self.take_process(owner, None).await;
         let (process, incoming) = match result {
             Ok(ready) => ready,
             Err(e) => {
-                self.0.starting.fetch_sub(1, Ordering::SeqCst);
+                self.start_ended();
                 return Err(e.into());
             }
         };
+        if self.0.closing.load(Ordering::SeqCst) {
+            // The gateway began shutting down while this kernel started: it is not kept.
+            process.shutdown(self.0.config.shutdown_grace).await;
+            self.start_ended();
+            return Err(SessionError::ShuttingDown);
+        }
         let kernel = Arc::new(Kernel::new(
             process.id,
             name.to_owned(),
@@ -263,10 +276,16 @@ impl Kernels {
         let process = Arc::new(process);
         kernel.set_process(Some(process.clone()));
         self.map_mut().insert(kernel.id, kernel.clone());
-        self.0.starting.fetch_sub(1, Ordering::SeqCst);
+        self.start_ended();
         self.spawn_pump(kernel.clone(), process, incoming);
         tracing::info!(kernel = %kernel.id, owner, "kernel started");
         Ok(kernel)
+    }
+
+    /// A start outside the pool is over (its kernel is registered, or it failed).
+    fn start_ended(&self) {
+        self.0.starting.fetch_sub(1, Ordering::SeqCst);
+        self.0.started.notify_waiters();
     }
 
     /// A ready process for `owner`: from the pool if it has a live one (the pool's kernels
@@ -294,6 +313,9 @@ impl Kernels {
 
     async fn fill_pool(&self) {
         loop {
+            // Made before the checks below, so a change (or the shutdown) that comes between
+            // them and the wait at the end is not missed.
+            let changed = self.0.pool_changed.notified();
             let want = self.0.config.pool_size;
             let have = self.0.pool.lock().await.len() + self.0.filling.load(Ordering::SeqCst);
             if want > have && !self.0.closing.load(Ordering::SeqCst) {
@@ -325,7 +347,7 @@ impl Kernels {
             if self.0.closing.load(Ordering::SeqCst) {
                 return;
             }
-            self.0.pool_changed.notified().await;
+            changed.await;
         }
     }
 
@@ -549,6 +571,28 @@ impl Kernels {
     pub async fn shutdown_all(&self) {
         self.0.closing.store(true, Ordering::SeqCst);
         self.0.pool_changed.notify_waiters();
+        // Launches in flight end first: each sees `closing` and shuts its process down, so no
+        // kernel outlives the gateway. A launch gives up after its start-up timeout.
+        let patience = self.0.launch.startup_timeout + self.0.config.shutdown_grace;
+        let filler = self
+            .0
+            .filler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(filler) = filler {
+            let _ = tokio::time::timeout(patience, filler).await;
+        }
+        let _ = tokio::time::timeout(patience, async {
+            loop {
+                let started = self.0.started.notified();
+                if self.0.starting.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                started.await;
+            }
+        })
+        .await;
         let kernels: Vec<Arc<Kernel>> = self.map().values().cloned().collect();
         let pooled: Vec<Ready> = self.0.pool.lock().await.drain(..).collect();
         let grace = self.0.config.shutdown_grace;
