@@ -625,7 +625,7 @@ impl Executor {
                     None => return Err(SandboxError::Stopped),
                     Some(event) => event,
                 },
-                () = sleep_until_some(due), if due.is_some() => {
+                () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                     if let (Some(parent), Some(text)) = (parent, held.take()) {
                         self.publish_stream(parent.0, text).await;
                     }
@@ -661,10 +661,10 @@ impl Executor {
                     }
                     let quiet = last_sent.is_none_or(|at| at.elapsed() >= STREAM_INTERVAL);
                     let big = held.as_ref().is_some_and(|(_, t)| t.len() >= STREAM_BATCH);
-                    if quiet || big {
-                        if let Some(text) = held.take() {
-                            self.publish_stream(parent, text).await;
-                        }
+                    if (quiet || big)
+                        && let Some(text) = held.take()
+                    {
+                        self.publish_stream(parent, text).await;
                         last_sent = Some(tokio::time::Instant::now());
                     }
                 }
@@ -711,9 +711,6 @@ impl Executor {
     async fn forward(&mut self, parent: &Message, count: u64, event: Event, output: &mut String) {
         let m = &self.messenger;
         match event {
-            Event::Stream { name, text } => {
-                self.publish_stream(parent, (name, text)).await;
-            }
             Event::Iopub {
                 msg_type,
                 mut content,
@@ -727,8 +724,8 @@ impl Executor {
                 }
                 m.publish(parent, msg_type, content).await;
             }
-            // `run_in_sandbox` takes `Done` itself and never passes it here.
-            Event::Done(_) => {}
+            // `run_in_sandbox` handles stream text and `Done` itself and never passes them here.
+            Event::Stream { .. } | Event::Done(_) => {}
             Event::InputRequest { prompt, password } => {
                 let allowed = parent
                     .content
@@ -922,14 +919,6 @@ fn glob(pattern: &str, text: &str) -> bool {
         pi += 1;
     }
     pi == p.len()
-}
-
-/// Sleeps until `at`; never resolves for `None` (the caller's `select!` guards that branch).
-async fn sleep_until_some(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

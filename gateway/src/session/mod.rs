@@ -137,10 +137,8 @@ struct Inner {
     /// Pool starts in flight.
     filling: AtomicUsize,
     pool_changed: Notify,
-    /// Told whenever a start outside the pool ends (see `starting`).
-    started: Notify,
-    /// The warm-pool filler, awaited at shutdown so a launch in flight is shut down too.
-    filler: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Told whenever a launch in flight (`starting` or `filling`) is over.
+    launch_ended: Notify,
     closing: AtomicBool,
     observer: Arc<dyn Observer>,
     hook: Option<Arc<dyn ShellHook>>,
@@ -169,8 +167,7 @@ impl Kernels {
             starting: AtomicUsize::new(0),
             filling: AtomicUsize::new(0),
             pool_changed: Notify::new(),
-            started: Notify::new(),
-            filler: std::sync::Mutex::new(None),
+            launch_ended: Notify::new(),
             closing: AtomicBool::new(false),
             observer,
             hook,
@@ -186,8 +183,7 @@ impl Kernels {
     /// Starts the warm-pool filler and the idle culler.
     pub fn spawn_background(&self) {
         let me = self.clone();
-        let filler = tokio::spawn(async move { me.fill_pool().await });
-        *self.0.filler.lock().unwrap_or_else(|e| e.into_inner()) = Some(filler);
+        tokio::spawn(async move { me.fill_pool().await });
         let me = self.clone();
         tokio::spawn(async move { me.cull_loop().await });
     }
@@ -285,7 +281,7 @@ impl Kernels {
     /// A start outside the pool is over (its kernel is registered, or it failed).
     fn start_ended(&self) {
         self.0.starting.fetch_sub(1, Ordering::SeqCst);
-        self.0.started.notify_waiters();
+        self.0.launch_ended.notify_waiters();
     }
 
     /// A ready process for `owner`: from the pool if it has a live one (the pool's kernels
@@ -323,23 +319,28 @@ impl Kernels {
                 let workspace = (self.0.live_dir)(crate::auth::DEFAULT_USER);
                 let launched =
                     Process::launch(&self.0.launch, uuid::Uuid::new_v4(), &workspace).await;
-                self.0.filling.fetch_sub(1, Ordering::SeqCst);
-                match launched {
-                    Ok(ready) => {
-                        if self.0.closing.load(Ordering::SeqCst) {
-                            ready.0.shutdown(self.0.config.shutdown_grace).await;
-                            return;
-                        }
-                        self.0.pool.lock().await.push_back(ready);
+                // The launch counts as in flight until its process is pooled or, if the gateway
+                // began shutting down meanwhile, shut down: `shutdown_all` waits for that.
+                let failed = match launched {
+                    Ok(ready) if self.0.closing.load(Ordering::SeqCst) => {
+                        ready.0.shutdown(self.0.config.shutdown_grace).await;
+                        None
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a kernel for the warm pool");
-                        // Do not spin on a broken set-up: wait for a kernel to be taken (or
-                        // the next cull tick) before trying again.
-                        tokio::select! {
-                            () = self.0.pool_changed.notified() => {}
-                            () = tokio::time::sleep(self.0.config.cull_interval) => {}
-                        }
+                    Ok(ready) => {
+                        self.0.pool.lock().await.push_back(ready);
+                        None
+                    }
+                    Err(e) => Some(e),
+                };
+                self.0.filling.fetch_sub(1, Ordering::SeqCst);
+                self.0.launch_ended.notify_waiters();
+                if let Some(e) = failed {
+                    tracing::error!(error = %e, "cannot start a kernel for the warm pool");
+                    // Do not spin on a broken set-up: wait for a kernel to be taken (or the
+                    // next cull tick) before trying again.
+                    tokio::select! {
+                        () = self.0.pool_changed.notified() => {}
+                        () = tokio::time::sleep(self.0.config.cull_interval) => {}
                     }
                 }
                 continue;
@@ -571,25 +572,19 @@ impl Kernels {
     pub async fn shutdown_all(&self) {
         self.0.closing.store(true, Ordering::SeqCst);
         self.0.pool_changed.notify_waiters();
-        // Launches in flight end first: each sees `closing` and shuts its process down, so no
-        // kernel outlives the gateway. A launch gives up after its start-up timeout.
+        // Launches in flight (pool refills, starts) end first: each sees `closing` and shuts
+        // its process down, so no kernel outlives the gateway. A launch gives up after its
+        // start-up timeout.
         let patience = self.0.launch.startup_timeout + self.0.config.shutdown_grace;
-        let filler = self
-            .0
-            .filler
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(filler) = filler {
-            let _ = tokio::time::timeout(patience, filler).await;
-        }
         let _ = tokio::time::timeout(patience, async {
             loop {
-                let started = self.0.started.notified();
-                if self.0.starting.load(Ordering::SeqCst) == 0 {
+                let ended = self.0.launch_ended.notified();
+                let in_flight =
+                    self.0.starting.load(Ordering::SeqCst) + self.0.filling.load(Ordering::SeqCst);
+                if in_flight == 0 {
                     return;
                 }
-                started.await;
+                ended.await;
             }
         })
         .await;

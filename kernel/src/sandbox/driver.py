@@ -894,16 +894,13 @@ sys.modules["_sandgate"] = _module
 
 # The kernel's request turns. The image's `turn` export hands every turn's text to
 # `_reactor._run_turn`, which parses it, compiles it twice and registers it with linecache: about
-# 70 µs for a one-call turn, on every request. The text of a request turn never changes (it is
-# `SERVE` in sandbox/mod.rs), so that one text is served directly; every other turn (the
-# interrupt probe's, a fallback) takes the image's own path.
-_SERVE_TURN = "__sandgate_serve()"
-
-
+# 70 µs for a one-call turn, on every request. The text of a request turn never changes (the
+# kernel passes it in as `_SERVE_TURN` when it boots the driver), so that one text is served
+# directly; every other turn (the interrupt probe's) takes the image's own path.
 def _install_turn_shortcut():
     reactor = sys.modules.get("_reactor")
     run_turn = getattr(reactor, "_run_turn", None)
-    if run_turn is None or getattr(run_turn, "_sandgate", False):
+    if run_turn is None:
         return
 
     def _run_turn(text, name):
@@ -912,7 +909,6 @@ def _install_turn_shortcut():
             return None
         return run_turn(text, name)
 
-    _run_turn._sandgate = True
     reactor._run_turn = _run_turn
 
 

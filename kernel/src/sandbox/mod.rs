@@ -73,15 +73,25 @@ pub fn driver_tag() -> String {
     }
     hex::encode(&d.finish().as_ref()[..4])
 }
-/// The first turn of every interpreter: fetch the driver through the door, run it, and name
-/// its `serve` in the turns' namespace (not the user's, which is the driver's own).
-const BOOT: &str = "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), \
-                    '<sandgate-driver>', 'exec'), {'__name__': '_sandgate'})\n\
-                    __sandgate_serve = __import__('sys').modules['_sandgate'].serve";
-/// Every later turn: ask the driver to serve the kernel's pending request. The driver serves
-/// this exact text without compiling it (`_SERVE_TURN` in driver.py); should that shortcut be
-/// missing, the image compiles and runs it as it stands.
-const SERVE: &str = "__sandgate_serve()";
+/// The text of every turn after the first: ask the driver to serve the kernel's pending
+/// request. A macro, so [`BOOT`] can hand the same text to the driver.
+macro_rules! serve_turn {
+    () => {
+        "__sandgate_serve()"
+    };
+}
+/// The first turn of every interpreter: fetch the driver through the door and run it, telling
+/// it the text of the request turns (`_SERVE_TURN`, which it serves without compiling it), and
+/// name its `serve` in the turns' namespace (not the user's, which is the driver's own), so the
+/// request turn also works as plain Python should the shortcut be missing.
+const BOOT: &str = concat!(
+    "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), '<sandgate-driver>', \
+     'exec'), {'__name__': '_sandgate', '_SERVE_TURN': '",
+    serve_turn!(),
+    "'})\n__sandgate_serve = __import__('sys').modules['_sandgate'].serve"
+);
+/// Every later turn: ask the driver to serve the kernel's pending request.
+const SERVE: &str = serve_turn!();
 
 /// Errors of the sandbox.
 #[derive(Debug, thiserror::Error)]
@@ -703,14 +713,14 @@ pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFl
     drop(bytes);
     let mut config = config;
     config.image.interrupt = None;
-    let (std_tx, mut std_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
-    std::thread::spawn(move || while std_rx.blocking_recv().is_some() {});
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
+    std::thread::spawn(move || while events_rx.blocking_recv().is_some() {});
     let (_input_tx, input_rx) = mpsc::channel();
     let config2 = config.clone();
     let handle = std::thread::Builder::new()
         .stack_size(GUEST_THREAD_STACK)
         .spawn(move || -> Result<InterruptFlags, SandboxError> {
-            let mut host = Host::new(config2, EventSink(std_tx), Arc::default(), input_rx)?;
+            let mut host = Host::new(config2, EventSink(events_tx), Arc::default(), input_rx)?;
             let mut run = |trigger: &str| -> Result<Vec<interrupt::FlagWord>, SandboxError> {
                 host.run_turn(&interrupt::probe_code(trigger), None)
                     .map_err(SandboxError::Probe)?;
