@@ -252,3 +252,54 @@ def test_a_subscriber_that_stops_reading_does_not_stop_the_kernel(start_kernel):
     reply, out = k.execute("'after'")
     assert reply["status"] == "ok"
     assert [m["content"]["data"]["text/plain"] for m in of_type(out, "execute_result")] == ["'after'"]
+
+
+def test_result_comes_after_the_cells_output_and_before_user_expressions_output(kernel):
+    _, out = kernel.execute("print('from the cell')\n6 * 7")
+    assert [m["msg_type"] for m in out] == ["execute_input", "stream", "execute_result"]
+    reply, out = kernel.execute(
+        "print('from the cell')\n6 * 7",
+        user_expressions={"seen": "print('from the expression') or 5"},
+    )
+    assert [m["msg_type"] for m in out] == ["execute_input", "stream", "execute_result", "stream"]
+    assert out[1]["content"]["text"] == "from the cell\n"
+    assert out[2]["content"]["data"]["text/plain"] == "42"
+    assert out[3]["content"]["text"] == "from the expression\n"
+    assert reply["user_expressions"]["seen"]["data"]["text/plain"] == "5"
+
+
+def test_a_failing_rich_repr_warns_before_the_plain_result(kernel):
+    reply, out = kernel.execute(
+        "class Shy:\n"
+        "    def _repr_html_(self):\n"
+        "        raise RuntimeError('no html today')\n"
+        "    def __repr__(self):\n"
+        "        return 'Shy()'\n"
+        "Shy()"
+    )
+    assert reply["status"] == "ok"
+    assert [m["msg_type"] for m in out] == ["execute_input", "stream", "execute_result"]
+    assert out[1]["content"]["name"] == "stderr" and "no html today" in out[1]["content"]["text"]
+    assert out[2]["content"]["data"] == {"text/plain": "Shy()"}
+
+
+def test_user_variables_named_in_and_out_break_nothing(kernel):
+    reply, _ = kernel.execute("In = 'mine'\nOut = 3")
+    assert reply["status"] == "ok"
+    reply, out = kernel.execute("1 + 1")
+    assert reply["status"] == "ok"
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "2"
+    reply, out = kernel.execute("In, Out, _")
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "('mine', 3, 2)"
+
+
+def test_cell_text_with_unusual_characters_runs_exactly(kernel):
+    # The kernel hands the request to the interpreter as one line of JSON after a comment
+    # marker: line and paragraph separators, a form feed, non-BMP text and a backslash-n in
+    # the source must arrive unchanged.
+    text = "a\u2028b\u2029c\x0cd\U0001f600é\\n#"
+    reply, out = kernel.execute(f"s = {text!r}\nlen(s), s")
+    assert reply["status"] == "ok"
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == repr((len(text), text))
+    reply, out = kernel.execute("# a cell that is only a comment\u2028 with a separator")
+    assert reply["status"] == "ok" and of_type(out, "execute_result") == []

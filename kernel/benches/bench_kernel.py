@@ -30,6 +30,9 @@ What is measured:
   ms), after `--warmup` unmeasured rounds; then `--rtt-runs` executes in a row on each, each
   sent as soon as the previous one is idle (a notebook's Run All). Median and p95 over
   `--rtt-runs` runs each; the target is checked against both.
+- `kernel_info` round trip: the same two modes for a request that runs no code (three messages:
+  busy, the reply, idle; an execute has five). It is the floor the client, the transport and
+  the machine's wake-ups set, next to which the execute round trip can be read.
 
 The client side (jupyter_client, message signing; its channels' sockets are read directly) is
 the same Python for both kernels, so the ratio sandgate/ipykernel compares the kernels.
@@ -182,23 +185,25 @@ def measure_starts(launcher, specs, runs):
 
 
 def measure_roundtrips(launcher, specs, warmup, runs, code="1+1"):
-    """Round trips of `execute_request` in ms, {spec: {mode: [...]}}, on one kernel of each spec,
-    all running. Mode "turns": the kernels take turns, so every execute follows one on the other
-    kernel, after `warmup` unmeasured rounds. Then mode "in_a_row": `runs` executes on each kernel
-    in turn, each sent as soon as the previous one is idle."""
+    """Round trips in ms, {spec: {mode: [...]}}, on one kernel of each spec, all running: of
+    `execute_request` for `code`, or of `kernel_info_request` if `code` is None. Mode "turns":
+    the kernels take turns, so every request follows one on the other kernel, after `warmup`
+    unmeasured rounds. Then mode "in_a_row": `runs` requests on each kernel in turn, each sent
+    as soon as the previous one is idle."""
     kernels = {spec: launcher.start(spec)[:2] for spec in specs}
     times = {spec: {"turns": [], "in_a_row": []} for spec in specs}
+    what = "kernel_info" if code is None else repr(code)
 
     def timed(spec, kc):
         started = time.perf_counter()
-        msg_id = kc.execute(code)
+        msg_id = kc.kernel_info() if code is None else kc.execute(code)
         try:
             reply = await_reply_and_idle(kc, msg_id, time.monotonic() + REPLY_TIMEOUT, REPLY_TIMEOUT)
         except queue.Empty:
-            raise TimeoutError(f"{spec}: no idle after executing {code!r}") from None
+            raise TimeoutError(f"{spec}: no idle after {what}") from None
         elapsed = time.perf_counter() - started
         if reply["content"]["status"] != "ok":
-            raise RuntimeError(f"{spec}: {code!r} failed: {reply['content']}")
+            raise RuntimeError(f"{spec}: {what} failed: {reply['content']}")
         return elapsed * 1000
 
     for i in range(warmup + runs):
@@ -291,6 +296,8 @@ def main():
             starts, retries = measure_starts(launcher, specs, args.runs)
             progress("round trips")
             rtts = measure_roundtrips(launcher, specs, args.warmup, args.rtt_runs)
+            progress("kernel_info round trips")
+            infos = measure_roundtrips(launcher, specs, args.warmup, args.rtt_runs, code=None)
             cold = None
             if args.cold:
                 write_sandgate_spec(tmp / "kernels", "sandgate-cold", args.kernel,
@@ -318,6 +325,10 @@ def main():
                chart=("roundtrip", "kernel, in a row")),
         metric("rtt_in_a_row_p95", "execute `1+1` round trip, cells in a row (p95)", "ms",
                p95(rtts[sg]["in_a_row"]), p95(rtts[ref]["in_a_row"])),
+        metric("info_median", "`kernel_info` round trip (no code run), taking turns (median)", "ms",
+               statistics.median(infos[sg]["turns"]), statistics.median(infos[ref]["turns"])),
+        metric("info_in_a_row_median", "`kernel_info` round trip (no code run), in a row (median)", "ms",
+               statistics.median(infos[sg]["in_a_row"]), statistics.median(infos[ref]["in_a_row"])),
     ]
     if cold is not None:
         metrics.append(metric("cold_start", "start to idle, compiling the image (once)", "s", cold))

@@ -337,7 +337,11 @@ pub fn prepare(
         interrupt: None,
     };
     if !cwasm.exists() || !flags_path.exists() {
-        progress("compiling the sandbox image to native code (first start only; about a minute)");
+        progress(if cwasm.exists() {
+            "probing the interpreter for its interrupt flags (once per image and kernel version)"
+        } else {
+            "compiling the sandbox image to native code (first start only; about a minute)"
+        });
         let exe = std::env::current_exe().map_err(|e| ImageError::Compile(e.to_string()))?;
         let status = Command::new(exe)
             .arg("compile-image")

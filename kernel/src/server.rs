@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use jupyter_protocol::{ConnectionInfo, Header};
@@ -176,15 +177,23 @@ fn spawn_publisher(mut socket: zeromq::XPubSocket) -> Outbox {
 struct Messenger {
     signer: Signer,
     session: String,
+    /// Messages made so far: message ids are the session's id and this count, as
+    /// jupyter_client's `Session` makes them (no random draw per message).
+    made: Arc<AtomicU64>,
     iopub: Outbox,
 }
 
 impl Messenger {
+    fn msg_id(&self) -> String {
+        let n = self.made.fetch_add(1, Ordering::Relaxed);
+        format!("{}_{}_{n}", self.session, std::process::id())
+    }
+
     fn make(&self, parent: &Message, msg_type: &str, content: Value) -> Message {
         Message {
             identities: Vec::new(),
             header: Header {
-                msg_id: uuid::Uuid::new_v4().to_string(),
+                msg_id: self.msg_id(),
                 username: parent.header.username.clone(),
                 session: self.session.clone(),
                 date: chrono::Utc::now(),
@@ -310,6 +319,7 @@ pub async fn run(
     let messenger = Messenger {
         signer: signer.clone(),
         session: uuid::Uuid::new_v4().to_string(),
+        made: Arc::new(AtomicU64::new(0)),
         iopub: spawn_publisher(iopub),
     };
     let shell_out = spawn_writer(shell_send, "shell");
@@ -358,7 +368,7 @@ pub async fn run(
     let hello = Message {
         identities: vec![],
         header: Header {
-            msg_id: uuid::Uuid::new_v4().to_string(),
+            msg_id: messenger.msg_id(),
             username: "kernel".into(),
             session: messenger.session.clone(),
             date: chrono::Utc::now(),

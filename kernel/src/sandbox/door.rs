@@ -75,6 +75,8 @@ pub(crate) struct DoorState {
     request: Option<Value>,
     is_cell: bool,
     reply: Option<Value>,
+    /// Output the reply carried, published once the turn is over (see the `reply` op).
+    held: Vec<Event>,
     cell_started: Option<Instant>,
     soft: Option<(SoftStop, Instant)>,
     timed_out: bool,
@@ -205,6 +207,7 @@ impl DoorState {
             request: None,
             is_cell: false,
             reply: None,
+            held: Vec::new(),
             cell_started: None,
             soft: None,
             timed_out: false,
@@ -226,6 +229,7 @@ impl DoorState {
         self.request = request;
         self.is_cell = is_cell;
         self.reply = None;
+        self.held.clear();
         self.cell_started = is_cell.then(Instant::now);
         self.soft = None;
         self.timed_out = false;
@@ -238,8 +242,9 @@ impl DoorState {
         self.driver = None;
     }
 
-    pub(crate) fn take_reply(&mut self) -> Option<Value> {
-        self.reply.take()
+    /// The turn's reply, and the output it carried, to be published before it.
+    pub(crate) fn take_reply(&mut self) -> (Option<Value>, Vec<Event>) {
+        (self.reply.take(), std::mem::take(&mut self.held))
     }
 
     pub(crate) fn take_probe(&mut self) -> Option<Vec<interrupt::FlagWord>> {
@@ -521,6 +526,22 @@ fn publishable(msg_type: &str) -> Option<&'static str> {
     })
 }
 
+/// `{"msg_type": ..., "content": {...}}` as the event that publishes it, if the type is one
+/// the guest may publish and the content is an object.
+fn to_publish(item: Value) -> Option<Event> {
+    let Value::Object(mut item) = item else {
+        return None;
+    };
+    let msg_type = item
+        .get("msg_type")
+        .and_then(Value::as_str)
+        .and_then(publishable)?;
+    match item.remove("content") {
+        Some(content @ Value::Object(_)) => Some(Event::Iopub { msg_type, content }),
+        _ => None,
+    }
+}
+
 fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Vec<u8>> {
     let door = &mut caller.data_mut().door;
     if request == br#"{"op":"driver"}"# {
@@ -544,33 +565,57 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             .unwrap_or(Value::Null)
             .to_string()
             .into_bytes(),
-        "reply" => match req.remove("content") {
-            Some(content @ Value::Object(_)) => {
-                door.reply = Some(content);
+        // The reply may carry the turn's last output (a cell's `execute_result`) as `publish`:
+        // it goes out when the turn is over, just before the reply, which saves the kernel a
+        // wake-up in the middle of the turn.
+        "reply" => {
+            let Some(content @ Value::Object(_)) = req.remove("content") else {
+                return Ok(error_answer("a reply needs an object `content`"));
+            };
+            let mut held = Vec::new();
+            if let Some(list) = req.remove("publish") {
+                let Value::Array(list) = list else {
+                    return Ok(error_answer("a reply's `publish` is a list"));
+                };
+                for item in list {
+                    match to_publish(item) {
+                        Some(event) => held.push(event),
+                        None => {
+                            return Ok(error_answer(
+                                "each of a reply's `publish` needs a known `msg_type` \
+                                 and an object `content`",
+                            ));
+                        }
+                    }
+                }
+            }
+            if !held.is_empty() {
+                match door.budget.take(request.len()) {
+                    Ok(()) => door.held = held,
+                    Err(Some(notice)) => door.sink.send(Event::Stream {
+                        name: super::StreamName::Stderr,
+                        text: notice,
+                    }),
+                    Err(None) => {}
+                }
+            }
+            door.reply = Some(content);
+            OK.to_vec()
+        }
+        "publish" => match to_publish(Value::Object(req)) {
+            Some(event) => {
+                match door.budget.take(request.len()) {
+                    Ok(()) => door.sink.send(event),
+                    Err(Some(notice)) => door.sink.send(Event::Stream {
+                        name: super::StreamName::Stderr,
+                        text: notice,
+                    }),
+                    Err(None) => {}
+                }
                 OK.to_vec()
             }
-            _ => error_answer("a reply needs an object `content`"),
+            None => error_answer("publish needs a known `msg_type` and an object `content`"),
         },
-        "publish" => {
-            let msg_type = req
-                .get("msg_type")
-                .and_then(Value::as_str)
-                .and_then(publishable);
-            match (msg_type, req.remove("content")) {
-                (Some(msg_type), Some(content @ Value::Object(_))) => {
-                    match door.budget.take(request.len()) {
-                        Ok(()) => door.sink.send(Event::Iopub { msg_type, content }),
-                        Err(Some(notice)) => door.sink.send(Event::Stream {
-                            name: super::StreamName::Stderr,
-                            text: notice,
-                        }),
-                        Err(None) => {}
-                    }
-                    OK.to_vec()
-                }
-                _ => error_answer("publish needs a known `msg_type` and an object `content`"),
-            }
-        }
         "stop_reason" => match door.soft {
             Some((SoftStop::Timeout, _)) => {
                 let limit = door.timeout.map_or(0, |t| t.as_secs());

@@ -29,6 +29,10 @@ _host = __import__("_host")
 _main = sys.modules["__main__"]
 _ns = _main.__dict__
 _state = {"count": 0, "request": None, "shown_figures": set(), "payload": []}
+# The cells' inputs and results, shown to the user as `In` and `Out` as in IPython; the driver
+# keeps its own references, so a user who names a variable `In` or `Out` breaks nothing.
+_inputs, _outputs = [""], {}
+_ns["In"], _ns["Out"] = _inputs, _outputs
 
 # The guest's environment, set again here because a snapshot's os.environ is the one it was
 # taken with.
@@ -67,10 +71,13 @@ def _flush():
             pass
 
 
+_encode_json = json.JSONEncoder(default=str).encode
+
+
 def _door(message):
     """One request to the kernel; stdout is flushed first so output stays in order."""
     _flush()
-    answer = _host.call(json.dumps(message, default=str).encode())
+    answer = _host.call(_encode_json(message).encode())
     return json.loads(answer)
 
 
@@ -139,8 +146,14 @@ def _is_figure(obj):
     return mpl is not None and isinstance(obj, mpl.Figure)
 
 
+# Types whose instances have no rich reprs (none can be given to them): plain text at once.
+_PLAIN_TYPES = frozenset((int, float, complex, bool, str, bytes, type(None)))
+
+
 def format_bundle(obj, include=None, exclude=None):
     """(data, metadata) for `obj`, like IPython's display formatter."""
+    if type(obj) in _PLAIN_TYPES and not include and not exclude:
+        return {"text/plain": _plain(obj)}, {}
     data, metadata = {}, {}
     if _is_figure(obj):
         _state["shown_figures"].add(id(obj))
@@ -466,6 +479,8 @@ _UsageError.__qualname__ = "UsageError"
 
 def _transform(source):
     """IPython's syntax that plain Python lacks: `%magic`, `%%cellmagic`, `!cmd`, `obj?`."""
+    if "%" not in source and "!" not in source and "?" not in source:
+        return source
     stripped = source.lstrip()
     if stripped.startswith("%%"):
         first, _, body = stripped.partition("\n")
@@ -606,9 +621,10 @@ def _execute(req):
     source = str(req.get("code", ""))
     filename = _cell_name(count)
     _state["payload"] = []
+    _state["result"] = None
     if store:
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        _ns.setdefault("In", [""]).append(source)
+        _inputs.append(source)
         _ns["_i"] = source
     status = {"status": "ok"}
     try:
@@ -621,12 +637,22 @@ def _execute(req):
             _flush_figures()
         if value is not None and not silent and not source.rstrip().endswith(";"):
             data, md = format_bundle(value)
-            _publish("execute_result", {"data": data, "metadata": md, "execution_count": count})
+            result = {"data": data, "metadata": md, "execution_count": count}
+            if req.get("user_expressions"):
+                # Output of user expressions comes after the result, as in ipykernel.
+                _publish("execute_result", result)
+            else:
+                # Goes out with the reply (see `serve`).
+                _state["result"] = result
             if store:
                 _ns["___"], _ns["__"], _ns["_"] = _ns.get("__"), _ns.get("_"), value
                 _ns[f"_{count}"] = value
-                _ns.setdefault("Out", {})[count] = value
+                _outputs[count] = value
     except BaseException as e:
+        if _state["result"] is not None:
+            # The result was made before the failure: it goes out before the error.
+            _publish("execute_result", _state["result"])
+            _state["result"] = None
         try:
             _flush_figures()
         except BaseException:
@@ -859,11 +885,19 @@ _HANDLERS = {"info": _info, "execute": _execute, "complete": _complete, "inspect
              "is_complete": _is_complete}
 
 
-def serve():
-    """One turn: fetch the kernel's request, handle it, send the reply. Never raises."""
+def serve(request_json=None):
+    """One turn: handle the kernel's request (its JSON text, or fetched through the door), send
+    the reply. Never raises.
+
+    A cell's `execute_result` rides with the reply (the kernel publishes it first) unless
+    something else must come between them."""
     reply = None
+    _state["result"] = None
     try:
-        req = _door({"op": "request"})
+        if request_json is None:
+            req = _door({"op": "request"})
+        else:
+            req = json.loads(request_json)
         _state["request"] = req if isinstance(req, dict) else {}
         handler = _HANDLERS.get(_state["request"].get("kind"))
         if handler is None:
@@ -876,9 +910,13 @@ def serve():
                  "traceback": traceback.format_exception(type(e), e, e.__traceback__)}
     finally:
         _state["request"] = None
+        message = {"op": "reply", "content": reply or {"status": "error", "ename": "KernelError",
+                                                        "evalue": "no reply", "traceback": []}}
+        if _state["result"] is not None:
+            message["publish"] = [{"msg_type": "execute_result", "content": _state["result"]}]
+            _state["result"] = None
         try:
-            _door({"op": "reply", "content": reply or {"status": "error", "ename": "KernelError",
-                                                        "evalue": "no reply", "traceback": []}})
+            _door(message)
         except BaseException:
             pass
 
@@ -894,18 +932,20 @@ sys.modules["_sandgate"] = _module
 
 # The kernel's request turns. The image's `turn` export hands every turn's text to
 # `_reactor._run_turn`, which parses it, compiles it twice and registers it with linecache: about
-# 70 µs for a one-call turn, on every request. The text of a request turn never changes (the
-# kernel passes it in as `_SERVE_TURN` when it boots the driver), so that one text is served
-# directly; every other turn (the interrupt probe's) takes the image's own path.
+# 70 µs for a one-call turn, on every request. A request turn is `_SERVE_TURN` (which the kernel
+# passes in when it boots the driver: a call to `serve` and the start of a comment) followed by
+# the request's JSON, so it is served directly, with the request taken from the text instead of
+# fetched through the door; every other turn (the interrupt probe's) takes the image's own path.
 def _install_turn_shortcut():
     reactor = sys.modules.get("_reactor")
     run_turn = getattr(reactor, "_run_turn", None)
     if run_turn is None:
         return
+    start = len(_SERVE_TURN)
 
     def _run_turn(text, name):
-        if text == _SERVE_TURN:
-            serve()
+        if text.startswith(_SERVE_TURN):
+            serve(text[start:])
             return None
         return run_turn(text, name)
 

@@ -73,24 +73,25 @@ pub fn driver_tag() -> String {
     }
     hex::encode(&d.finish().as_ref()[..4])
 }
-/// The text of every turn after the first: ask the driver to serve the kernel's pending
-/// request. A macro, so [`BOOT`] can hand the same text to the driver.
+/// How every turn after the first starts: ask the driver to serve the kernel's request, whose
+/// JSON follows on the comment line. A macro, so [`BOOT`] can hand the same text to the driver.
 macro_rules! serve_turn {
     () => {
-        "__sandgate_serve()"
+        "__sandgate_serve()\n#"
     };
 }
 /// The first turn of every interpreter: fetch the driver through the door and run it, telling
-/// it the text of the request turns (`_SERVE_TURN`, which it serves without compiling it), and
-/// name its `serve` in the turns' namespace (not the user's, which is the driver's own), so the
-/// request turn also works as plain Python should the shortcut be missing.
+/// it how request turns start (`_SERVE_TURN`: it serves them without compiling them, taking the
+/// request from the text), and name its `serve` in the turns' namespace (not the user's, which
+/// is the driver's own), so a request turn also works as plain Python should the shortcut be
+/// missing (`serve` then fetches the request through the door).
 const BOOT: &str = concat!(
     "exec(compile(__import__('_host').call(b'{\"op\":\"driver\"}'), '<sandgate-driver>', \
-     'exec'), {'__name__': '_sandgate', '_SERVE_TURN': '",
+     'exec'), {'__name__': '_sandgate', '_SERVE_TURN': '''",
     serve_turn!(),
-    "'})\n__sandgate_serve = __import__('sys').modules['_sandgate'].serve"
+    "'''})\n__sandgate_serve = __import__('sys').modules['_sandgate'].serve"
 );
-/// Every later turn: ask the driver to serve the kernel's pending request.
+/// The start of every later turn; the request's JSON (one line) follows.
 const SERVE: &str = serve_turn!();
 
 /// Errors of the sandbox.
@@ -654,7 +655,8 @@ impl Host {
                 .queued
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
         }
-        let result = self.run_turn(SERVE, Some((request, is_cell)));
+        let turn = format!("{SERVE}{request}");
+        let result = self.run_turn(&turn, Some((request, is_cell)));
         self.control.running.store(0, Ordering::SeqCst);
         if is_cell {
             // Whatever was not taken is withdrawn, so it does not hit the next cell.
@@ -662,10 +664,14 @@ impl Host {
         }
         match result {
             Ok(()) => {
-                let reply = self
+                let (reply, held) = self
                     .store
                     .as_mut()
-                    .and_then(|s| s.data_mut().door.take_reply());
+                    .map(|s| s.data_mut().door.take_reply())
+                    .unwrap_or_default();
+                for event in held {
+                    self.sink.send(event);
+                }
                 Outcome::Reply(reply.unwrap_or_else(|| {
                     json!({"status": "error", "ename": "KernelError",
                            "evalue": "the driver gave no reply", "traceback": []})
