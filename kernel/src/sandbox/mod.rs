@@ -8,11 +8,11 @@
 //! - an environment of its own (see [`GUEST_ENV`]); no host variables;
 //! - no sockets (WASI preview 1 can only use sockets handed to it, and none are), stdin closed;
 //! - the limits in [`Limits`];
-//! - one host function, `host.call` (the "door"), through which the kernel's driver asks for
-//!   its next request, publishes rich output and asks for `input()`. Everything arriving
-//!   through it is parsed as hostile (size-capped JSON, checked fields).
+//! - one host function, `host.call` (the "door"), through which the kernel's driver replies,
+//!   publishes rich output and asks for `input()`. Everything arriving through it is parsed as
+//!   hostile (size-capped JSON, checked fields).
 //!
-//! A cell runs as one `turn` of the guest. The guest runs on its own thread
+//! A cell runs as one `turn` of the guest, whose text carries the request (see `SERVE`). The guest runs on its own thread
 //! ([`GUEST_THREAD_STACK`] of stack, more than the wasm stack limit, so deep recursion is a
 //! trap, never a host crash); the kernel talks to it through [`Sandbox`].
 
