@@ -169,7 +169,7 @@ pub enum Event {
 ///
 /// The guest thread puts events straight on the kernel's tokio channel (no thread in between,
 /// so an event costs one wake-up). While the queue has room that is a `try_send`; when it is
-/// full the guest thread parks until the kernel takes some. It parks with [`park_on`], not
+/// full the guest thread parks until the kernel takes some. It parks with `park_on`, not
 /// `blocking_send`: WASI's stream writes run inside wasmtime-wasi's tokio context, where
 /// `blocking_send` refuses to block.
 #[derive(Clone, Debug)]
