@@ -1,15 +1,15 @@
 //! Interrupting the guest without losing its state.
 //!
 //! CPython raises `KeyboardInterrupt` when three things are set: the tripped flag of SIGINT's
-//! handler, the runtime's `is_tripped` flag and the "signals pending" bit of the main thread's
-//! eval breaker. `_thread.interrupt_main()` sets exactly those, and all three live in static
-//! data of the image (`_PyRuntime`), so their addresses are the same in every instance of one
-//! image. [`probe_interrupt`](super::probe_interrupt) finds them once per image: the guest
-//! calls a host function, then `interrupt_main`, then the host function again, all from C
-//! (through `map`), so the interpreter's eval breaker cannot run in between; the host diffs memory between the two
-//! calls and keeps the words whose bits went from 0 to 1. A control run that calls a harmless
-//! C function instead of `interrupt_main` removes the noise (reference counts, the list being
-//! built), and the run is repeated so only stable words remain.
+//! handler, the runtime's `is_tripped` flag and the "signals pending" bit of the main thread's eval
+//! breaker. `_thread.interrupt_main()` sets exactly those, and all three live in static data of the
+//! image (`_PyRuntime`), so their addresses are the same in every instance of one image.
+//! [`probe_interrupt`](super::probe_interrupt) finds them once per image: the guest calls a host
+//! function, then `interrupt_main`, then the host function again, all from C (through `map`), so
+//! the interpreter's eval breaker cannot run in between; the host diffs memory between the two
+//! calls and keeps the words whose bits went from 0 to 1. A control run that calls a harmless C
+//! function instead of `interrupt_main` removes the noise (reference counts, the list being built),
+//! and the run is repeated so only stable words remain.
 //!
 //! To interrupt, the epoch callback (which runs on the guest's own thread, between wasm
 //! instructions) ORs those bits back in and lets the guest continue; CPython notices at its
