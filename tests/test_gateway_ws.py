@@ -3,6 +3,7 @@ reply routing, reconnecting with a session id, stdin, origins and malformed fram
 
 import base64
 import json
+import time
 import uuid
 
 import pytest
@@ -240,3 +241,47 @@ def test_oversized_message_is_refused(start_gateway, tmp_path):
         assert reply["status"] == "ok"
     finally:
         s2.close()
+
+
+def test_messages_arrive_in_the_order_the_kernel_sent_them(gateway, kernel):
+    # The kernel publishes a cell's output, then sends its reply on shell, then publishes idle.
+    # Those are separate connections to the gateway; the WebSocket must still carry them in
+    # that order, or a client that stops at the reply loses the output, and one that stops at
+    # idle loses the reply. 60 cells, each with a stream, a result and a display: with one
+    # reader per channel the reply overtook the output in most cells.
+    s = KernelSocket(gateway, kernel["id"])
+    try:
+        code = "print('out')\ndisplay('shown')\n6 * 7"
+        for _ in range(60):
+            msg_id = s.send("execute_request", {"code": code, "silent": False, "store_history": True,
+                                                "user_expressions": {}, "allow_stdin": False})
+            seen = []
+            deadline = time.monotonic() + 30
+            while not seen or seen[-1] != ("iopub", "status", "idle"):
+                assert time.monotonic() < deadline, f"no idle for {msg_id}: {seen}"
+                msg = s.recv()
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    state = msg["content"].get("execution_state") if msg["msg_type"] == "status" else None
+                    seen.append((msg["channel"], msg["msg_type"], state))
+            assert [t for _, t, _ in seen] == ["status", "execute_input", "stream", "display_data",
+                                               "execute_result", "execute_reply", "status"], seen
+    finally:
+        s.close()
+
+
+def test_an_interrupt_reply_comes_before_its_idle(gateway, kernel):
+    s = KernelSocket(gateway, kernel["id"])
+    try:
+        for _ in range(20):
+            msg_id = s.send("interrupt_request", {}, channel="control")
+            seen = []
+            deadline = time.monotonic() + 30
+            while not seen or seen[-1] != "idle":
+                assert time.monotonic() < deadline, f"no idle for {msg_id}: {seen}"
+                msg = s.recv()
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    seen.append(msg["content"]["execution_state"] if msg["msg_type"] == "status"
+                                else msg["msg_type"])
+            assert seen == ["busy", "interrupt_reply", "idle"], seen
+    finally:
+        s.close()

@@ -10,6 +10,7 @@
 //! one that fails is dropped and logged. The kernel process gets an empty environment: nothing of
 //! the gateway's (model keys, tokens) reaches it.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -353,46 +354,224 @@ fn spawn_sender<S: SocketSend + Send + 'static>(mut socket: S) -> mpsc::Sender<V
     tx
 }
 
-/// Reads one channel until the process exits (a socket whose peer is gone would otherwise
-/// keep trying to reconnect to it).
-fn spawn_receiver(
-    mut socket: Box<dyn SocketRecv + Send>,
+/// One of the kernel's reply channels (shell, control, stdin) as [`spawn_receiver`] reads it.
+struct ReplyChannel {
+    socket: Box<dyn SocketRecv + Send>,
     channel: Channel,
+    /// False once the socket failed (its peer is gone).
+    open: bool,
+}
+
+/// How long a reply waits for its request's `idle`, or an `idle` for its request's reply, once
+/// the request's `busy` has passed (the kernel sends them back to back; this bounds a kernel
+/// that does not).
+const PAIR_WAIT: Duration = Duration::from_secs(1);
+/// How long a reply waits for its request's `busy` (read late, or never published).
+const BUSY_WAIT: Duration = Duration::from_millis(20);
+/// How many requests [`spawn_receiver`] follows between their `busy` and their `idle`, and how
+/// many replies it remembers that went ahead alone.
+const FOLLOWED: usize = 1024;
+
+/// A reply or an `idle` status waiting for the other (see [`spawn_receiver`]).
+struct Held {
+    parent: String,
+    channel: Channel,
+    msg: RawMessage,
+    until: tokio::time::Instant,
+}
+
+/// Pushes `id` on a bounded queue of request ids.
+fn remember(queue: &mut VecDeque<String>, id: String) {
+    if queue.len() == FOLLOWED {
+        queue.pop_front();
+    }
+    queue.push_back(id);
+}
+
+/// Reads the kernel's four message channels in one task until the process exits, so that what
+/// the kernel sent about a request reaches the session layer in the order it was sent: its
+/// `busy`, its output, its reply, its `idle`. The channels are separate connections, so that
+/// order is rebuilt from what the kernel promises (as ipykernel does): output is published
+/// before the reply is sent, and the reply before `idle` is published.
+/// - A reply to a request whose `busy` passed is held until the request's `idle` arrives on
+///   iopub (after all of the request's output, on the same connection), and goes just before
+///   it. A reply read before its `busy` waits [`BUSY_WAIT`] for it.
+/// - An `idle` read before its reply is held, and iopub is not read, until the reply arrives.
+/// - Either waits [`PAIR_WAIT`] at most, and then goes alone.
+///
+/// Messages that fail the signature check are dropped and logged. A socket whose peer is gone
+/// is no longer read (it would otherwise keep trying to reconnect).
+fn spawn_receiver(
+    mut iopub: Box<dyn SocketRecv + Send>,
+    others: [(Box<dyn SocketRecv + Send>, Channel); 3],
     signer: Signer,
     kernel: uuid::Uuid,
     tx: mpsc::Sender<Incoming>,
     mut exited: watch::Receiver<bool>,
 ) {
+    let mut replies = others.map(|(socket, channel)| ReplyChannel {
+        socket,
+        channel,
+        open: true,
+    });
     tokio::spawn(async move {
+        let mut iopub_open = true;
+        // Requests whose `busy` passed and whose `idle` has not.
+        let mut busy: VecDeque<String> = VecDeque::new();
+        // Requests whose reply went ahead alone (its `idle` must not wait for it).
+        let mut alone: VecDeque<String> = VecDeque::new();
+        let mut held_replies: Vec<Held> = Vec::new();
+        let mut held_idle: Option<Held> = None;
         loop {
-            let received = tokio::select! {
+            let next_due = held_replies
+                .iter()
+                .chain(held_idle.as_ref())
+                .map(|h| h.until)
+                .min();
+            let [a, b, c] = &mut replies;
+            let (channel, received) = tokio::select! {
                 // What already arrived is read before the exit is noticed.
                 biased;
-                r = socket.recv() => r,
-                () = crate::until_true(&mut exited) => return,
-            };
-            let frames = match received {
-                Ok(m) => m.into_vec(),
-                Err(e) => {
-                    tracing::debug!(%kernel, channel = channel.as_str(), error = %e, "receive ended");
+                r = iopub.recv(), if iopub_open && held_idle.is_none() => (Channel::Iopub, r),
+                r = a.socket.recv(), if a.open => (a.channel, r),
+                r = b.socket.recv(), if b.open => (b.channel, r),
+                r = c.socket.recv(), if c.open => (c.channel, r),
+                () = tokio::time::sleep_until(next_due.unwrap_or_else(tokio::time::Instant::now)),
+                    if next_due.is_some() =>
+                {
+                    let now = tokio::time::Instant::now();
+                    // Replies keep their order: one that is due takes those before it along.
+                    let through = held_replies.iter().rposition(|h| h.until <= now);
+                    let mut due: Vec<Held> = through
+                        .map(|i| held_replies.drain(..=i).collect())
+                        .unwrap_or_default();
+                    for h in &due {
+                        remember(&mut alone, h.parent.clone());
+                    }
+                    if held_idle.as_ref().is_some_and(|h| h.until <= now) {
+                        due.extend(held_idle.take());
+                    }
+                    for h in due {
+                        tracing::debug!(%kernel, parent = %h.parent, channel = h.channel.as_str(),
+                                        "a reply or idle went without the other");
+                        if tx.send(Incoming::Message(h.channel, h.msg)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                () = crate::until_true(&mut exited) => {
+                    for h in held_replies.into_iter().chain(held_idle) {
+                        let _ = tx.send(Incoming::Message(h.channel, h.msg)).await;
+                    }
                     return;
                 }
             };
-            match sandgate_wire::parse_raw(frames, &signer) {
-                Ok(msg) => {
-                    if tx.send(Incoming::Message(channel, msg)).await.is_err() {
-                        return;
+            let msg = match received {
+                Ok(m) => match sandgate_wire::parse_raw(m.into_vec(), &signer) {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        tracing::warn!(%kernel, channel = channel.as_str(), error = %e,
+                                       "dropped a message from the kernel");
+                        continue;
                     }
+                },
+                Err(e) => {
+                    tracing::debug!(%kernel, channel = channel.as_str(), error = %e, "receive ended");
+                    match replies.iter_mut().find(|r| r.channel == channel) {
+                        Some(r) => r.open = false,
+                        None => iopub_open = false,
+                    }
+                    continue;
                 }
-                Err(e) => tracing::warn!(
-                    %kernel,
-                    channel = channel.as_str(),
-                    error = %e,
-                    "dropped a message from the kernel"
-                ),
+            };
+            let now = tokio::time::Instant::now();
+            // What goes out now, in order.
+            let mut out: Vec<(Channel, RawMessage)> = Vec::with_capacity(2);
+            if channel != Channel::Iopub {
+                match msg_type_of(&msg.header)
+                    .filter(|t| t.ends_with("_reply"))
+                    .and_then(|_| msg_id_of(&msg.parent_header))
+                {
+                    Some(parent) if held_idle.as_ref().is_some_and(|h| h.parent == parent) => {
+                        out.extend(held_replies.drain(..).map(|h| (h.channel, h.msg)));
+                        out.push((channel, msg));
+                        out.extend(held_idle.take().map(|h| (h.channel, h.msg)));
+                    }
+                    Some(parent) => {
+                        let wait = if busy.contains(&parent) {
+                            PAIR_WAIT
+                        } else {
+                            BUSY_WAIT
+                        };
+                        held_replies.push(Held {
+                            parent,
+                            channel,
+                            msg,
+                            until: now + wait,
+                        });
+                    }
+                    None => out.push((channel, msg)),
+                }
+            } else {
+                match request_status(&msg) {
+                    Some((state, parent)) if state == "busy" => {
+                        // A reply that came first now waits for the idle.
+                        for h in held_replies.iter_mut().filter(|h| h.parent == parent) {
+                            h.until = now + PAIR_WAIT;
+                        }
+                        remember(&mut busy, parent);
+                        out.push((channel, msg));
+                    }
+                    Some((state, parent)) if state == "idle" => {
+                        let followed = busy.iter().position(|p| *p == parent);
+                        if let Some(i) = followed {
+                            busy.remove(i);
+                        }
+                        if let Some(i) = held_replies.iter().position(|h| h.parent == parent) {
+                            // Replies held before this one answer earlier requests: they go first.
+                            out.extend(held_replies.drain(..=i).map(|h| (h.channel, h.msg)));
+                            out.push((channel, msg));
+                        } else if followed.is_some() && !alone.contains(&parent) {
+                            held_idle = Some(Held {
+                                parent,
+                                channel,
+                                msg,
+                                until: now + PAIR_WAIT,
+                            });
+                        } else {
+                            out.push((channel, msg));
+                        }
+                    }
+                    _ => out.push((channel, msg)),
+                }
+            }
+            for (channel, msg) in out {
+                if tx.send(Incoming::Message(channel, msg)).await.is_err() {
+                    return;
+                }
             }
         }
     });
+}
+
+/// The execution state and request id of a `status` message about a request (its parent's
+/// type ends in `_request`: a request that gets a reply).
+fn request_status(msg: &RawMessage) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        #[serde(default)]
+        execution_state: Option<String>,
+    }
+    if msg_type_of(&msg.header).as_deref() != Some("status")
+        || !msg_type_of(&msg.parent_header).is_some_and(|t| t.ends_with("_request"))
+    {
+        return None;
+    }
+    let state = serde_json::from_slice::<Status>(&msg.content)
+        .ok()?
+        .execution_state?;
+    Some((state, msg_id_of(&msg.parent_header)?))
 }
 
 impl Process {
@@ -595,22 +774,18 @@ impl Process {
         let (shell_send, shell_recv) = shell.split();
         let (stdin_send, stdin_recv) = stdin.split();
         let (control_send, control_recv) = control.split();
-        let receivers: [(Box<dyn SocketRecv + Send>, Channel); 4] = [
-            (Box::new(shell_recv), Channel::Shell),
-            (Box::new(stdin_recv), Channel::Stdin),
-            (Box::new(control_recv), Channel::Control),
-            (Box::new(iopub), Channel::Iopub),
-        ];
-        for (socket, channel) in receivers {
-            spawn_receiver(
-                socket,
-                channel,
-                signer.clone(),
-                id,
-                tx.clone(),
-                exited_rx.clone(),
-            );
-        }
+        spawn_receiver(
+            Box::new(iopub),
+            [
+                (Box::new(shell_recv), Channel::Shell),
+                (Box::new(control_recv), Channel::Control),
+                (Box::new(stdin_recv), Channel::Stdin),
+            ],
+            signer.clone(),
+            id,
+            tx.clone(),
+            exited_rx.clone(),
+        );
         let died = tx.clone();
         let conn_path = conn_file.to_owned();
         let sockets = endpoints.clone();
