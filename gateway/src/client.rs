@@ -362,12 +362,14 @@ struct ReplyChannel {
     open: bool,
 }
 
-/// How long a reply waits for its request's `idle`, or an `idle` for its request's reply, once
-/// the request's `busy` has passed (the kernel sends them back to back; this bounds a kernel
-/// that does not).
+/// How long a reply waits for its request's `idle` once the request's `busy` has passed (the
+/// kernel publishes `idle` right after the reply; this bounds a kernel that does not).
 const PAIR_WAIT: Duration = Duration::from_secs(1);
-/// How long a reply waits for its request's `busy` (read late, or never published).
-const BUSY_WAIT: Duration = Duration::from_millis(20);
+/// How long a message waits for one the kernel sent before it on another connection (a reply
+/// read before its `busy`, an `idle` read before its reply): that one is already on its way,
+/// so this only covers the reader's lag. An `idle` for a request the kernel does not answer
+/// (an unknown message type) is late by this much.
+const CATCH_UP: Duration = Duration::from_millis(20);
 /// How many requests [`spawn_receiver`] follows between their `busy` and their `idle`, and how
 /// many replies it remembers that went ahead alone.
 const FOLLOWED: usize = 1024;
@@ -395,9 +397,9 @@ fn remember(queue: &mut VecDeque<String>, id: String) {
 /// before the reply is sent, and the reply before `idle` is published.
 /// - A reply to a request whose `busy` passed is held until the request's `idle` arrives on
 ///   iopub (after all of the request's output, on the same connection), and goes just before
-///   it. A reply read before its `busy` waits [`BUSY_WAIT`] for it.
-/// - An `idle` read before its reply is held, and iopub is not read, until the reply arrives.
-/// - Either waits [`PAIR_WAIT`] at most, and then goes alone.
+///   it ([`PAIR_WAIT`] at most). A reply read before its `busy` waits [`CATCH_UP`] for it.
+/// - An `idle` read before its reply is held, and iopub is not read, until the reply arrives
+///   ([`CATCH_UP`] at most).
 ///
 /// Messages that fail the signature check are dropped and logged. A socket whose peer is gone
 /// is no longer read (it would otherwise keep trying to reconnect).
@@ -502,7 +504,7 @@ fn spawn_receiver(
                         let wait = if busy.contains(&parent) {
                             PAIR_WAIT
                         } else {
-                            BUSY_WAIT
+                            CATCH_UP
                         };
                         held_replies.push(Held {
                             parent,
@@ -537,7 +539,7 @@ fn spawn_receiver(
                                 parent,
                                 channel,
                                 msg,
-                                until: now + PAIR_WAIT,
+                                until: now + CATCH_UP,
                             });
                         } else {
                             out.push((channel, msg));
