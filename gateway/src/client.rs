@@ -561,19 +561,23 @@ fn spawn_receiver(
 /// type ends in `_request`: a request that gets a reply).
 fn request_status(msg: &RawMessage) -> Option<(String, String)> {
     #[derive(serde::Deserialize)]
-    struct Status {
-        #[serde(default)]
-        execution_state: Option<String>,
+    struct Parent {
+        msg_id: String,
+        msg_type: String,
     }
-    if msg_type_of(&msg.header).as_deref() != Some("status")
-        || !msg_type_of(&msg.parent_header).is_some_and(|t| t.ends_with("_request"))
-    {
+    #[derive(serde::Deserialize)]
+    struct Status {
+        execution_state: String,
+    }
+    if msg_type_of(&msg.header).as_deref() != Some("status") {
         return None;
     }
-    let state = serde_json::from_slice::<Status>(&msg.content)
-        .ok()?
-        .execution_state?;
-    Some((state, msg_id_of(&msg.parent_header)?))
+    let parent = serde_json::from_slice::<Parent>(&msg.parent_header).ok()?;
+    if !parent.msg_type.ends_with("_request") {
+        return None;
+    }
+    let status = serde_json::from_slice::<Status>(&msg.content).ok()?;
+    Some((status.execution_state, parent.msg_id))
 }
 
 impl Process {

@@ -177,8 +177,10 @@ fn spawn_publisher(mut socket: zeromq::XPubSocket) -> Outbox {
 struct Messenger {
     signer: Signer,
     session: String,
-    /// Messages made so far: message ids are the session's id and this count, as
-    /// jupyter_client's `Session` makes them (no random draw per message).
+    /// Message ids are this (`{session}_{pid}_`) and a count, as jupyter_client's `Session`
+    /// makes them: no random draw or system call per message.
+    id_prefix: Arc<str>,
+    /// Messages made so far.
     made: Arc<AtomicU64>,
     iopub: Outbox,
 }
@@ -186,7 +188,7 @@ struct Messenger {
 impl Messenger {
     fn msg_id(&self) -> String {
         let n = self.made.fetch_add(1, Ordering::Relaxed);
-        format!("{}_{}_{n}", self.session, std::process::id())
+        format!("{}{n}", self.id_prefix)
     }
 
     fn make(&self, parent: &Message, msg_type: &str, content: Value) -> Message {
@@ -316,9 +318,11 @@ pub async fn run(
         .map_err(|e| SandboxError::Start(e.to_string()))??;
     let sandbox = Arc::new(sandbox);
 
+    let session = uuid::Uuid::new_v4().to_string();
     let messenger = Messenger {
         signer: signer.clone(),
-        session: uuid::Uuid::new_v4().to_string(),
+        id_prefix: format!("{session}_{}_", std::process::id()).into(),
+        session,
         made: Arc::new(AtomicU64::new(0)),
         iopub: spawn_publisher(iopub),
     };

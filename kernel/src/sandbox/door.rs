@@ -589,28 +589,16 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
                     }
                 }
             }
-            if !held.is_empty() {
-                match door.budget.take(request.len()) {
-                    Ok(()) => door.held = held,
-                    Err(Some(notice)) => door.sink.send(Event::Stream {
-                        name: super::StreamName::Stderr,
-                        text: notice,
-                    }),
-                    Err(None) => {}
-                }
+            if !held.is_empty() && door.budget.take(request.len(), &door.sink) {
+                door.held = held;
             }
             door.reply = Some(content);
             OK.to_vec()
         }
         "publish" => match to_publish(Value::Object(req)) {
             Some(event) => {
-                match door.budget.take(request.len()) {
-                    Ok(()) => door.sink.send(event),
-                    Err(Some(notice)) => door.sink.send(Event::Stream {
-                        name: super::StreamName::Stderr,
-                        text: notice,
-                    }),
-                    Err(None) => {}
+                if door.budget.take(request.len(), &door.sink) {
+                    door.sink.send(event);
                 }
                 OK.to_vec()
             }

@@ -28,7 +28,7 @@ import types
 _host = __import__("_host")
 _main = sys.modules["__main__"]
 _ns = _main.__dict__
-_state = {"count": 0, "request": None, "shown_figures": set(), "payload": []}
+_state = {"count": 0, "request": None, "shown_figures": set(), "payload": [], "result": None}
 # The cells' inputs and results, shown to the user as `In` and `Out` as in IPython; the driver
 # keeps its own references, so a user who names a variable `In` or `Out` breaks nothing.
 _inputs, _outputs = [""], {}
@@ -621,7 +621,6 @@ def _execute(req):
     source = str(req.get("code", ""))
     filename = _cell_name(count)
     _state["payload"] = []
-    _state["result"] = None
     if store:
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         _inputs.append(source)

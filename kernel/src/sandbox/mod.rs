@@ -12,9 +12,10 @@
 //!   publishes rich output and asks for `input()`. Everything arriving through it is parsed as
 //!   hostile (size-capped JSON, checked fields).
 //!
-//! A cell runs as one `turn` of the guest, whose text carries the request (see `SERVE`). The guest runs on its own thread
-//! ([`GUEST_THREAD_STACK`] of stack, more than the wasm stack limit, so deep recursion is a
-//! trap, never a host crash); the kernel talks to it through [`Sandbox`].
+//! A cell runs as one `turn` of the guest, whose text carries the request (see `SERVE`). The
+//! guest runs on its own thread ([`GUEST_THREAD_STACK`] of stack, more than the wasm stack
+//! limit, so deep recursion is a trap, never a host crash); the kernel talks to it through
+//! [`Sandbox`].
 
 mod door;
 pub mod interrupt;

@@ -39,21 +39,24 @@ impl OutputBudget {
         self.noticed.store(false, Ordering::Relaxed);
     }
 
-    /// Takes `n` bytes from the budget. `Err(Some(notice))` the first time the cap is hit in a
-    /// cell, `Err(None)` after that.
-    pub(crate) fn take(&self, n: usize) -> Result<(), Option<String>> {
+    /// Takes `n` bytes from the budget; false if they are over it. The first time the cap is
+    /// hit in a cell, a notice goes to `sink` on stderr.
+    pub(crate) fn take(&self, n: usize, sink: &EventSink) -> bool {
         let before = self.used.fetch_add(n as u64, Ordering::Relaxed);
         if before.saturating_add(n as u64) <= self.cap {
-            return Ok(());
+            return true;
         }
-        if self.noticed.swap(true, Ordering::Relaxed) {
-            return Err(None);
+        if !self.noticed.swap(true, Ordering::Relaxed) {
+            sink.send(Event::Stream {
+                name: StreamName::Stderr,
+                text: format!(
+                    "\n[sandgate] output limit reached: this cell published more than {} bytes; \
+                     further output of this cell is dropped (the cell keeps running)\n",
+                    self.cap
+                ),
+            });
         }
-        Err(Some(format!(
-            "\n[sandgate] output limit reached: this cell published more than {} bytes; \
-             further output of this cell is dropped (the cell keeps running)\n",
-            self.cap
-        )))
+        false
     }
 }
 
@@ -78,16 +81,8 @@ impl GuestOutput {
     }
 
     fn forward(&self, bytes: &[u8]) {
-        match self.budget.take(bytes.len()) {
-            Ok(()) => {}
-            Err(Some(notice)) => {
-                self.sink.send(Event::Stream {
-                    name: StreamName::Stderr,
-                    text: notice,
-                });
-                return;
-            }
-            Err(None) => return,
+        if !self.budget.take(bytes.len(), &self.sink) {
+            return;
         }
         let text = {
             let mut carry = self.carry.lock().unwrap_or_else(|e| e.into_inner());
