@@ -257,3 +257,54 @@ def test_a_corrupt_image_is_refused_with_a_clear_error(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "corrupt" in r.stderr and "python-snapshot.wasm" in r.stderr and "SHA-256" in r.stderr
+
+
+# --- the private root ------------------------------------------------------------------------
+
+def _roots(tmpdir):
+    return sorted(p.name for p in tmpdir.iterdir() if p.name.startswith("sandgate-root-"))
+
+
+def _wait_exit(k, timeout=30):
+    """Waits (bounded) for the kernel process to end; returns its exit status."""
+    return k.km.provisioner.process.wait(timeout=timeout)
+
+
+def _kernel_writing_to_tmp(start_kernel, tmpdir):
+    k = start_kernel(env={"TMPDIR": str(tmpdir)})
+    reply, _ = k.execute("open('/tmp/scratch.txt', 'w').write('private'); "
+                         "open('/tmp/home/notes.txt', 'w').write('mine')")
+    assert reply["status"] == "ok"
+    made = _roots(tmpdir)
+    # One folder and the lock file beside it.
+    assert len(made) == 2 and made[1] == made[0] + ".lock", made
+    assert (tmpdir / made[0] / "tmp" / "scratch.txt").read_text() == "private"
+    return k
+
+
+def test_the_private_root_is_removed_when_a_client_shuts_the_kernel_down(start_kernel, tmp_path):
+    k = _kernel_writing_to_tmp(start_kernel, tmp_path)
+    k.kc.shutdown()
+    assert _wait_exit(k) == 0
+    assert _roots(tmp_path) == []
+
+
+def test_the_private_root_is_removed_on_sigterm(start_kernel, tmp_path):
+    import signal
+    k = _kernel_writing_to_tmp(start_kernel, tmp_path)
+    k.km.provisioner.process.send_signal(signal.SIGTERM)
+    assert _wait_exit(k) == 0
+    assert _roots(tmp_path) == []
+
+
+def test_a_killed_kernels_root_is_removed_by_the_next_kernel(start_kernel, tmp_path):
+    import signal
+    k = _kernel_writing_to_tmp(start_kernel, tmp_path)
+    left = _roots(tmp_path)
+    k.km.provisioner.process.send_signal(signal.SIGKILL)
+    assert _wait_exit(k) == -signal.SIGKILL
+    assert _roots(tmp_path) == left  # a killed process cleans nothing up
+    nxt = start_kernel(env={"TMPDIR": str(tmp_path)})
+    now = _roots(tmp_path)
+    assert not set(left) & set(now) and len(now) == 2, (left, now)
+    alive(nxt)

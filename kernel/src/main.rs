@@ -253,7 +253,7 @@ fn main() -> Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(async {
+            let served = runtime.block_on(async {
                 let terminate = async {
                     #[cfg(unix)]
                     {
@@ -283,8 +283,11 @@ fn main() -> Result<()> {
                         Ok(())
                     }
                 }
-            })?;
-            // The guest thread may be busy in a cell; the process ends without waiting for it.
+            });
+            // The guest thread may be busy in a cell; the process ends without waiting for it,
+            // so no destructor runs: the guest's private root is removed here.
+            sandgate_kernel::sandbox::remove_private_roots();
+            served?;
             std::process::exit(0);
         }
     }

@@ -21,6 +21,7 @@ mod door;
 pub mod interrupt;
 mod limits;
 mod output;
+mod tempdir;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,6 +39,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 pub use interrupt::InterruptFlags;
 pub use limits::Limits;
 use output::{GuestOutput, OutputBudget};
+pub use tempdir::remove_private_roots;
 
 use crate::image::Image;
 
@@ -440,52 +442,6 @@ struct Host {
     turn: Option<Exports>,
     clock: door::GuestClock,
     serial: u64,
-}
-
-mod tempdir {
-    //! The guest's private root: a fresh host folder, removed when the kernel ends.
-    use std::path::{Path, PathBuf};
-
-    pub(crate) struct TempRoot(PathBuf);
-
-    impl TempRoot {
-        pub(crate) fn new() -> std::io::Result<TempRoot> {
-            let base = std::env::temp_dir();
-            for _ in 0..16 {
-                let name = format!("sandgate-root-{}", uuid::Uuid::new_v4().simple());
-                let path = base.join(name);
-                match std::fs::create_dir(&path) {
-                    Ok(()) => {
-                        #[cfg(unix)]
-                        {
-                            use std::os::unix::fs::PermissionsExt;
-                            std::fs::set_permissions(
-                                &path,
-                                std::fs::Permissions::from_mode(0o700),
-                            )?;
-                        }
-                        for sub in ["usr/local/lib", "tmp/home/.matplotlib", "workspace"] {
-                            std::fs::create_dir_all(path.join(sub))?;
-                        }
-                        return Ok(TempRoot(path));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(std::io::Error::other("cannot make a private root folder"))
-        }
-
-        pub(crate) fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempRoot {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 impl Host {
