@@ -530,10 +530,11 @@ pub fn slot_kinds(path: &Path) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("sandgate-keys-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&d).unwrap();
-        d.join("keys.json")
+    /// A scratch folder (removed when dropped) and the keyring's path in it.
+    fn tmp() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("keys.json");
+        (d, path)
     }
 
     #[test]
@@ -553,7 +554,7 @@ mod tests {
 
     #[test]
     fn token_slot_opens_and_wrong_token_is_refused() {
-        let path = tmp();
+        let (_dir, path) = tmp();
         let ring = Keyring::open_or_create(&path, &MasterSource::Token("t0k3n".into())).unwrap();
         let key = ring.workspace_key(1, "default").unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -570,7 +571,7 @@ mod tests {
 
     #[test]
     fn master_key_source_and_rotation() {
-        let path = tmp();
+        let (_dir, path) = tmp();
         let m = Secret::random();
         let mut ring = Keyring::open_or_create(&path, &MasterSource::Key(m.clone())).unwrap();
         let k1 = ring.workspace_key(1, "w").unwrap();
@@ -590,7 +591,7 @@ mod tests {
 
     #[test]
     fn a_damaged_key_file_says_so() {
-        let path = tmp();
+        let (_dir, path) = tmp();
         Keyring::open_or_create(&path, &MasterSource::Passphrase("pw".into())).unwrap();
         let mut v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

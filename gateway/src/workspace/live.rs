@@ -320,14 +320,15 @@ mod tests {
     use crate::workspace::store::Quota;
     use std::sync::{Arc, RwLock};
 
-    fn setup() -> (std::path::PathBuf, Dir, Store) {
-        let base = std::env::temp_dir().join(format!("sandgate-live-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&base).unwrap();
-        let ring =
-            Keyring::open_or_create(&base.join("keys.json"), &MasterSource::Key(Secret([1; 32])))
-                .unwrap();
+    fn setup() -> (tempfile::TempDir, Dir, Store) {
+        let base = tempfile::tempdir().unwrap();
+        let ring = Keyring::open_or_create(
+            &base.path().join("keys.json"),
+            &MasterSource::Key(Secret([1; 32])),
+        )
+        .unwrap();
         let store = Store::open(
-            &base.join("ws"),
+            &base.path().join("ws"),
             "u",
             Arc::new(RwLock::new(ring)),
             Quota {
@@ -336,13 +337,14 @@ mod tests {
             },
         )
         .unwrap();
-        let live = open(&base.join("live")).unwrap();
+        let live = open(&base.path().join("live")).unwrap();
         (base, live, store)
     }
 
     #[test]
     fn kernel_writes_and_deletes_reach_the_store() {
-        let (base, live, store) = setup();
+        let (scratch, live, store) = setup();
+        let base = scratch.path();
         std::fs::create_dir_all(base.join("live/out")).unwrap();
         std::fs::write(base.join("live/out/r.csv"), b"a,b\n").unwrap();
         let (snap, report) = sync_to_store(&live, &store, &Snapshot::new());
@@ -361,7 +363,8 @@ mod tests {
 
     #[test]
     fn symlinks_are_never_followed() {
-        let (base, live, store) = setup();
+        let (scratch, live, store) = setup();
+        let base = scratch.path();
         std::os::unix::fs::symlink("/etc/passwd", base.join("live/passwd")).unwrap();
         std::os::unix::fs::symlink("/etc", base.join("live/etc")).unwrap();
         let (_, report) = sync_to_store(&live, &store, &Snapshot::new());
@@ -382,7 +385,8 @@ mod tests {
 
     #[test]
     fn quota_refusals_are_reported() {
-        let (base, live, store) = setup();
+        let (scratch, live, store) = setup();
+        let base = scratch.path();
         std::fs::write(base.join("live/big.bin"), vec![0u8; 2 << 20]).unwrap();
         let (_, report) = sync_to_store(&live, &store, &Snapshot::new());
         assert_eq!(report.refused.len(), 1);
@@ -395,7 +399,8 @@ mod tests {
 
     #[test]
     fn materialize_restores_the_store_into_an_empty_folder() {
-        let (base, live, store) = setup();
+        let (scratch, live, store) = setup();
+        let base = scratch.path();
         store
             .write(&WsPath::parse("d/e/f.txt").unwrap(), b"deep", true)
             .unwrap();

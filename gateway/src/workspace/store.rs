@@ -949,10 +949,9 @@ mod tests {
         )
     }
 
-    fn tmp() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("sandgate-store-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    /// A scratch folder, removed when dropped.
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
     }
 
     const BIG: Quota = Quota {
@@ -966,7 +965,8 @@ mod tests {
 
     #[test]
     fn round_trip_survives_reopen_and_hides_plaintext() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         {
             let (s, _) = store_in(&dir, BIG);
             s.write(&p("data/sales.csv"), b"month,revenue\nJan,120\n", true)
@@ -1006,7 +1006,8 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_or_a_swap_is_detected() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         let (s, _) = store_in(&dir, BIG);
         s.write(&p("a.txt"), b"alpha", false).unwrap();
         s.write(&p("b.txt"), b"bravo", false).unwrap();
@@ -1047,7 +1048,8 @@ mod tests {
 
     #[test]
     fn rename_delete_and_conflicts() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         let (s, _) = store_in(&dir, BIG);
         s.write(&p("d/x.txt"), b"x", true).unwrap();
         s.write(&p("y.txt"), b"y", false).unwrap();
@@ -1077,7 +1079,8 @@ mod tests {
 
     #[test]
     fn quotas_give_clear_errors() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         let (s, _) = store_in(
             &dir,
             Quota {
@@ -1101,7 +1104,8 @@ mod tests {
 
     #[test]
     fn a_crash_before_the_index_commit_keeps_the_old_version() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         let (s, _) = store_in(&dir, BIG);
         s.write(&p("n.txt"), b"old", false).unwrap();
         // What a crash between the object write and the index commit leaves: a new object
@@ -1117,7 +1121,8 @@ mod tests {
 
     #[test]
     fn checkpoints_and_rotation() {
-        let dir = tmp();
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
         let (s, ring) = store_in(&dir, BIG);
         s.write(&p("nb.ipynb"), b"v1", false).unwrap();
         let cp = s.create_checkpoint(&p("nb.ipynb")).unwrap();
