@@ -166,6 +166,48 @@ def test_interrupt_ends_a_sleep(kernel):
     assert "time.sleep(60)" in tb
 
 
+def test_a_busy_cell_leaves_heartbeat_control_and_streaming_working(start_kernel):
+    """A cell that computes without pause (no sleep, no full output queue) for 3 s: its
+    printed line, heartbeats and a control request are all answered while it runs."""
+    import zmq
+    k = start_kernel()
+    code = ("import time\nprint('started', flush=True)\nt0 = time.monotonic()\n"
+            "while time.monotonic() - t0 < 3:\n    pass\n'done'")
+    msg_id = k.kc.execute(code)
+    started = None
+    deadline = time.monotonic() + 30
+    while started is None and time.monotonic() < deadline:
+        msg = k.kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            assert msg["content"]["text"] == "started\n"
+            started = time.monotonic()
+    assert started is not None
+    info = k.km.get_connection_info()
+    hb = zmq.Context.instance().socket(zmq.REQ)
+    hb.setsockopt(zmq.LINGER, 0)
+    hb.connect(f"tcp://{info['ip']}:{info['hb_port']}")
+    beats = []
+    for i in range(5):
+        t = time.monotonic()
+        hb.send(b"beat %d" % i)
+        assert hb.poll(1000), "no heartbeat answer within 1 s while the cell runs"
+        assert hb.recv() == b"beat %d" % i
+        beats.append(time.monotonic() - t)
+    hb.close()
+    request = k.kc.session.msg("kernel_info_request", {})
+    k.kc.control_channel.send(request)
+    control = k.kc.control_channel.get_msg(timeout=2)
+    assert control["parent_header"]["msg_id"] == request["header"]["msg_id"]
+    assert control["content"]["status"] == "ok"
+    answered = time.monotonic()
+    reply, out = k.collect(msg_id)
+    assert reply["status"] == "ok"
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "'done'"
+    # All of it happened while the cell was still running.
+    assert answered < reply["received"] - 1.0, (started, answered, reply["received"])
+    assert max(beats) < 0.5, beats
+
+
 def test_complete_inspect_and_is_complete(kernel):
     kernel.execute("import math\nmy_variable = 3")
     kc = kernel.kc

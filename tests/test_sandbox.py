@@ -308,3 +308,16 @@ def test_a_killed_kernels_root_is_removed_by_the_next_kernel(start_kernel, tmp_p
     now = _roots(tmp_path)
     assert not set(left) & set(now) and len(now) == 2, (left, now)
     alive(nxt)
+
+
+def test_a_shutdown_while_a_cell_computes_ends_the_kernel_and_removes_its_root(start_kernel, tmp_path):
+    k = _kernel_writing_to_tmp(start_kernel, tmp_path)
+    msg_id = k.kc.execute("while True:\n    pass")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        msg = k.kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            break
+    k.kc.shutdown()
+    assert _wait_exit(k, timeout=10) == 0
+    assert _roots(tmp_path) == []

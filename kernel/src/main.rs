@@ -247,13 +247,14 @@ fn main() -> Result<()> {
                 };
                 sandgate_kernel::harden::apply(network);
             }
-            // One thread carries all the kernel's sockets and tasks: they only move messages,
-            // and on one thread handing a message from task to task wakes no other thread
-            // (the guest runs on a thread of its own).
+            // One thread carries all the kernel's sockets and tasks and, between them, the
+            // guest's turns: on one thread handing a message on wakes no other thread (see
+            // `sandbox::seat`).
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let served = runtime.block_on(async {
+            let (lender, seat) = sandgate_kernel::sandbox::seat::Seat::new();
+            let served = seat.run(runtime, async move {
                 let terminate = async {
                     #[cfg(unix)]
                     {
@@ -277,17 +278,17 @@ fn main() -> Result<()> {
                     }
                 };
                 tokio::select! {
-                    r = server::run(config, terminate, ready) => r,
+                    r = server::run(config, terminate, ready, lender) => r,
                     () = orphaned => {
                         tracing::warn!("the process that started this kernel is gone; exiting");
                         Ok(())
                     }
                 }
             });
-            // The guest thread may be busy in a cell; the process ends without waiting for it,
-            // so no destructor runs: the guest's private root is removed here.
+            // The process ends without waiting for the tasks (or a cell still running), so no
+            // destructor runs: the guest's private root is removed here.
             sandgate_kernel::sandbox::remove_private_roots();
-            served?;
+            served?.map_err(|e| anyhow::anyhow!("the kernel's server failed: {e}"))??;
             std::process::exit(0);
         }
     }

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
+use crate::sandbox::seat::Lender;
 use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError, StreamName};
 use sandgate_wire::{self as wire, Message, Signer};
 
@@ -294,6 +295,7 @@ pub async fn run(
     config: KernelConfig,
     shutdown: impl std::future::Future<Output = ()>,
     ready: impl FnOnce(),
+    seat: Lender,
 ) -> Result<(), KernelError> {
     let c = &config.connection;
     let signer = Signer::new(c.key.as_bytes());
@@ -313,9 +315,14 @@ pub async fn run(
 
     let (events_tx, events_rx) = mpsc::channel(crate::sandbox::EVENT_QUEUE);
     let sandbox_config = config.sandbox.clone();
-    let sandbox = tokio::task::spawn_blocking(move || Sandbox::start(sandbox_config, events_tx))
-        .await
-        .map_err(|e| SandboxError::Start(e.to_string()))??;
+    let handover = seat.handover();
+    let (sandbox, guest) = tokio::task::spawn_blocking(move || {
+        Sandbox::start_guest(sandbox_config, events_tx, handover)
+    })
+    .await
+    .map_err(|e| SandboxError::Start(e.to_string()))??;
+    // From here the guest's turns run on the kernel thread (see `sandbox::seat`).
+    seat.lend(guest);
     let sandbox = Arc::new(sandbox);
 
     let session = uuid::Uuid::new_v4().to_string();

@@ -251,6 +251,11 @@ impl DoorState {
         self.probe.take()
     }
 
+    /// Lets the kernel's tasks go on without the guest's thread (see `seat`).
+    pub(crate) fn handover(&self) {
+        self.sink.handover();
+    }
+
     /// The stop check, run by the epoch callback every tick and by host calls that wait.
     fn check(&mut self, memory: &mut [u8]) -> Result<Check, HardStop> {
         if !self.is_cell {
@@ -652,6 +657,7 @@ fn wait_input(
     let receiver = input.lock().unwrap_or_else(|e| e.into_inner());
     while receiver.try_recv().is_ok() {}
     door.sink.send(Event::InputRequest { prompt, password });
+    door.handover();
     loop {
         match receiver.recv_timeout(TICK) {
             Ok(Some(value)) => return Ok(json!({"value": value}).to_string().into_bytes()),
@@ -758,6 +764,9 @@ fn poll_oneoff(
     }
     let first = clocks.iter().filter_map(|c| c.1).min();
     let mut interrupted = false;
+    if first.is_none_or(|due| due > now) {
+        caller.data().door.handover();
+    }
     loop {
         let now = Instant::now();
         if first.is_some_and(|due| now >= due) {

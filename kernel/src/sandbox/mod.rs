@@ -12,15 +12,17 @@
 //!   publishes rich output and asks for `input()`. Everything arriving through it is parsed as
 //!   hostile (size-capped JSON, checked fields).
 //!
-//! A cell runs as one `turn` of the guest, whose text carries the request (see `SERVE`). The
-//! guest runs on its own thread ([`GUEST_THREAD_STACK`] of stack, more than the wasm stack
-//! limit, so deep recursion is a trap, never a host crash); the kernel talks to it through
-//! [`Sandbox`].
+//! A cell runs as one `turn` of the guest, whose text carries the request (see `SERVE`). In the
+//! kernel the turns run on the kernel thread, between its tasks ([`seat`]); elsewhere (the
+//! interrupt check) on a thread of their own ([`Sandbox::start`]). Either thread has
+//! [`GUEST_THREAD_STACK`] of stack, more than the wasm stack limit, so deep recursion is a
+//! trap, never a host crash. The kernel talks to the guest through [`Sandbox`].
 
 mod door;
 pub mod interrupt;
 mod limits;
 mod output;
+pub mod seat;
 mod tempdir;
 
 use std::path::{Path, PathBuf};
@@ -175,19 +177,33 @@ pub enum Event {
 /// full the guest thread parks until the kernel takes some. It parks with `park_on`, not
 /// `blocking_send`: WASI's stream writes run inside wasmtime-wasi's tokio context, where
 /// `blocking_send` refuses to block.
-#[derive(Clone, Debug)]
-pub struct EventSink(tokio::sync::mpsc::Sender<Event>);
+#[derive(Clone)]
+pub struct EventSink {
+    events: tokio::sync::mpsc::Sender<Event>,
+    handover: seat::Handover,
+}
 
 impl EventSink {
+    fn new(events: tokio::sync::mpsc::Sender<Event>, handover: seat::Handover) -> EventSink {
+        EventSink { events, handover }
+    }
+
     fn send(&self, event: Event) {
         use tokio::sync::mpsc::error::TrySendError;
-        match self.0.try_send(event) {
+        match self.events.try_send(event) {
             // The receiver is gone only while the kernel shuts down; output is then moot.
             Ok(()) | Err(TrySendError::Closed(_)) => {}
             Err(TrySendError::Full(event)) => {
-                let _ = park_on(self.0.send(event));
+                // The kernel's tasks must run to take some: not on this thread, which waits.
+                self.handover.now();
+                let _ = park_on(self.events.send(event));
             }
         }
+    }
+
+    /// Called before the guest's thread waits or runs long: see [`seat`].
+    fn handover(&self) {
+        self.handover.now();
     }
 }
 
@@ -223,7 +239,8 @@ pub enum Outcome {
     },
 }
 
-struct Command {
+/// A request for the guest, waiting for its turn.
+pub struct Command {
     request: Value,
     is_cell: bool,
 }
@@ -250,53 +267,92 @@ pub struct SandboxConfig {
     pub limits: Limits,
 }
 
-/// A handle on the running interpreter. Dropping it stops the guest thread.
+/// A handle on the running interpreter. Dropping it ends the guest's turns (and its thread,
+/// if it has one).
 pub struct Sandbox {
-    commands: mpsc::Sender<Command>,
+    commands: tokio::sync::mpsc::UnboundedSender<Command>,
     control: Arc<Control>,
     input: mpsc::Sender<Option<String>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The interpreter itself, and the requests waiting for it: whoever holds it runs the turns
+/// (a thread of its own, [`Sandbox::start`], or the kernel's thread, [`seat`]).
+pub struct Interpreter {
+    host: Host,
+    commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+}
+
+impl Interpreter {
+    /// The next request; `None` once the [`Sandbox`] is gone.
+    pub async fn next(&mut self) -> Option<Command> {
+        self.commands.recv().await
+    }
+
+    /// Runs one request's turn on this thread; its output and then its [`Event::Done`] go to
+    /// the event queue.
+    pub fn serve(&mut self, command: Command) {
+        let outcome = self.host.serve(command.request, command.is_cell);
+        self.host.sink.send(Event::Done(outcome));
+    }
+}
+
 impl Sandbox {
-    /// Starts the guest thread and its first interpreter. Events go to `events`.
+    /// Starts the first interpreter and a thread of its own that runs its turns. Events go to
+    /// `events`.
     pub fn start(
         config: SandboxConfig,
         events: tokio::sync::mpsc::Sender<Event>,
     ) -> Result<Sandbox, SandboxError> {
-        let sink = EventSink(events);
-        let control = Arc::new(Control::default());
-        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
-        let (input_tx, input_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let thread_control = control.clone();
         let thread = std::thread::Builder::new()
             .name("sandbox-guest".into())
             .stack_size(GUEST_THREAD_STACK)
-            .spawn(move || {
-                let mut host = match Host::new(config, sink, thread_control, input_rx) {
-                    Ok(host) => {
-                        let _ = ready_tx.send(Ok(()));
-                        host
+            .spawn(
+                move || match Sandbox::start_guest(config, events, seat::Handover::default()) {
+                    Ok((sandbox, mut guest)) => {
+                        let _ = ready_tx.send(Ok(sandbox));
+                        while let Some(command) = guest.commands.blocking_recv() {
+                            guest.serve(command);
+                        }
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
-                        return;
                     }
-                };
-                while let Ok(cmd) = cmd_rx.recv() {
-                    let outcome = host.serve(cmd.request, cmd.is_cell);
-                    host.sink.send(Event::Done(outcome));
-                }
-            })
+                },
+            )
             .map_err(|e| SandboxError::Start(e.to_string()))?;
-        ready_rx.recv().map_err(|_| SandboxError::Stopped)??;
-        Ok(Sandbox {
+        let mut sandbox = ready_rx.recv().map_err(|_| SandboxError::Stopped)??;
+        sandbox.thread = Some(thread);
+        Ok(sandbox)
+    }
+
+    /// Starts the first interpreter on this thread and returns it as an [`Interpreter`] for the
+    /// caller to run (see [`seat`]); `handover` is how a long or waiting turn gives the
+    /// kernel's thread back to its tasks.
+    pub fn start_guest(
+        config: SandboxConfig,
+        events: tokio::sync::mpsc::Sender<Event>,
+        handover: seat::Handover,
+    ) -> Result<(Sandbox, Interpreter), SandboxError> {
+        let sink = EventSink::new(events, handover);
+        let control = Arc::new(Control::default());
+        let (cmd_tx, cmd_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (input_tx, input_rx) = mpsc::channel();
+        let host = Host::new(config, sink, control.clone(), input_rx)?;
+        let sandbox = Sandbox {
             commands: cmd_tx,
             control,
             input: input_tx,
-            thread: Some(thread),
-        })
+            thread: None,
+        };
+        Ok((
+            sandbox,
+            Interpreter {
+                host,
+                commands: cmd_rx,
+            },
+        ))
     }
 
     /// Sends a request to the driver. Its output, then its [`Event::Done`], arrive on the
@@ -332,7 +388,7 @@ impl Drop for Sandbox {
         // Closing the command channel ends the guest thread after its current request; a
         // running cell is interrupted first.
         self.control.interrupt.store(true, Ordering::SeqCst);
-        let (tx, _) = mpsc::channel();
+        let (tx, _) = tokio::sync::mpsc::unbounded_channel();
         self.commands = tx;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -553,9 +609,13 @@ impl Host {
         let mut store = Store::new(&self.engine, guest);
         store.limiter(|g| &mut g.limits);
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|mut ctx| match door::check(&mut ctx) {
-            Ok(_) => Ok(UpdateDeadline::Continue(1)),
-            Err(stop) => Err(wasmtime::Error::new(stop)),
+        store.epoch_deadline_callback(|mut ctx| {
+            // A turn that lasts a tick is a long one: the kernel's tasks go on elsewhere.
+            ctx.data().door.handover();
+            match door::check(&mut ctx) {
+                Ok(_) => Ok(UpdateDeadline::Continue(1)),
+                Err(stop) => Err(wasmtime::Error::new(stop)),
+            }
         });
         let instance = self.pre.instantiate(&mut store).map_err(start)?;
         let memory = instance
@@ -585,6 +645,10 @@ impl Host {
             None => (None, false),
         };
         store.data_mut().door.begin(request, is_cell, DRIVER);
+        // The next check is at the next tick of this turn, not at once for a tick that passed
+        // while the guest waited between turns (which would also hand the kernel's tasks over
+        // at the start of every turn; see `seat`).
+        store.set_epoch_deadline(1);
         let result = (|| {
             let len = i32::try_from(code.len()).map_err(|_| "turn too long".to_string())?;
             let p = alloc.call(&mut *store, len).map_err(|e| stop_reason(&e))?;
@@ -683,7 +747,8 @@ pub fn probe_interrupt(config: SandboxConfig, wasm: &Path) -> Result<InterruptFl
     let handle = std::thread::Builder::new()
         .stack_size(GUEST_THREAD_STACK)
         .spawn(move || -> Result<InterruptFlags, SandboxError> {
-            let mut host = Host::new(config2, EventSink(events_tx), Arc::default(), input_rx)?;
+            let sink = EventSink::new(events_tx, seat::Handover::default());
+            let mut host = Host::new(config2, sink, Arc::default(), input_rx)?;
             let mut run = |trigger: &str| -> Result<Vec<interrupt::FlagWord>, SandboxError> {
                 host.run_turn(&interrupt::probe_code(trigger), None)
                     .map_err(SandboxError::Probe)?;

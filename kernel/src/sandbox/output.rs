@@ -169,7 +169,7 @@ mod tests {
 
     fn output() -> (GuestOutput, tokio::sync::mpsc::Receiver<Event>) {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let sink = EventSink(tx);
+        let sink = EventSink::new(tx, Default::default());
         (
             GuestOutput::new(StreamName::Stdout, sink, Arc::new(OutputBudget::new(10))),
             rx,
