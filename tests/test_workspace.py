@@ -223,6 +223,8 @@ def test_everything_survives_a_gateway_restart_and_no_plaintext_is_on_disk(start
             f"open('/workspace/kernel-wrote.txt', 'w').write('kernel says {MARKER}')\n"
             "import matplotlib.pyplot as plt\nplt.plot([3, 1, 2])\nplt.title('saved chart')")
         assert reply["status"] == "ok"
+        reply, _ = s.execute("%config InlineBackend.figure_format = 'svg'\nplt.plot([1, 2])\nplt.title('svg chart')")
+        assert reply["status"] == "ok"
     finally:
         s.close()
     g.restart()
@@ -235,6 +237,11 @@ def test_everything_survives_a_gateway_restart_and_no_plaintext_is_on_disk(start
     assert pngs
     status, png, _ = get(g, pngs[0]["path"])
     assert base64.b64decode(png["content"]).startswith(b"\x89PNG")
+    # A chart in another format is saved in that format.
+    svgs = [c for c in outputs["content"] if c["name"].endswith(".svg")]
+    assert len(svgs) == 1, outputs["content"]
+    status, svg, _ = get(g, svgs[0]["path"])
+    assert status == 200 and "svg chart" in svg["content"] and "<svg" in svg["content"]
     status, hist, _ = get(g, f"history/{k['id']}.ipynb")
     assert status == 200
     cells = hist["content"]["cells"]
@@ -252,6 +259,7 @@ def test_everything_survives_a_gateway_restart_and_no_plaintext_is_on_disk(start
     # Nothing readable on disk: neither the contents nor the file names.
     assert scan_for(g.data_dir, MARKER.encode()) == []
     assert scan_for(g.data_dir, b"saved chart") == []
+    assert scan_for(g.data_dir, b"svg chart") == []
     assert scan_for(g.data_dir, b"kernel-wrote") == []
 
 

@@ -1,8 +1,8 @@
 //! What ran, kept: every kernel's executed cells and their outputs are appended to a history
 //! notebook in its owner's workspace (`history/<kernel id>.ipynb`), and every image a cell
-//! displays is also saved as a file (`outputs/<kernel id>/<execution count>-<n>.png`). Agents
-//! that drive kernels over the plain API get a notebook of what they ran; charts survive the
-//! kernel.
+//! displays is also saved as a file (`outputs/<kernel id>/<execution count>-<n>.png`, or `.jpg`
+//! or `.svg` for a chart in those formats). Agents that drive kernels over the plain API get a
+//! notebook of what they ran; charts survive the kernel.
 //!
 //! The recorder watches the kernel's messages as the gateway relays them (it never talks to the
 //! kernel), and writes after each cell; it also triggers the sync of the live folder, so files a
@@ -104,17 +104,24 @@ impl HistoryObserver {
         self.recorders.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn spawn_save_image(&self, kernel: &Kernel, count: Option<u64>, n: u32, png_b64: String) {
+    fn spawn_save_image(&self, kernel: &Kernel, count: Option<u64>, n: u32, image: Image) {
         let workspaces = self.workspaces.clone();
         let owner = kernel.owner.clone();
         let name = format!(
-            "outputs/{}/{}-{n}.png",
+            "outputs/{}/{}-{n}.{}",
             kernel.id,
-            count.map_or_else(|| "x".to_owned(), |c| c.to_string())
+            count.map_or_else(|| "x".to_owned(), |c| c.to_string()),
+            image.extension
         );
         self.spawn(async move {
-            let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(png_b64.trim()) else {
-                return;
+            let bytes = if image.base64 {
+                let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(image.data.trim())
+                else {
+                    return;
+                };
+                bytes
+            } else {
+                image.data.into_bytes()
             };
             let (Ok(space), Ok(path)) = (workspaces.space(&owner).await, WsPath::parse(&name))
             else {
@@ -285,6 +292,33 @@ fn empty_notebook() -> Value {
     })
 }
 
+/// The image a displayed output carries, as the file it is saved as: the first of PNG, JPEG
+/// and SVG in the bundle (the inline backend's `figure_format` picks which a chart has).
+struct Image {
+    extension: &'static str,
+    data: String,
+    /// PNG and JPEG travel base64-encoded; SVG is text.
+    base64: bool,
+}
+
+impl Image {
+    fn of(data: &Value) -> Option<Self> {
+        [
+            ("image/png", "png", true),
+            ("image/jpeg", "jpg", true),
+            ("image/svg+xml", "svg", false),
+        ]
+        .into_iter()
+        .find_map(|(mime, extension, base64)| {
+            data[mime].as_str().map(|text| Image {
+                extension,
+                data: text.to_owned(),
+                base64,
+            })
+        })
+    }
+}
+
 /// An iopub message as an nbformat output, if it is one.
 fn as_output(msg_type: &str, content: &Value) -> Option<Value> {
     Some(match msg_type {
@@ -384,7 +418,7 @@ impl HistoryObserver {
                 let Some(cell) = recorder.cells.get_mut(&parent) else {
                     return;
                 };
-                let image = content["data"]["image/png"].as_str().map(str::to_owned);
+                let image = Image::of(&content["data"]);
                 let (count, n) = (cell.count, cell.images);
                 if image.is_some() {
                     cell.images += 1;
@@ -411,8 +445,8 @@ impl HistoryObserver {
                     }
                 }
                 drop(recorders);
-                if let Some(png) = image {
-                    self.spawn_save_image(kernel, count, n + 1, png);
+                if let Some(image) = image {
+                    self.spawn_save_image(kernel, count, n + 1, image);
                 }
             }
         }

@@ -555,6 +555,9 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             None => error_answer("the driver is handed out once, at boot"),
         });
     }
+    if request == br#"{"op":"magics"}"# {
+        return Ok(super::MAGICS.as_bytes().to_vec());
+    }
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(request) else {
         return Ok(error_answer("door requests are JSON objects"));
     };

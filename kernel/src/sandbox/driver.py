@@ -28,7 +28,8 @@ import types
 _host = __import__("_host")
 _main = sys.modules["__main__"]
 _ns = _main.__dict__
-_state = {"count": 0, "request": None, "shown_figures": set(), "payload": [], "result": None}
+_state = {"count": 0, "request": None, "shown_figures": set(), "payload": [], "result": None,
+          "capture": None}
 # The cells' inputs and results, shown to the user as `In` and `Out` as in IPython; the driver
 # keeps its own references, so a user who names a variable `In` or `Out` breaks nothing.
 _inputs, _outputs = [""], {}
@@ -52,6 +53,9 @@ try:
     os.chdir("/workspace")
 except OSError:
     pass
+# As in IPython, modules next to the notebook (the working directory) can be imported.
+if "" not in sys.path:
+    sys.path.insert(0, "")
 try:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 except (ValueError, OSError, AttributeError):
@@ -82,6 +86,10 @@ def _door(message):
 
 
 def _publish(msg_type, content):
+    capture = _state["capture"]
+    if capture is not None and msg_type == "display_data":
+        capture.append(content)  # inside `%%capture`
+        return
     _door({"op": "publish", "msg_type": msg_type, "content": content})
 
 
@@ -135,12 +143,6 @@ def _plain(obj):
         return f"<repr of {type(obj).__name__} failed: {type(e).__name__}: {e}>"
 
 
-def _figure_png(fig):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight", dpi=fig.dpi)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _is_figure(obj):
     mpl = sys.modules.get("matplotlib.figure")
     return mpl is not None and isinstance(obj, mpl.Figure)
@@ -157,7 +159,7 @@ def format_bundle(obj, include=None, exclude=None):
     data, metadata = {}, {}
     if _is_figure(obj):
         _state["shown_figures"].add(id(obj))
-        data["image/png"] = _figure_png(obj)
+        data, metadata = _figure_bundle(obj)
     bundle_method = _method(obj, "_repr_mimebundle_")
     if bundle_method is not None:
         try:
@@ -266,8 +268,9 @@ def _flush_figures():
                 continue
             size = fig.get_size_inches() * fig.dpi
             text = f"<Figure size {size[0]:g}x{size[1]:g} with {len(fig.axes)} Axes>"
-            _publish("display_data", {"data": {"image/png": _figure_png(fig), "text/plain": text},
-                                      "metadata": {}, "transient": {}})
+            data, metadata = _figure_bundle(fig)
+            data["text/plain"] = text
+            _publish("display_data", {"data": data, "metadata": metadata, "transient": {}})
     finally:
         plt.close("all")
         _state["shown_figures"].clear()
@@ -418,55 +421,10 @@ except ImportError:
 
 
 # ---------------------------------------------------------------------------------------------
-# Magics: the few IPython notebooks use most; the rest say clearly they are not here.
+# Magics: the syntax (`_transform`) and the entry point (`magic`). The magics themselves are in
+# magics.py, which the kernel hands over when a cell first uses one.
 
 _MAGIC_LINE = re.compile(r"^(\s*)([%!])(%?)(\w*)(.*)$")
-
-
-def _magic(name, args, body=None):
-    name = name.strip()
-    if name == "matplotlib":
-        if args.strip() not in ("", "inline"):
-            print(f"Only the inline backend is available in the sandbox; using inline.",
-                  file=sys.stderr)
-        return None
-    if name in ("pip", "conda", "mamba", "uv"):
-        raise _UsageError(
-            f"%{name} is not available: the sandbox has no network. These packages are "
-            "installed: numpy, pandas, scipy, scikit-learn, statsmodels, matplotlib, seaborn, "
-            "sympy, networkx and more (see `help('modules')`).")
-    if name in ("time",):
-        source = body if body is not None else args
-        start = time.perf_counter()
-        try:
-            return _run_source(source, "<timed>", want_value=body is None)
-        finally:
-            print(f"Wall time: {(time.perf_counter() - start) * 1000:.3g} ms")
-    if name == "timeit":
-        import timeit
-        source = body if body is not None else args
-        timer = timeit.Timer(source, globals=_ns)
-        number, _ = timer.autorange()
-        best = min(timer.repeat(repeat=5, number=number)) / number
-        unit = min((u for u in (("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)) if best >= u[1]),
-                   key=lambda u: u[1], default=("ns", 1e-9))
-        print(f"{best / unit[1]:.3g} {unit[0]} per loop (best of 5 runs, {number} loops each)")
-        return None
-    if name == "pwd":
-        return os.getcwd()
-    if name == "cd":
-        os.chdir(os.path.expanduser(args.strip() or "/workspace"))
-        return None
-    if name in ("who", "whos"):
-        names = sorted(k for k, v in _ns.items() if not k.startswith("_")
-                       and not isinstance(v, types.ModuleType) and k not in ("In", "Out"))
-        print("  ".join(names) if names else "Interactive namespace is empty.")
-        return None
-    if name == "ask":
-        raise _UsageError("%%ask is served by the Sandgate gateway; this kernel was started "
-                          "without it.")
-    raise _UsageError(f"Line magic function `%{name}` not found (Sandgate supports %matplotlib, "
-                      "%time, %timeit, %pwd, %cd, %who).")
 
 
 class _UsageError(Exception):
@@ -475,6 +433,43 @@ class _UsageError(Exception):
 
 _UsageError.__name__ = "UsageError"
 _UsageError.__qualname__ = "UsageError"
+
+
+# The inline backend's settings (`%config InlineBackend.…`), as IPython's defaults.
+_FIGURE_FORMATS = {"png": "image/png", "retina": "image/png", "png2x": "image/png",
+                   "jpeg": "image/jpeg", "jpg": "image/jpeg", "svg": "image/svg+xml",
+                   "pdf": "application/pdf"}
+_inline = {"formats": ("png",), "print_figure_kwargs": {"bbox_inches": "tight"}}
+
+
+def _png_size(png):
+    """(width, height) in pixels from a PNG's header."""
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def _figure_bundle(fig):
+    """(data, metadata) of a matplotlib figure in the configured formats."""
+    data, metadata = {}, {}
+    for fmt in _inline["formats"]:
+        buf = io.BytesIO()
+        kwargs = dict(_inline["print_figure_kwargs"])
+        double = fmt in ("retina", "png2x")
+        kwargs["dpi"] = fig.dpi * (2 if double else 1)
+        fig.savefig(buf, format="jpeg" if fmt == "jpg" else ("png" if double else fmt), **kwargs)
+        raw = buf.getvalue()
+        mime = _FIGURE_FORMATS[fmt]
+        if mime == "image/svg+xml":
+            data[mime] = raw.decode("utf-8")
+        else:
+            data[mime] = base64.b64encode(raw).decode("ascii")
+        if double:
+            width, height = _png_size(raw)
+            metadata[mime] = {"width": width // 2, "height": height // 2}
+    return data, metadata
+
+
+# `%autoreload`'s state; `_execute` looks at its mode before every cell (see the magics).
+_autoreload = {"mode": 0, "loaded": False, "only": set(), "stamps": {}}
 
 
 def _transform(source):
@@ -509,6 +504,9 @@ def _transform(source):
 def magic(name, args, body=None):
     if name == "!":
         raise _UsageError("shell commands (!) are not available: the sandbox runs no processes.")
+    if "_magic" not in globals():
+        source = _host.call(b'{"op":"magics"}')
+        exec(compile(source, "<sandgate-driver>", "exec", dont_inherit=True), globals())
     return _magic(name, args, body)
 
 
@@ -597,6 +595,9 @@ def _error_content(e, count):
         evalue = str(e)
     except Exception:
         evalue = "<str() failed>"
+    if isinstance(e, _UsageError):
+        # A misused magic is the user's line, not a failure inside: no traceback, as in IPython.
+        return {"ename": name, "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
     return {"ename": name, "evalue": evalue,
             "traceback": _format_traceback(e)}
 
@@ -627,6 +628,8 @@ def _execute(req):
         _ns["_i"] = source
     status = {"status": "ok"}
     try:
+        if _autoreload["mode"] and not silent:
+            _autoreload_check()
         try:
             transformed = _transform(source)
             value = _run_source(transformed, filename)
@@ -919,6 +922,9 @@ def serve(request_json=None):
         except BaseException:
             pass
 
+
+# What `%reset` goes back to: the namespace as the driver leaves it.
+_BASE_NAMESPACE = dict(_ns)
 
 _module = types.ModuleType("_sandgate", __doc__)
 _module.serve = serve

@@ -67,6 +67,9 @@ pub const GUEST_ENV: &[(&str, &str)] = &[
 /// The kernel's guest-side driver: formats results, catches errors, runs matplotlib's inline
 /// backend. It is sent through the door when an interpreter starts.
 const DRIVER: &str = include_str!("driver.py");
+/// The driver's magics (`%config`, `%autoreload`, `%%capture`, ...), sent when a cell first uses
+/// one: most kernels never do, and compiling them at every start would slow every start.
+const MAGICS: &str = include_str!("magics.py");
 
 /// A short hash of the driver and the turns that boot it: the interrupt flags are probed with
 /// it booted, so a new driver is probed anew.

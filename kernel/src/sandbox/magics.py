@@ -1,0 +1,454 @@
+"""Sandgate's magics: the IPython magics notebooks use most, each doing what IPython's does; the
+rest say clearly that they are not here.
+
+Loaded into the driver's namespace (it runs with the driver's globals, so it uses the driver's
+helpers as its own) the first time a cell uses a magic: most kernels never do, and compiling
+this at every kernel start would add about 6 ms to it.
+"""
+
+def _options(args, flags, usage):
+    """Splits `args` shell-style into (set of the given flags found first, the rest)."""
+    import shlex
+    try:
+        words = shlex.split(args)
+    except ValueError as e:
+        raise _UsageError(f"{usage}: {e}") from None
+    found = set()
+    while words and words[0].startswith("-"):
+        if words[0] not in flags:
+            raise _UsageError(f"{usage}: unknown option {words[0]!r}")
+        found.add(words.pop(0))
+    return found, words
+
+
+def _set_figure_formats(value):
+    formats = (value,) if isinstance(value, str) else tuple(value)
+    bad = [f for f in formats if not isinstance(f, str) or f.lower() not in _FIGURE_FORMATS]
+    if bad or not formats:
+        raise _UsageError(f"figure format {bad[0] if bad else value!r} is not one of "
+                          f"{', '.join(sorted(_FIGURE_FORMATS))}")
+    _inline["formats"] = tuple(dict.fromkeys(f.lower() for f in formats))
+
+
+def _set_print_figure_kwargs(value):
+    if not isinstance(value, dict):
+        raise _UsageError("InlineBackend.print_figure_kwargs must be a dict (savefig's options)")
+    _inline["print_figure_kwargs"] = dict(value)
+
+
+def _no_setting(value):
+    """Completer settings choose between IPython's completers; Sandgate has one, so there is
+    nothing to change and the line is accepted, as notebooks written for IPython expect."""
+
+
+_CONFIG = {
+    "InlineBackend": {"figure_format": _set_figure_formats, "figure_formats": _set_figure_formats,
+                      "print_figure_kwargs": _set_print_figure_kwargs},
+    "Completer": {"use_jedi": _no_setting, "greedy": _no_setting},
+    "IPCompleter": {"use_jedi": _no_setting, "greedy": _no_setting},
+}
+
+
+def _config(args):
+    args = args.strip()
+    if not args:
+        print("Available objects for config:\n    " + "\n    ".join(_CONFIG))
+        return None
+    if args == "InlineBackend":
+        print(f"InlineBackend.figure_formats = {set(_inline['formats'])!r}\n"
+              f"InlineBackend.print_figure_kwargs = {_inline['print_figure_kwargs']!r}")
+        return None
+    m = re.fullmatch(r"(\w+)\.(\w+)\s*=\s*(.+)", args, re.S)
+    if not m:
+        raise _UsageError("%config takes `Class.setting = value`, e.g. "
+                          "%config InlineBackend.figure_format = 'retina'")
+    cls, key, expr = m.groups()
+    setter = _CONFIG.get(cls, {}).get(key)
+    if setter is None:
+        known = ", ".join(f"{c}.{k}" for c, keys in _CONFIG.items() for k in keys)
+        raise _UsageError(f"{cls}.{key} cannot be configured in the sandbox (these can: {known})")
+    setter(eval(expr, _ns))
+    return None
+
+
+# `%autoreload`: modules the user wrote (under /workspace or /tmp, the guest's only writable
+# places; the image's own modules cannot change) are reloaded before a cell when their file
+# changed, and the functions and classes the user already holds are updated in place, so
+# `from helpers import f` sees the new `f` as IPython's autoreload makes it.
+_WRITABLE = ("/workspace/", "/tmp/")
+
+
+def _user_modules():
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str):
+            continue
+        if not path.startswith("/"):
+            path = os.path.abspath(path)
+        if not path.startswith(_WRITABLE):
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        yield name, module, (st.st_mtime_ns, st.st_size)
+
+
+def _update_in_place(old, new, seen):
+    """Makes `old` (a function or class from before a reload) behave as `new`."""
+    if id(old) in seen:
+        return
+    seen.add(id(old))
+    if isinstance(old, types.FunctionType) and isinstance(new, types.FunctionType):
+        for attr in ("__code__", "__defaults__", "__kwdefaults__", "__doc__", "__annotations__"):
+            try:
+                setattr(old, attr, getattr(new, attr))
+            except (AttributeError, TypeError, ValueError):
+                pass
+        old.__dict__.update(new.__dict__)
+    elif isinstance(old, type) and isinstance(new, type):
+        for key, value in list(new.__dict__.items()):
+            if key in ("__dict__", "__weakref__", "__doc__"):
+                continue
+            previous = old.__dict__.get(key)
+            if previous is not None:
+                _update_in_place(getattr(previous, "__func__", previous),
+                                 getattr(value, "__func__", value), seen)
+            try:
+                setattr(old, key, value)
+            except (AttributeError, TypeError):
+                pass
+
+
+def _autoreload_check(only_changed=True):
+    """Before a cell: reload the user's modules whose file changed since the last look."""
+    import importlib
+    stamps = _autoreload["stamps"]
+    for name, module, stamp in _user_modules():
+        previous = stamps.get(name)
+        stamps[name] = stamp
+        if only_changed and (previous is None or previous == stamp):
+            continue
+        if _autoreload["mode"] == 1 and name not in _autoreload["only"]:
+            continue
+        old = dict(module.__dict__)
+        try:
+            importlib.reload(module)
+        except Exception as e:
+            print(f"[autoreload of {name} failed: {type(e).__name__}: {e}]", file=sys.stderr)
+            continue
+        seen = set()
+        for key, value in old.items():
+            new = module.__dict__.get(key)
+            if new is not None and new is not value and getattr(value, "__module__", None) == name:
+                _update_in_place(value, new, seen)
+
+
+def _load_ext(name):
+    if name != "autoreload":
+        raise _UsageError(f"extension {name!r} is not available: the sandbox has no IPython "
+                          "extensions but autoreload")
+    _autoreload["loaded"] = True
+    return None
+
+
+def _autoreload_magic(args):
+    if not _autoreload["loaded"]:
+        raise _UsageError("Line magic function `%autoreload` not found (load it with "
+                          "%load_ext autoreload).")
+    mode = args.strip().split()[0] if args.strip() else "now"
+    modes = {"0": 0, "off": 0, "1": 1, "explicit": 1, "2": 2, "all": 2, "3": 2, "complete": 2}
+    if mode == "now":
+        _autoreload_check(only_changed=False)
+    elif mode in modes:
+        _autoreload["mode"] = modes[mode]
+        _autoreload_check()  # takes stamps of what is loaded now
+    else:
+        raise _UsageError(f"%autoreload takes one of now, {', '.join(modes)}, not {mode!r}")
+    return None
+
+
+def _aimport(args):
+    if not _autoreload["loaded"]:
+        raise _UsageError("Line magic function `%aimport` not found (load it with "
+                          "%load_ext autoreload).")
+    import importlib
+    names = [n.strip() for n in args.split(",") if n.strip()]
+    if not names:
+        print(f"Modules to reload:\n{' '.join(sorted(_autoreload['only']))}")
+    for name in names:
+        if name.startswith("-"):
+            _autoreload["only"].discard(name[1:])
+            continue
+        module = importlib.import_module(name)
+        _autoreload["only"].add(name)
+        _ns[name.split(".")[0]] = sys.modules[name.split(".")[0]] if "." in name else module
+    _autoreload_check()
+    return None
+
+
+def _env(args):
+    args = args.strip()
+    if not args:
+        return dict(os.environ)
+    m = re.fullmatch(r"([^=\s]+)(?:\s*=\s*|\s+)(.*)", args, re.S)
+    if m is None:
+        if args not in os.environ:
+            raise _UsageError(f"Environment does not have key: {args}")
+        return os.environ[args]
+    key, value = m.groups()
+    os.environ[key] = value
+    print(f"env: {key}={value}")
+    return None
+
+
+def _run_file(args):
+    usage = "%run [-i] FILE [ARGS ...]"
+    found, words = _options(args, {"-i"}, usage)
+    if not words:
+        raise _UsageError(f"{usage}: which file?")
+    path, argv = words[0], words[1:]
+    if not os.path.exists(path) and os.path.exists(path + ".py"):
+        path += ".py"
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except FileNotFoundError:
+        raise _UsageError(f"File `{path}` not found.") from None
+    full = os.path.abspath(path)
+    code = compile(source, full, "exec", dont_inherit=True)
+    linecache.cache[full] = (len(source), None, source.splitlines(True), full)
+    namespace = _ns if "-i" in found else {"__name__": "__main__", "__builtins__": builtins}
+    saved = (sys.argv, namespace.get("__file__"))
+    sys.argv = [path] + argv
+    namespace["__file__"] = full
+    try:
+        exec(code, namespace)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+    finally:
+        sys.argv = saved[0]
+        if namespace is _ns and saved[1] is None:
+            del _ns["__file__"]
+        elif namespace is _ns:
+            _ns["__file__"] = saved[1]
+    if namespace is not _ns:
+        _ns.update((k, v) for k, v in namespace.items() if not k.startswith("__"))
+    return None
+
+
+def _reset(args):
+    found, _ = _options(args, {"-f"}, "%reset [-f]")
+    if "-f" not in found:
+        answer = input("Once deleted, variables cannot be recovered. Proceed (y/[n])? ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing done.")
+            return None
+    for name in list(_ns):
+        if name not in _BASE_NAMESPACE and not name.startswith("__sandgate"):
+            del _ns[name]
+    _ns.update(_BASE_NAMESPACE)
+    _HIDDEN.clear()
+    del _inputs[1:]
+    _outputs.clear()
+    return None
+
+
+def _pylab(args):
+    print("%pylab is deprecated, use %matplotlib inline and import the required libraries.\n"
+          "Populating the interactive namespace from numpy and matplotlib")
+    before = set(_ns)
+    exec("import numpy\nimport matplotlib\nfrom matplotlib import pylab, mlab, pyplot\n"
+         "np = numpy\nplt = pyplot\nfrom pylab import *\nfrom numpy import *\n", _ns)
+    # As in IPython, %who leaves out what %pylab put there.
+    _HIDDEN.update(set(_ns) - before)
+    return None
+
+
+def _matplotlib(args):
+    if args.strip() not in ("", "inline"):
+        print("Only the inline backend is available in the sandbox; using inline.",
+              file=sys.stderr)
+    return None
+
+
+def _time(source):
+    start = time.perf_counter()
+    try:
+        return _run_source(source, "<timed>")
+    finally:
+        print(f"Wall time: {(time.perf_counter() - start) * 1000:.3g} ms")
+
+
+def _timeit(source):
+    import timeit
+    timer = timeit.Timer(source, globals=_ns)
+    number, _ = timer.autorange()
+    best = min(timer.repeat(repeat=5, number=number)) / number
+    unit = min((u for u in (("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)) if best >= u[1]),
+               key=lambda u: u[1], default=("ns", 1e-9))
+    print(f"{best / unit[1]:.3g} {unit[0]} per loop (best of 5 runs, {number} loops each)")
+    return None
+
+
+_HIDDEN = set()
+
+
+def _who(args):
+    names = sorted(k for k, v in _ns.items() if not k.startswith("_")
+                   and not isinstance(v, types.ModuleType) and k not in ("In", "Out")
+                   and k not in _BASE_NAMESPACE and k not in _HIDDEN)
+    print("  ".join(names) if names else "Interactive namespace is empty.")
+    return None
+
+
+def _cd(args):
+    os.chdir(os.path.expanduser(args.strip() or "/workspace"))
+    print(os.getcwd())
+    return None
+
+
+_LINE_MAGICS = {
+    "matplotlib": _matplotlib,
+    "pylab": _pylab,
+    "config": _config,
+    "load_ext": lambda args: _load_ext(args.strip()),
+    "reload_ext": lambda args: _load_ext(args.strip()),
+    "autoreload": _autoreload_magic,
+    "aimport": _aimport,
+    "env": _env,
+    "run": _run_file,
+    "reset": _reset,
+    "time": lambda args: _time(args.strip()),
+    "timeit": lambda args: _timeit(args.strip()),
+    "pwd": lambda args: os.getcwd(),
+    "cd": _cd,
+    "who": _who,
+    "whos": _who,
+    "lsmagic": lambda args: print(
+        "Line magics: " + " ".join("%" + n for n in sorted(_LINE_MAGICS)) + "\n"
+        "Cell magics: " + " ".join("%%" + n for n in sorted(_CELL_MAGICS)) + " %%ask (with the "
+        "gateway)"),
+}
+
+
+class CapturedIO:
+    """What `%%capture NAME` keeps: the cell's stdout, stderr and rich outputs."""
+
+    def __init__(self, stdout, stderr, outputs):
+        self._stdout, self._stderr, self.outputs = stdout, stderr, outputs
+
+    @property
+    def stdout(self):
+        return self._stdout.getvalue() if self._stdout is not None else ""
+
+    @property
+    def stderr(self):
+        return self._stderr.getvalue() if self._stderr is not None else ""
+
+    def show(self):
+        """Sends what was captured, as the cell would have."""
+        if self.stdout:
+            sys.stdout.write(self.stdout)
+        if self.stderr:
+            sys.stderr.write(self.stderr)
+        for content in self.outputs:
+            _publish("display_data", content)
+
+    __call__ = show
+
+    def __repr__(self):
+        return f"<CapturedIO: {len(self.stdout)} chars of stdout, {len(self.stderr)} of stderr, " \
+               f"{len(self.outputs)} outputs>"
+
+
+def _capture(args, body):
+    usage = "%%capture [--no-stdout] [--no-stderr] [--no-display] [NAME]"
+    found, words = _options(args, {"--no-stdout", "--no-stderr", "--no-display"}, usage)
+    if len(words) > 1 or (words and not words[0].isidentifier()):
+        raise _UsageError(f"{usage}: {' '.join(words)!r} is not a variable name")
+    out = None if "--no-stdout" in found else io.StringIO()
+    err = None if "--no-stderr" in found else io.StringIO()
+    outputs = None if "--no-display" in found else []
+    saved = (sys.stdout, sys.stderr, _state["capture"])
+    _flush()
+    if out is not None:
+        sys.stdout = out
+    if err is not None:
+        sys.stderr = err
+    _state["capture"] = outputs
+    try:
+        value = _run_source(body, "<capture>")
+        if outputs is not None:
+            if value is not None:
+                data, md = format_bundle(value)
+                outputs.append({"data": data, "metadata": md, "transient": {}})
+            _flush_figures()
+    finally:
+        sys.stdout, sys.stderr, _state["capture"] = saved
+    if words:
+        _ns[words[0]] = CapturedIO(out, err, outputs or [])
+    return None
+
+
+def _writefile(args, body):
+    usage = "%%writefile [-a] FILE"
+    found, words = _options(args, {"-a", "--append"}, usage)
+    if len(words) != 1:
+        raise _UsageError(f"{usage}: one file name, not {len(words)}")
+    path = os.path.expanduser(words[0])
+    append = bool(found)
+    verb = "Appending to" if append else ("Overwriting" if os.path.exists(path) else "Writing")
+    print(f"{verb} {words[0]}")
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        f.write(body if body.endswith("\n") or not body else body + "\n")
+    return None
+
+
+def _shows(mime):
+    def show(args, body):
+        display({mime: body, "text/plain": f"<{mime} cell>"}, raw=True)
+        return None
+    return show
+
+
+_CELL_MAGICS = {
+    "time": lambda args, body: _time(body),
+    "timeit": lambda args, body: _timeit(body),
+    "capture": _capture,
+    "writefile": _writefile,
+    "html": _shows("text/html"),
+    "HTML": _shows("text/html"),
+    "markdown": _shows("text/markdown"),
+    "latex": _shows("text/latex"),
+    "svg": _shows("image/svg+xml"),
+    "javascript": _shows("application/javascript"),
+    "js": _shows("application/javascript"),
+}
+_NO_PROCESSES = {"bash", "sh", "script", "system", "sx", "perl", "ruby", "python3", "pypy"}
+
+
+def _magic(name, args, body=None):
+    name = name.strip()
+    if name in ("pip", "conda", "mamba", "uv"):
+        raise _UsageError(
+            f"%{name} is not available: the sandbox has no network. These packages are "
+            "installed: numpy, pandas, scipy, scikit-learn, statsmodels, matplotlib, seaborn, "
+            "sympy, networkx and more (see `help('modules')`).")
+    if name == "ask":
+        raise _UsageError("%%ask is served by the Sandgate gateway; this kernel was started "
+                          "without it.")
+    if body is not None:
+        handler = _CELL_MAGICS.get(name)
+        if handler is not None:
+            return handler(args.strip(), body)
+        if name in _NO_PROCESSES:
+            raise _UsageError(f"%%{name} is not available: the sandbox runs no processes.")
+        raise _UsageError(f"Cell magic `%%{name}` not found (Sandgate has "
+                          f"{', '.join('%%' + n for n in sorted(_CELL_MAGICS))}).")
+    handler = _LINE_MAGICS.get(name)
+    if handler is not None:
+        return handler(args)
+    raise _UsageError(f"Line magic function `%{name}` not found (Sandgate has "
+                      f"{', '.join('%' + n for n in sorted(_LINE_MAGICS))}; %lsmagic lists them).")
