@@ -46,6 +46,21 @@ def test_workspace_modules_import_and_autoreload_updates_what_the_user_holds(sta
     assert reply["ename"] == "UsageError" and "sometimes" in reply["evalue"]
 
 
+def test_a_workspace_file_cannot_shadow_the_images_modules(start_kernel):
+    k = start_kernel()
+    _, out = k.execute("import sys\n'statistics' in sys.modules, 'shlex' in sys.modules")
+    assert result_text(out) == ["(False, False)"]  # so the imports below look them up
+    for name in ("statistics", "shlex"):
+        (k.workspace / f"{name}.py").write_text("raise RuntimeError('shadowed')\n")
+    reply, out = k.execute("import statistics\nstatistics.mean([1, 2, 3])")
+    assert reply["status"] == "ok", reply
+    assert result_text(out) == ["2"]
+    # The magics import shlex when first used.
+    reply, out = k.execute("%%writefile -a shadow_note.txt\nnot shadowed")
+    assert reply["status"] == "ok", reply
+    assert (k.workspace / "shadow_note.txt").read_text() == "not shadowed\n"
+
+
 def png_size(b64):
     raw = base64.b64decode(b64)
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"

@@ -53,9 +53,11 @@ try:
     os.chdir("/workspace")
 except OSError:
     pass
-# As in IPython, modules next to the notebook (the working directory) can be imported.
+# As in IPython, modules next to the notebook (the working directory) can be imported; unlike
+# IPython, after the image's own, so a workspace file named like one (`platform.py`, `json.py`)
+# cannot replace a module this driver or the scientific stack imports later.
 if "" not in sys.path:
-    sys.path.insert(0, "")
+    sys.path.append("")
 try:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 except (ValueError, OSError, AttributeError):
