@@ -203,3 +203,27 @@ def test_pylab_who_and_reset(start_kernel):
     _, out = k.execute("display('after reset'); In[1:3]")
     assert [m["content"]["data"]["text/plain"] for m in of_type(out, "display_data")] == ["'after reset'"]
     assert result_text(out) == ["['mine', '%who']"]  # the cells since the reset
+
+
+def test_timeit_options_and_its_result_object(kernel):
+    _, out = kernel.execute("%timeit -n 50 -r 3 sum(range(10))")
+    text = stdout_text(out)
+    assert "per loop (mean ± std. dev. of 3 runs, 50 loops each)" in text, text
+    _, out = kernel.execute("ti_r = %timeit -o -q -n 20 -r 2 sorted(range(30))\n"
+                            "ti_r.loops, ti_r.repeat, len(ti_r.all_runs), ti_r.best <= ti_r.average <= ti_r.worst")
+    assert result_text(out) == ["(20, 2, 2, True)"] and stdout_text(out) == ""
+    # As a cell magic the line holds the options and the setup.
+    _, out = kernel.execute("%%timeit -n 5 -r 2 ti_data = list(range(100))\nsorted(ti_data)")
+    assert "of 2 runs, 5 loops each" in stdout_text(out)
+    reply, _ = kernel.execute("%timeit -n")
+    assert reply["ename"] == "UsageError" and "-n" in reply["evalue"]
+
+
+def test_a_magics_value_can_be_assigned_and_strings_are_left_alone(kernel):
+    _, out = kernel.execute("as_home = %env HOME\nas_cwd = %pwd\nas_home, as_cwd")
+    assert result_text(out) == ["('/tmp/home', '/workspace')"]
+    reply, _ = kernel.execute("as_files = !ls")
+    assert reply["ename"] == "UsageError" and "no processes" in reply["evalue"]
+    # Lines that look like magics inside a string of valid Python are the string's.
+    _, out = kernel.execute("as_q = '''\nvalue = %s\n%matplotlib inline\n!rm -rf x\n'''\nas_q.splitlines()")
+    assert result_text(out) == ["['', 'value = %s', '%matplotlib inline', '!rm -rf x']"]

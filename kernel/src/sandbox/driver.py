@@ -427,6 +427,8 @@ except ImportError:
 # magics.py, which the kernel hands over when a cell first uses one.
 
 _MAGIC_LINE = re.compile(r"^(\s*)([%!])(%?)(\w*)(.*)$")
+# `x = %env HOME`, `a, b = %magic ...`: a line magic's value assigned.
+_MAGIC_ASSIGN = re.compile(r"^(\s*)([A-Za-z_][\w.]*(?:\s*,\s*[A-Za-z_][\w.]*)*)\s*=\s*([%!])(\w*)(.*)$")
 
 
 class _UsageError(Exception):
@@ -478,6 +480,13 @@ def _transform(source):
     """IPython's syntax that plain Python lacks: `%magic`, `%%cellmagic`, `!cmd`, `obj?`."""
     if "%" not in source and "!" not in source and "?" not in source:
         return source
+    try:
+        # Valid Python has none of that syntax (a `%` line in a string is the string's).
+        compile(source, "<transform>", "exec", ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
+                dont_inherit=True)
+        return source
+    except SyntaxError:
+        pass
     stripped = source.lstrip()
     if stripped.startswith("%%"):
         first, _, body = stripped.partition("\n")
@@ -491,6 +500,13 @@ def _transform(source):
                 f"{len(help_match.group(2))})\n")
     out = []
     for line in source.split("\n"):
+        m = _MAGIC_ASSIGN.match(line)
+        if m and (m.group(3) == "!" or m.group(4)):
+            indent, targets, kind, name, rest = m.groups()
+            call = ("magic('!', " + repr(name + rest) if kind == "!"
+                    else f"magic({name!r}, {rest!r}")
+            out.append(f"{indent}{targets} = __import__('sys').modules['_sandgate'].{call})")
+            continue
         m = _MAGIC_LINE.match(line)
         if m and (m.group(2) == "!" or m.group(4)) and not m.group(3):
             indent, kind, _, name, rest = m.groups()

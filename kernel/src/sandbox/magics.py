@@ -281,15 +281,65 @@ def _time(source):
         print(f"Wall time: {(time.perf_counter() - start) * 1000:.3g} ms")
 
 
-def _timeit(source):
+def _seconds(t):
+    """`t` seconds in the unit IPython's %timeit uses, three significant digits."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+class TimeitResult:
+    """What `%timeit -o` returns, as IPython's: `best`, `worst`, `average`, `stdev`, `loops`,
+    `repeat`, `all_runs` (seconds per run of `loops` loops) and `timings` (per loop)."""
+
+    def __init__(self, loops, repeat, all_runs):
+        self.loops, self.repeat, self.all_runs = loops, repeat, all_runs
+        self.timings = [t / loops for t in all_runs]
+        self.best, self.worst = min(self.timings), max(self.timings)
+        self.average = sum(self.timings) / len(self.timings)
+        self.stdev = (sum((t - self.average) ** 2 for t in self.timings) / len(self.timings)) ** 0.5
+
+    def __str__(self):
+        runs = f"{self.repeat} run{'s' if self.repeat != 1 else ''}"
+        loops = f"{self.loops:,} loop{'s' if self.loops != 1 else ''}"
+        return (f"{_seconds(self.average)} ± {_seconds(self.stdev)} per loop "
+                f"(mean ± std. dev. of {runs}, {loops} each)")
+
+    def __repr__(self):
+        return f"<TimeitResult : {self}>"
+
+
+_TIMEIT_OPTION = re.compile(r"\s*-(?:([nr])\s*(\d+)|([oq]))(?=\s|$)")
+
+
+def _timeit(line, body=None):
+    """`%timeit [-n N] [-r R] [-o] [-q] STATEMENT`; as a cell magic the line after the options
+    is setup code and the cell is the statement."""
     import timeit
-    timer = timeit.Timer(source, globals=_ns)
-    number, _ = timer.autorange()
-    best = min(timer.repeat(repeat=5, number=number)) / number
-    unit = min((u for u in (("s", 1), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)) if best >= u[1]),
-               key=lambda u: u[1], default=("ns", 1e-9))
-    print(f"{best / unit[1]:.3g} {unit[0]} per loop (best of 5 runs, {number} loops each)")
-    return None
+    options = {"n": None, "r": 7, "o": False, "q": False}
+    while True:
+        m = _TIMEIT_OPTION.match(line)
+        if m is None:
+            break
+        if m.group(1):
+            options[m.group(1)] = int(m.group(2))
+        else:
+            options[m.group(3)] = True
+        line = line[m.end():]
+    if re.match(r"\s*-[nr](\s|$)", line):
+        raise _UsageError("%timeit: -n and -r take a number (`%timeit -n 100 -r 5 STATEMENT`)")
+    setup, stmt = (line.strip() or "pass", body) if body is not None else ("pass", line.strip())
+    if not stmt or not stmt.strip():
+        raise _UsageError("%timeit needs a statement to time")
+    if options["r"] < 1 or (options["n"] is not None and options["n"] < 1):
+        raise _UsageError("%timeit: -n and -r take numbers of at least 1")
+    timer = timeit.Timer(stmt, setup, globals=_ns)
+    number = options["n"] or timer.autorange()[0]
+    result = TimeitResult(number, options["r"], timer.repeat(repeat=options["r"], number=number))
+    if not options["q"]:
+        print(result)
+    return result if options["o"] else None
 
 
 _HIDDEN = set()
@@ -321,7 +371,7 @@ _LINE_MAGICS = {
     "run": _run_file,
     "reset": _reset,
     "time": lambda args: _time(args.strip()),
-    "timeit": lambda args: _timeit(args.strip()),
+    "timeit": lambda args: _timeit(args),
     "pwd": lambda args: os.getcwd(),
     "cd": _cd,
     "who": _who,
@@ -415,7 +465,7 @@ def _shows(mime):
 
 _CELL_MAGICS = {
     "time": lambda args, body: _time(body),
-    "timeit": lambda args, body: _timeit(body),
+    "timeit": _timeit,
     "capture": _capture,
     "writefile": _writefile,
     "html": _shows("text/html"),
