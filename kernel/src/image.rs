@@ -157,13 +157,16 @@ pub fn fetch(dir: &Path) -> Result<(), ImageError> {
         std::fs::write(&script, FETCH_PY).map_err(io(&script))?;
         std::fs::write(&pins, PINS_JSON).map_err(io(&pins))?;
         let python = std::env::var_os("SANDGATE_PYTHON").unwrap_or_else(|| "python3".into());
-        let status = Command::new(&python)
+        let mut command = Command::new(&python);
+        command
             .arg(&script)
             .arg("--pins")
             .arg(&pins)
             .arg("--dest")
             .arg(dir)
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        end_with_parent(&mut command);
+        let status = command
             .status()
             .map_err(|e| ImageError::Fetch(format!("cannot run {python:?}: {e}")))?;
         if status.success() {
@@ -343,10 +346,10 @@ pub fn prepare(
             "compiling the sandbox image to native code (first start only; about a minute)"
         });
         let exe = std::env::current_exe().map_err(|e| ImageError::Compile(e.to_string()))?;
-        let status = Command::new(exe)
-            .arg("compile-image")
-            .arg("--home")
-            .arg(home)
+        let mut command = Command::new(exe);
+        command.arg("compile-image").arg("--home").arg(home);
+        end_with_parent(&mut command);
+        let status = command
             .status()
             .map_err(|e| ImageError::Compile(e.to_string()))?;
         if !status.success() {
@@ -363,6 +366,38 @@ pub fn prepare(
         tracing::warn!("no interrupt flags for this image: an interrupt restarts the interpreter");
     }
     Ok(image)
+}
+
+/// Ends `command`'s process with SIGTERM when the thread that starts it dies: the caller waits
+/// for it on that thread, so a killed caller does not leave a minute of work running for nobody.
+/// Set between fork and exec, so no moment exists when the caller is gone and it is not set.
+fn end_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = rustix::process::getpid();
+    // SAFETY: runs in the child between fork and exec, and only makes two system calls (no
+    // allocation, no locks).
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+            if rustix::process::getppid() != Some(parent) {
+                return Err(rustix::io::Errno::SRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// For `prepare` itself, which the gateway starts (and the gateway has no unsafe code to set
+/// this between fork and exec): SIGTERM when the thread that started it dies. The gateway waits
+/// for `prepare` on that thread; were the gateway killed in the moment between this process's
+/// start and this call, `prepare` would run to its end, as it did before.
+pub fn end_with_starter() {
+    if let Err(e) =
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+    {
+        tracing::debug!(error = %e, "no parent-death signal; prepare outlives the gateway");
+    }
 }
 
 /// The `compile-image` step, run in its own process: compile the module, then probe it for

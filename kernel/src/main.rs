@@ -179,6 +179,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::Prepare) => {
+            image::end_with_starter();
             let image = image::prepare(&home, &limits, fetch, &progress)?;
             println!("{}", image.dir.display());
             Ok(())
