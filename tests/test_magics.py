@@ -186,7 +186,10 @@ def test_pylab_who_and_reset(start_kernel):
     _, out = k.execute("%who")
     assert stdout_text(out) == "mine\n"
 
-    # Without -f it asks first; "n" keeps everything.
+    # Without -f it asks first: a frontend that cannot answer is told what to do instead...
+    reply, _ = k.execute("%reset", allow_stdin=False)
+    assert reply["ename"] == "UsageError" and "%reset -f" in reply["evalue"]
+    # ...and "n" keeps everything.
     msg_id = k.kc.execute("%reset", allow_stdin=True)
     reply, out = k.collect(msg_id, stdin=lambda req: "n")
     assert reply["status"] == "ok" and "Nothing done." in stdout_text(out)

@@ -241,7 +241,11 @@ def _run_file(args):
 def _reset(args):
     found, _ = _options(args, {"-f"}, "%reset [-f]")
     if "-f" not in found:
-        answer = input("Once deleted, variables cannot be recovered. Proceed (y/[n])? ")
+        try:
+            answer = input("Once deleted, variables cannot be recovered. Proceed (y/[n])? ")
+        except StdinNotImplementedError:
+            raise _UsageError("%reset asks before it deletes, and this frontend cannot answer; "
+                              "%reset -f deletes without asking") from None
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing done.")
             return None
