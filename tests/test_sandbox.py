@@ -260,33 +260,10 @@ def test_a_corrupt_image_is_refused_with_a_clear_error(tmp_path):
     assert "corrupt" in r.stderr and "python-snapshot.wasm" in r.stderr and "SHA-256" in r.stderr
 
 
-def _processes_with(*words):
-    """Pids whose command line holds every one of `words`."""
-    import pathlib
-    found = []
-    for proc in pathlib.Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if all(w.encode() in argv for w in words):
-            found.append(int(proc.name))
-    return found
-
-
-def _ended_within(pid, seconds):
-    """True once `pid` has exited (a zombie counts), waiting at most `seconds`."""
+def _ended_within(pidfd, seconds):
+    """True once the process behind `pidfd` has exited (a zombie counts)."""
     import select
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        return bool(select.select([fd], [], [], seconds)[0])
-    finally:
-        os.close(fd)
+    return bool(select.select([pidfd], [], [], seconds)[0])
 
 
 def test_an_image_compile_ends_with_the_process_that_started_it(tmp_path):
@@ -294,8 +271,7 @@ def test_an_image_compile_ends_with_the_process_that_started_it(tmp_path):
     `compile-image` under it, instead of leaving a minute of compiling for nobody."""
     import subprocess
     import sys
-    import time
-    from conftest import sandgate_home
+    from conftest import children, sandgate_home
     (tmp_path / "images").symlink_to(sandgate_home() / "images")
     (tmp_path / "cache").mkdir()  # nothing compiled: prepare starts compile-image
     starter = subprocess.Popen(
@@ -303,24 +279,36 @@ def test_an_image_compile_ends_with_the_process_that_started_it(tmp_path):
          "import subprocess, sys; subprocess.run(sys.argv[1:])",
          _kernel_bin(), "prepare", "--home", str(tmp_path), "--no-fetch"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Each held by a pidfd once seen: waiting for it, and ending it after a failure, never
+    # touch a reused pid.
+    prepare_fd = compiler_fd = None
     try:
         deadline = time.monotonic() + 120
-        compiler = []
-        while not compiler and time.monotonic() < deadline and starter.poll() is None:
-            compiler = _processes_with("compile-image", str(tmp_path))
-        assert compiler, "compile-image never started"
-        (prepare,) = [p for p in _processes_with("prepare", str(tmp_path)) if p != starter.pid]
+        while compiler_fd is None and time.monotonic() < deadline and starter.poll() is None:
+            if prepare_fd is None:
+                for pid in children(starter.pid):
+                    prepare, prepare_fd = pid, os.pidfd_open(pid)
+            else:
+                for pid, argv in children(prepare).items():
+                    if b"compile-image" in argv:
+                        compiler_fd = os.pidfd_open(pid)
+        assert compiler_fd is not None, "compile-image never started"
     finally:
         starter.kill()
         starter.wait()
     try:
-        assert _ended_within(prepare, 10), "prepare outlived the process that started it"
-        assert _ended_within(compiler[0], 10), "compile-image outlived prepare"
+        assert _ended_within(prepare_fd, 10), "prepare outlived the process that started it"
+        assert _ended_within(compiler_fd, 10), "compile-image outlived prepare"
         assert not list((tmp_path / "cache").glob("*.cwasm"))
     finally:
-        # Whatever this test started and is still running (only if it failed).
-        for pid in _processes_with("--home", str(tmp_path)):
-            os.kill(pid, signal.SIGKILL)
+        for fd in (prepare_fd, compiler_fd):
+            if fd is not None:
+                # Still running only if the test failed: this test started it.
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # ended and already reaped
+                os.close(fd)
 
 
 # --- the private root ------------------------------------------------------------------------

@@ -476,17 +476,17 @@ def _figure_bundle(fig):
 _autoreload = {"mode": 0, "loaded": False, "only": set(), "stamps": {}}
 
 
+def _magic_call(kind, name, rest):
+    """The call a `%name rest` or `!cmd` line becomes."""
+    name, rest = ("!", name + rest) if kind == "!" else (name, rest)
+    return f"__import__('sys').modules['_sandgate'].magic({name!r}, {rest!r})"
+
+
 def _transform(source):
-    """IPython's syntax that plain Python lacks: `%magic`, `%%cellmagic`, `!cmd`, `obj?`."""
+    """IPython's syntax that plain Python lacks: `%magic`, `%%cellmagic`, `!cmd`, `obj?`. Only
+    for a cell that is not valid Python (see `_execute`), so a `%` line in a string is kept."""
     if "%" not in source and "!" not in source and "?" not in source:
         return source
-    try:
-        # Valid Python has none of that syntax (a `%` line in a string is the string's).
-        compile(source, "<transform>", "exec", ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT,
-                dont_inherit=True)
-        return source
-    except SyntaxError:
-        pass
     stripped = source.lstrip()
     if stripped.startswith("%%"):
         first, _, body = stripped.partition("\n")
@@ -503,17 +503,12 @@ def _transform(source):
         m = _MAGIC_ASSIGN.match(line)
         if m and (m.group(3) == "!" or m.group(4)):
             indent, targets, kind, name, rest = m.groups()
-            call = ("magic('!', " + repr(name + rest) if kind == "!"
-                    else f"magic({name!r}, {rest!r}")
-            out.append(f"{indent}{targets} = __import__('sys').modules['_sandgate'].{call})")
+            out.append(f"{indent}{targets} = {_magic_call(kind, name, rest)}")
             continue
         m = _MAGIC_LINE.match(line)
         if m and (m.group(2) == "!" or m.group(4)) and not m.group(3):
             indent, kind, _, name, rest = m.groups()
-            if kind == "!":
-                out.append(f"{indent}__import__('sys').modules['_sandgate'].magic('!', {(name + rest)!r})")
-            else:
-                out.append(f"{indent}__import__('sys').modules['_sandgate'].magic({name!r}, {rest!r})")
+            out.append(indent + _magic_call(kind, name, rest))
         else:
             out.append(line)
     return "\n".join(out)
@@ -536,30 +531,40 @@ def _cell_name(count):
     return f"<cell-{count}>"
 
 
-def _run_source(source, filename, want_value=True):
-    """Runs `source` in the user's namespace; returns the last expression's value."""
+def _compile_source(source, filename, want_value=True):
+    """(statements, last expression) of `source` as code objects, either None; raises
+    SyntaxError before anything runs."""
     flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
     if want_value:
         # A cell that is one expression (`df.head()`, `1+1`) compiles straight to its value,
         # without the round trip through Python AST objects; anything else fails to parse as
         # an expression at once and takes the general path.
         try:
-            code = compile(source, filename, "eval", flags=flags, dont_inherit=True)
+            return None, compile(source, filename, "eval", flags=flags, dont_inherit=True)
         except SyntaxError:
             pass
-        else:
-            return _run_code(code, evaluate=True)
     tree = ast.parse(source, filename, "exec")
     last = None
     if want_value and tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = ast.Expression(tree.body.pop().value)
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval", flags=flags,
+                       dont_inherit=True)
+    body = None
     if tree.body or last is None:
-        code = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
-        _run_code(code)
-    if last is not None:
-        code = compile(last, filename, "eval", flags=flags, dont_inherit=True)
-        return _run_code(code, evaluate=True)
-    return None
+        body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
+    return body, last
+
+
+def _run_compiled(compiled):
+    """Runs `_compile_source`'s code objects; returns the last expression's value."""
+    body, last = compiled
+    if body is not None:
+        _run_code(body)
+    return None if last is None else _run_code(last, evaluate=True)
+
+
+def _run_source(source, filename, want_value=True):
+    """Runs `source` in the user's namespace; returns the last expression's value."""
+    return _run_compiled(_compile_source(source, filename, want_value))
 
 
 def _run_code(code, evaluate=False):
@@ -649,8 +654,15 @@ def _execute(req):
         if _autoreload["mode"] and not silent:
             _autoreload_check()
         try:
-            transformed = _transform(source)
-            value = _run_source(transformed, filename)
+            try:
+                compiled = _compile_source(source, filename)
+            except SyntaxError:
+                # IPython's syntax (magics, `obj?`) is looked for only in what Python rejects.
+                transformed = _transform(source)
+                if transformed == source:
+                    raise
+                compiled = _compile_source(transformed, filename)
+            value = _run_compiled(compiled)
         finally:
             _flush()
         if not silent:

@@ -351,7 +351,7 @@ _HIDDEN = set()
 
 def _who(args):
     names = sorted(k for k, v in _ns.items() if not k.startswith("_")
-                   and not isinstance(v, types.ModuleType) and k not in ("In", "Out")
+                   and not isinstance(v, types.ModuleType)
                    and k not in _BASE_NAMESPACE and k not in _HIDDEN)
     print("  ".join(names) if names else "Interactive namespace is empty.")
     return None
@@ -375,7 +375,7 @@ _LINE_MAGICS = {
     "run": _run_file,
     "reset": _reset,
     "time": lambda args: _time(args.strip()),
-    "timeit": lambda args: _timeit(args),
+    "timeit": _timeit,
     "pwd": lambda args: os.getcwd(),
     "cd": _cd,
     "who": _who,
