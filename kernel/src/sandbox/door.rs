@@ -555,9 +555,6 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             None => error_answer("the driver is handed out once, at boot"),
         });
     }
-    if request == br#"{"op":"magics"}"# {
-        return Ok(super::MAGICS.as_bytes().to_vec());
-    }
     let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(request) else {
         return Ok(error_answer("door requests are JSON objects"));
     };
@@ -567,6 +564,13 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
         .unwrap_or_default()
         .to_owned();
     Ok(match op.as_str() {
+        "source" => {
+            let name = req.get("name").and_then(Value::as_str).unwrap_or_default();
+            match super::guest_module(name) {
+                Some(source) => source.as_bytes().to_vec(),
+                None => error_answer(&format!("no guest module named {name:?}")),
+            }
+        }
         "request" => door
             .request
             .clone()

@@ -514,12 +514,24 @@ def _transform(source):
     return "\n".join(out)
 
 
+_loaded = set()
+
+
+def _load(name):
+    """Runs the guest module `name` (a part of the driver the kernel keeps until a cell first
+    needs it) in the driver's globals, once."""
+    if name not in _loaded:
+        source = _host.call(_encode_json({"op": "source", "name": name}).encode())
+        if source.startswith(b'{"error"'):
+            raise RuntimeError(json.loads(source)["error"])
+        exec(compile(source, "<sandgate-driver>", "exec", dont_inherit=True), globals())
+        _loaded.add(name)
+
+
 def magic(name, args, body=None):
     if name == "!":
         raise _UsageError("shell commands (!) are not available: the sandbox runs no processes.")
-    if "_magic" not in globals():
-        source = _host.call(b'{"op":"magics"}')
-        exec(compile(source, "<sandgate-driver>", "exec", dont_inherit=True), globals())
+    _load("magics")
     return _magic(name, args, body)
 
 

@@ -67,9 +67,18 @@ pub const GUEST_ENV: &[(&str, &str)] = &[
 /// The kernel's guest-side driver: formats results, catches errors, runs matplotlib's inline
 /// backend. It is sent through the door when an interpreter starts.
 const DRIVER: &str = include_str!("driver.py");
-/// The driver's magics (`%config`, `%autoreload`, `%%capture`, ...), sent when a cell first uses
-/// one: most kernels never do, and compiling them at every start would slow every start.
-const MAGICS: &str = include_str!("magics.py");
+/// Parts of the driver sent only when a cell first needs them (most kernels never do, and
+/// compiling them at every start would slow every start), by name (the door's `source` op):
+/// - `magics`: IPython's magics (`%config`, `%autoreload`, `%%capture`, ...).
+const GUEST_MODULES: &[(&str, &str)] = &[("magics", include_str!("magics.py"))];
+
+/// The source of the guest module `name` (see [`GUEST_MODULES`]).
+fn guest_module(name: &str) -> Option<&'static str> {
+    GUEST_MODULES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, source)| *source)
+}
 
 /// A short hash of the driver and the turns that boot it: the interrupt flags are probed with
 /// it booted, so a new driver is probed anew.
