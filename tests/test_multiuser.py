@@ -137,12 +137,12 @@ def test_a_damaged_index_costs_that_workspace_only(start_gateway, tmp_path):
             assert "bob.txt" in listing and "alice.txt" not in listing, listing
         finally:
             s.close()
-        # Alice's kernels still run.
+        # Alice's kernels still run; what they write is kept for when her workspace opens again.
         status, k, _ = as_user(g, ALICE, "POST", "/api/kernels", {})
         assert status == 201, k
         s = KernelSocket(g, k["id"], headers={"Authorization": f"token {ALICE}"})
         try:
-            reply, out = s.execute("6 * 7")
+            reply, out = s.execute(f"open('/workspace/while-{how}.txt', 'w').write('kept')\n6 * 7")
             assert [m for m in out if m["msg_type"] == "execute_result"][0]["content"]["data"]["text/plain"] == "42"
         finally:
             s.close()
@@ -159,6 +159,9 @@ def test_a_damaged_index_costs_that_workspace_only(start_gateway, tmp_path):
     g.start()
     status, m, _ = as_user(g, ALICE, "GET", "/api/contents/alice.txt")
     assert status == 200 and m["content"] == "alice's file"
+    for how in ("flip", "truncate", "remove"):
+        status, m, _ = as_user(g, ALICE, "GET", f"/api/contents/while-{how}.txt")
+        assert status == 200 and m["content"] == "kept", (how, m)
     # Or the folder moved out of workspaces/: alice starts afresh, bob keeps his files.
     g.stop()
     alices.rename(g.data_dir / "set-aside")
