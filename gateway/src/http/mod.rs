@@ -279,13 +279,10 @@ async fn dispatch(
             ))
         }
         Route::KernelSpecs => Ok(json_response(StatusCode::OK, &kernelspec::all())),
-        Route::KernelSpec(name) => {
-            if name == kernelspec::NAME {
-                Ok(json_response(StatusCode::OK, &kernelspec::model()))
-            } else {
-                Err(ApiError::NotFound(format!("Kernel spec {name} not found")))
-            }
-        }
+        Route::KernelSpec(name) => match kernelspec::model(&name) {
+            Some(model) => Ok(json_response(StatusCode::OK, &model)),
+            None => Err(ApiError::NotFound(format!("Kernel spec {name} not found"))),
+        },
         Route::KernelSpecResource(name, file) => {
             let r = kernelspec::resource(&name, &file).ok_or_else(|| {
                 ApiError::NotFound(format!("no resource {file} in kernelspec {name}"))
