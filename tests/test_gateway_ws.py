@@ -285,3 +285,23 @@ def test_an_interrupt_reply_comes_before_its_idle(gateway, kernel):
             assert seen == ["busy", "interrupt_reply", "idle"], seen
     finally:
         s.close()
+
+
+def test_deep_recursion_with_a_raised_limit_answers_and_keeps_state(gateway, kernel):
+    """A million Python frames, and recursion through C (a `sorted` key, `repr` of a nested
+    list): each a RecursionError within 20 s, and the kernel keeps its variables."""
+    s = KernelSocket(gateway, kernel["id"])
+    try:
+        s.execute("before = 'kept'")
+        for code in ("import sys; sys.setrecursionlimit(10**6); f=lambda n: f(n+1); f(0)",
+                     "def h(n):\n    return sorted([n], key=h)\nh(0)",
+                     "nested = []\nfor _ in range(10**6):\n    nested = [nested]\nrepr(nested)"):
+            t0 = time.monotonic()
+            reply, out = s.execute(code, timeout=60)
+            assert reply["status"] == "error" and reply["ename"] == "RecursionError", reply
+            assert time.monotonic() - t0 < 20, code
+            assert [m["content"]["ename"] for m in out if m["msg_type"] == "error"] == ["RecursionError"]
+        reply, out = s.execute("before")
+        assert result_text(out) == "'kept'"
+    finally:
+        s.close()

@@ -8,8 +8,10 @@ import os
 import pathlib
 import signal
 import time
+import re
 import uuid
 
+import pytest
 import zmq
 from jupyter_client.session import Session
 
@@ -133,6 +135,63 @@ def test_deep_recursion_is_a_python_error(kernel):
     reply, _ = kernel.execute("def down(n):\n    return down(n + 1)\ndown(0)")
     assert reply["ename"] == "RecursionError"
     alive(kernel)
+
+
+# Deep recursion with the limit raised. Python's own frames live on the heap, so the raised limit
+# is what stops the lambda, a million calls down; a recursion through a C function (the key of
+# `sorted`, `repr` of a nested list) is stopped by the C stack's guard. The million-frame
+# traceback took minutes to format, and freeing it at once overflowed the wasm stack; formatting
+# is now bounded and the frames freed one at a time. Each case answers within 20 s (about 2 s
+# here) with a short traceback, and the kernel keeps its state.
+DEEP = {
+    "lambda": "import sys; sys.setrecursionlimit(10**6); f=lambda n: f(n+1); f(0)",
+    "mutual": "import sys; sys.setrecursionlimit(10**6)\na = lambda n: b(n)\nb = lambda n: a(n + 1)\na(0)",
+    "error-at-the-bottom": ("import sys; sys.setrecursionlimit(10**6)\ndef down(n):\n    if n == 0:\n"
+                            "        return {}['bottom']\n    return down(n - 1)\ndown(300000)"),
+    "sorted-key": "import sys; sys.setrecursionlimit(10**6)\ndef h(n):\n    return sorted([n], key=h)\nh(0)",
+    "nested-repr": ("import sys; sys.setrecursionlimit(10**6)\nnested = []\nfor _ in range(10**6):\n"
+                    "    nested = [nested]\nrepr(nested)"),
+}
+
+
+@pytest.mark.parametrize("case", DEEP)
+def test_deep_recursion_with_a_raised_limit_answers_quickly_and_keeps_state(start_kernel, case):
+    k = start_kernel()
+    k.execute("before = 'kept'")
+    t0 = time.monotonic()
+    reply, out = k.execute(DEEP[case], timeout=60)
+    took = time.monotonic() - t0
+    expected = "KeyError" if case == "error-at-the-bottom" else "RecursionError"
+    assert reply["status"] == "error" and reply["ename"] == expected, reply
+    assert took < 20, f"{case}: {took:.1f} s"
+    shown = of_type(out, "error")[0]["content"]["traceback"]
+    assert shown == reply["traceback"] and len(shown) < 400
+    text = "\n".join(shown)
+    if case in ("lambda", "error-at-the-bottom"):
+        # Python's own way of writing a run of one line, with the real count.
+        assert re.search(r"\[Previous line repeated \d{6} more times\]", text), text
+    if case == "mutual":
+        assert re.search(r"\[\.\.\. \d{6} frames skipped \.\.\.\]", text), text
+    if case == "error-at-the-bottom":
+        assert "{}['bottom']" in text  # the deepest frame, which raised, is shown
+    reply, out = k.execute("before")
+    assert result(out) == "'kept'"
+
+
+def test_a_long_chain_of_exceptions_is_shown_by_its_ends(start_kernel):
+    k = start_kernel()
+    k.execute("before = 'kept'")
+    t0 = time.monotonic()
+    reply, _ = k.execute("e = KeyError('root')\nfor i in range(100000):\n    e, e.__cause__ = ValueError(i), e\n"
+                         "raise e", timeout=60)
+    assert reply["ename"] == "ValueError" and reply["evalue"] == "99999"
+    assert time.monotonic() - t0 < 20
+    text = "\n".join(reply["traceback"])
+    assert text.startswith("KeyError: 'root'") and "ValueError: 8" in text and "ValueError: 99990" in text
+    assert "[... 99981 more exceptions of the chain skipped ...]" in text
+    assert "ValueError: 50000" not in text
+    reply, out = k.execute("before")
+    assert result(out) == "'kept'"
 
 
 def test_native_stack_overflow_restarts_the_interpreter_with_a_clear_error(start_kernel):

@@ -625,18 +625,179 @@ def _user_frames(tb):
     return tb
 
 
+# Tracebacks longer than this many frames are cut before they are formatted. Formatting costs
+# about 0.25 ms a frame here (the traceback module parses every frame's line to place its
+# carets, even for the repeats it then leaves out), so a recursion a million calls deep was
+# minutes of formatting; a thousand, a quarter of a second.
+_TRACEBACK_FRAMES = 100
+# Frames of a run on one line shown before "[Previous line repeated N more times]", as Python.
+_RUN_SHOWN = 3
+# Exceptions of a chain (`raise ... from`, or raised while handling another) formatted at most:
+# the last raised half and the first causes' half.
+_CHAIN_SHOWN = 20
+# How deep in the stack a cut traceback may start and still be left on its exception.
+_SHALLOW = 1000
+
+
+def _frame_here():
+    return sys._getframe()
+
+
+def _mark(what):
+    code = _frame_here.__code__.replace(co_filename=f"<sandgate: {what}>")
+    return types.FunctionType(code, {"sys": sys})()
+
+
+# The frames that stand for those cut from a long traceback, how many in the entry's line
+# number (see `_items`; `_format_traceback` writes them as Python's notes). Made here, once: a
+# frame keeps its caller's frame, and with it whatever the caller holds.
+_REPEATED, _SKIPPED = _mark("repeated"), _mark("skipped")
+
+
+class _ChainSkipped(Exception):
+    """Stands for the exceptions cut from the middle of a long chain; its argument: how many."""
+
+
+def _longer(tb, limit):
+    while tb is not None and limit >= 0:
+        tb, limit = tb.tb_next, limit - 1
+    return limit < 0
+
+
+def _entries(tb):
+    """The entries of the traceback `tb`, unlinked from each other."""
+    entries = []
+    while tb is not None:
+        entries.append(tb)
+        following = tb.tb_next
+        tb.tb_next = None
+        tb = following
+    return entries
+
+
+def _items(entries):
+    """What to show of a long traceback: each run of more than 3 frames on one line cut to its
+    first 3 and the number of the others (Python's "[Previous line repeated N more times]"),
+    then the first and last halves of `_TRACEBACK_FRAMES` of that and, between them, the number
+    of frames skipped as a `str`."""
+    items = []
+    key, run = None, 0
+    for tb in entries:
+        this = (tb.tb_frame.f_code, tb.tb_lineno)
+        if this != key:
+            if run > _RUN_SHOWN:
+                items.append(run - _RUN_SHOWN)
+            key, run = this, 0
+        run += 1
+        if run <= _RUN_SHOWN:
+            items.append(tb)
+    if run > _RUN_SHOWN:
+        items.append(run - _RUN_SHOWN)
+    half = _TRACEBACK_FRAMES // 2
+    if len(items) <= 2 * half:
+        return items
+    skipped, tail = items[half:-half], items[-half:]
+    if isinstance(tail[0], int):  # the note of a run that is skipped
+        skipped.append(tail.pop(0))
+    count = sum(i if isinstance(i, int) else 1 for i in skipped)
+    return items[:half] + [str(count)] + tail
+
+
+def _linked(items):
+    """A traceback of copies of the entries in `items`, numbers standing for cut frames."""
+    tb = None
+    for item in reversed(items):
+        if isinstance(item, int):
+            tb = types.TracebackType(tb, _REPEATED, -1, item)
+        elif isinstance(item, str):
+            tb = types.TracebackType(tb, _SKIPPED, -1, int(item))
+        else:
+            tb = types.TracebackType(tb, item.tb_frame, item.tb_lasti, item.tb_lineno)
+    return tb
+
+
+def _cut(chain):
+    """Cuts, in place, what would take too long to format: a chain of more than `_CHAIN_SHOWN`
+    exceptions to its ends, the middle replaced by a `_ChainSkipped`, and tracebacks of more
+    than `_TRACEBACK_FRAMES` frames (see `_items`). None if nothing was; else a dict: the cut
+    tracebacks' entries by id of their exception, for `_release`."""
+    shown, cut = chain, None
+    if len(chain) > _CHAIN_SHOWN:
+        half = _CHAIN_SHOWN // 2
+        mark = _ChainSkipped(len(chain) - 2 * half)
+        mark.__cause__ = chain[-half]
+        chain[half - 1].__cause__ = mark
+        shown, cut = chain[:half] + chain[-half:], {}
+    for link in shown:
+        if _longer(link.__traceback__, _TRACEBACK_FRAMES):
+            cut = cut if cut is not None else {}
+            entries = _entries(link.__traceback__)
+            link.__traceback__ = _linked(_items(entries))
+            cut[id(link)] = entries
+    return cut
+
+
+def _shallow(frame):
+    for _ in range(_SHALLOW):
+        if frame is None:
+            return True
+        frame = frame.f_back
+    return frame is None
+
+
+def _release(chain, cut):
+    """Once a cut traceback is formatted: frees the chain's tracebacks, and so their frames,
+    deepest first, one at a time, leaving on each exception shown the first `_TRACEBACK_FRAMES`
+    entries of its traceback if it starts near the top of the stack (for `%debug`), and unlinks
+    the exceptions cut from the chain. Freed at once, each entry would
+    free the next inside its own freeing, each frame its caller, each exception its cause: past
+    some 20000 levels that nesting overflows the wasm stack and the interpreter is lost.
+    (Python's guard against it watches the stack in linear memory, which these calls barely
+    use.) A frame keeps its callers, so a deeper one is never left."""
+    half = _CHAIN_SHOWN // 2
+    release = []
+    for i, link in enumerate(chain):
+        entries = cut.get(id(link))
+        if entries is None:
+            entries = _entries(link.__traceback__)
+        link.__traceback__ = None
+        if half <= i < len(chain) - half:  # cut from the chain
+            link.__cause__ = link.__context__ = None
+        elif entries and _shallow(entries[0].tb_frame):
+            link.__traceback__ = _linked(entries[:_TRACEBACK_FRAMES])
+        release.extend(entries)
+    while release:
+        release.pop()
+
+
+def _cut_note(m):
+    count = int(m.group(2))
+    if m.group(1) == "repeated":
+        return f"  [Previous line repeated {count} more time{'s' if count > 1 else ''}]\n"
+    return f"  [... {count} frames skipped ...]\n"
+
+
 def _format_traceback(e):
-    """Traceback lines for `e` and its chain, user frames only, cells named like IPython."""
-    seen = set()
+    """Traceback lines for `e` and its chain, user frames only, cells named like IPython, long
+    ones cut (see `_cut`)."""
+    chain, seen = [], set()
     link = e
     while link is not None and id(link) not in seen:
         seen.add(id(link))
+        chain.append(link)
         link.__traceback__ = _user_frames(link.__traceback__)
         link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
     if isinstance(e, KeyboardInterrupt):
         # What the interrupted code was handling is not what the user asked to see.
         e.__suppress_context__ = True
+    cut = _cut(chain)
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    if cut is not None:
+        _release(chain, cut)
+        text = re.sub(r'  File "<sandgate: (repeated|skipped)>", line (\d+), in \w+\n', _cut_note,
+                      text)
+        text = re.sub(r"^_sandgate\._ChainSkipped: (\d+)$",
+                      r"[... \1 more exceptions of the chain skipped ...]", text, flags=re.M)
     text = re.sub(r'File "<cell-(\d+)>", line (\d+)', r"Cell In[\1], line \2", text)
     return text.rstrip("\n").split("\n")
 
