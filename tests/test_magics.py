@@ -421,6 +421,8 @@ def test_shell_commands_run_inside_the_sandbox(start_kernel):
     # IPython's expansion of the notebook's variables: $name and {expression}.
     _, out = k.execute("sh_n = 2\n!head -n $sh_n nums.txt; tail -n {sh_n + 1} nums.txt")
     assert stdout_text(out) == "1\n2\n98\n99\n100\n"
+    _, out = k.execute("def sh_first(name):\n    !head -1 {name}\nsh_first('data.csv')")  # a function's names too
+    assert stdout_text(out) == "a,b\n"
 
     # x = !cmd: the lines, as a pipe gives them (one name per line), with SList's helpers.
     _, out = k.execute("sh_files = !ls *.csv sub\nprint(type(sh_files).__name__, sh_files, repr(sh_files.n), sh_files.s)")

@@ -147,8 +147,15 @@ def _sh_python_expand(cmd):
 
     if "$" not in cmd and "{" not in cmd:
         return cmd
+    namespace = dict(_ns)
+    # The names of the function the line is in, if it is in one (IPython's `depth`).
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == "<sandgate-driver>":
+        frame = frame.f_back
+    if frame is not None and frame.f_locals is not frame.f_globals:
+        namespace.update(frame.f_locals)
     try:
-        return Formatter().vformat(cmd, (), _ns)
+        return Formatter().vformat(cmd, (), namespace)
     except Exception:
         return cmd
 
