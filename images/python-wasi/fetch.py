@@ -15,7 +15,9 @@ What the image leaves out of the scientific stack: the packages' sample data set
 not in the wheel's zip. scikit-learn's bundled tables (`load_iris`, `load_digits`,
 `load_diabetes`, `load_breast_cancer`, `load_wine`, `load_linnerud`) are there; its sample
 images (`sklearn.datasets.images`: `load_sample_image("china.jpg")`, `load_sample_images()`)
-are not, and the kernel's driver answers their import with an error that says so. Data sets
+are not, and could not be used if they were: they are JPEGs, and the image's Pillow is built
+without a JPEG codec (zlib only: PNG reads and writes, JPEG, JPEG 2000 and TIFF do not). The
+kernel's driver answers their import with an error that says so. Data sets
 fetched from the network (`fetch_openml`, `fetch_california_housing`, seaborn's
 `load_dataset`, ...) cannot be fetched: the sandbox has no network; put the file in the
 workspace instead.

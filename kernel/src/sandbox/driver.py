@@ -321,8 +321,8 @@ class _LeftOutFinder:
             raise ImportError(
                 "scikit-learn's sample images (sklearn.datasets.images, which "
                 "load_sample_image and load_sample_images read) are left out of the sandbox "
-                "image; put a JPEG or PNG beside the notebook and read it with "
-                "matplotlib.pyplot.imread or PIL.Image.open", name=name)
+                "image, whose Pillow cannot decode JPEG; a PNG beside the notebook can be read "
+                "with matplotlib.pyplot.imread or PIL.Image.open", name=name)
         return None
 
 
