@@ -463,6 +463,8 @@ def _sh_run_pipeline(pipeline, out, terminal):
             if failed:
                 status = 1
                 continue
+            if argv[0] not in _SH_COMMANDS:  # a name made when the line ran (`$?`)
+                raise _sh_unknown(argv[0])
             proc = _ShProcess(_SH_COMMANDS[argv[0]], argv, stdin,
                               tty=terminal and stdout == "terminal")
             processes.append(proc)
@@ -513,11 +515,7 @@ def _sh_run(line, out, terminal):
                 raise _UsageError("setting shell variables is not available in the sandbox's "
                                   "shell; %env NAME=VALUE sets an environment variable")
             if name not in _SH_COMMANDS:
-                raise _UsageError(
-                    f"{name}: not available. The sandbox runs no programs; `!` runs these "
-                    f"commands inside it, as GNU coreutils prints them: {_sh_names()}. Other "
-                    "commands need a real shell, which Sandgate's Linux tier (a kernel in a "
-                    "Linux sandbox, coming) will have.")
+                raise _sh_unknown(name)
     status = _sh_state["status"] = _ns.get("_exit_code", 0)
     saved_cwd = os.getcwd()
     try:
@@ -531,6 +529,13 @@ def _sh_run(line, out, terminal):
         except OSError:
             pass
     return status
+
+
+def _sh_unknown(name):
+    return _UsageError(
+        f"{name}: not available. The sandbox runs no programs; `!` runs these commands inside "
+        f"it, as GNU coreutils prints them: {_sh_names()}. Other commands need a real shell, "
+        "which Sandgate's Linux tier (a kernel in a Linux sandbox, coming) will have.")
 
 
 def _sh_names():
