@@ -1618,7 +1618,7 @@ def _sh_ls_sorted(entries, sort, opts):
     if sort == "none":
         ordered = list(entries)
     elif sort == "time":
-        ordered = sorted(sorted(entries, key=key), key=lambda e: -e.st.st_mtime)
+        ordered = sorted(sorted(entries, key=key), key=lambda e: -e.st.st_mtime_ns)
     elif sort == "size":
         ordered = sorted(sorted(entries, key=key), key=lambda e: -e.st.st_size)
     else:
