@@ -84,8 +84,10 @@ def test_kernel_crud(gateway):
 
 
 def test_unknown_kernelspec_and_bad_bodies(gateway):
-    status, err, _ = gateway.request("POST", "/api/kernels", {"name": "python3"})
-    assert status == 404 and "python3" in err["message"]
+    status, err, _ = gateway.request("POST", "/api/kernels", {"name": "python2"})
+    # The error names what is offered.
+    assert status == 404 and "python2" in err["message"], err
+    assert '"sandgate-python", "python3"' in err["message"], err
     status, err, _ = gateway.request("POST", "/api/kernels", raw=b"{not json")
     assert status == 400 and "invalid JSON" in err["message"]
     status, err, _ = gateway.request("POST", "/api/kernels", {"env": "PATH=/bin"})

@@ -58,3 +58,39 @@ def test_jupyterlab_runs_cells_in_a_sandgate_kernel(gateway, start_lab):
     assert status == 204
     status, _, _ = gateway.request("GET", f"/api/kernels/{kernel_id}")
     assert status == 404
+
+
+def test_notebooks_that_name_python3_run_in_the_sandbox(gateway, start_lab):
+    """Notebooks written elsewhere say `"kernelspec": {"name": "python3"}`: JupyterLab's REST API
+    starts sessions and kernels by that name, and they get the same Sandgate sandbox."""
+    lab = start_lab(gateway)
+    status, specs, _ = lab.request("GET", "/api/kernelspecs")
+    assert status == 200, specs
+    assert "Sandgate" in specs["kernelspecs"]["python3"]["spec"]["display_name"], specs
+    status, logo, _ = lab.request("GET", "/kernelspecs/python3/logo-64x64.png")
+    assert status == 200 and logo.startswith(b"\x89PNG")
+
+    status, session, _ = lab.request("POST", "/api/sessions", {
+        "path": "written-elsewhere.ipynb", "type": "notebook", "name": "written-elsewhere.ipynb",
+        "kernel": {"name": "python3"}})
+    assert status == 201, session
+    assert session["kernel"]["name"] == "python3"
+    status, kernel, _ = lab.request("POST", "/api/kernels", {"name": "python3"})
+    assert status == 201, kernel
+    try:
+        for kernel_id in (session["kernel"]["id"], kernel["id"]):
+            status, model, _ = gateway.request("GET", f"/api/kernels/{kernel_id}")
+            assert status == 200 and model["name"] == "python3", model
+            s = KernelSocket(lab, kernel_id)
+            try:
+                reply, out = s.execute("import sys; print(sys.platform, 6*7)")
+                assert reply["status"] == "ok", reply
+                assert [m["content"]["text"] for m in out if m["msg_type"] == "stream"] == ["wasi 42\n"]
+            finally:
+                s.close()
+        # A restart keeps the name.
+        status, model, _ = lab.request("POST", f"/api/kernels/{kernel['id']}/restart", {})
+        assert status == 200 and model["name"] == "python3", model
+    finally:
+        lab.request("DELETE", f"/api/sessions/{session['id']}")
+        lab.request("DELETE", f"/api/kernels/{kernel['id']}")

@@ -4,6 +4,7 @@ does, and the ones the sandbox cannot have say so in one line."""
 import base64
 import json
 import os
+import pathlib
 import re
 import struct
 import subprocess
@@ -433,6 +434,9 @@ def test_shell_commands_run_inside_the_sandbox(start_kernel):
     assert result_text(out) == ["['100 nums.txt']"]
     _, out = k.execute("%ls sub")
     assert stdout_text(out) == "f.txt\n"
+    # What scripts exported from notebooks call.
+    _, out = k.execute("get_ipython().system('head -1 data.csv')\nget_ipython().getoutput('wc -l nums.txt')")
+    assert stdout_text(out) == "a,b\n" and result_text(out) == ["['100 nums.txt']"]
 
     # Only these commands; anything else is a UsageError before anything runs.
     reply, out = k.execute("!mkdir sh_never && pip install requests")
@@ -521,3 +525,28 @@ def test_shell_commands_print_what_gnu_coreutils_print(start_kernel):
             if same_owner(got) != same_owner(want):
                 differences.append(f"{'!' if tty else 'x = !'}{command}\n--- sandbox:\n{got}--- GNU:\n{want}")
     assert not differences, "\n\n".join(differences)
+
+
+def test_guest_modules_do_not_redefine_each_others_names():
+    """The guest modules (magics.py, shell.py, ...) run in the driver's globals: a top-level name
+    defined twice silently replaces the first (shell.py's entry point once replaced the driver's
+    `_shell`, and every cell after the first `!` failed)."""
+    import ast
+    here = pathlib.Path(__file__).resolve().parent.parent / "kernel" / "src" / "sandbox"
+
+    def top_level(path):
+        names = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        return names
+
+    files = sorted(here.glob("*.py"))
+    assert len(files) >= 3
+    seen = {}
+    for path in files:
+        for name in top_level(path):
+            assert name not in seen, f"{name} is defined in {seen.get(name)} and in {path.name}"
+            seen[name] = path.name

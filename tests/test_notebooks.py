@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 
 import nbclient
 import nbformat
@@ -192,3 +193,62 @@ def test_gateway_notebook_runs_through_jupyterlab(path, start_gateway, start_lab
     assert [p["source"] for p in payloads] == ["set_next_input"] * len(MODEL_REPLIES[path.name])
     assert "by_month" in payloads[0]["text"]
     assert any("divides June" in json.dumps(o.get("data", {})) for o in outputs), "the explanation"
+
+
+@pytest.fixture(scope="module")
+def python3_kernelspec(tmp_path_factory):
+    """`sandgate-kernel install --name python3` into a folder of its own, which JUPYTER_PATH puts
+    first: notebooks whose metadata names `python3` then run in the sandbox."""
+    import subprocess
+    from conftest import KERNEL
+    prefix = tmp_path_factory.mktemp("python3-prefix")
+    done = subprocess.run([str(KERNEL), "install", "--no-prepare", "--name", "python3", "--prefix", str(prefix)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((prefix / "share/jupyter/kernels/python3/kernel.json").read_text())
+    assert "Sandgate" in spec["display_name"], spec
+    return {**os.environ, "JUPYTER_PATH": str(prefix / "share/jupyter")}
+
+
+def written_for_ipykernel(path):
+    """A notebook as Jupyter writes it for ipykernel: its kernelspec is `python3`."""
+    nb = nbformat.v4.new_notebook(metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+        "language_info": {"name": "python"}})
+    nb.cells = [nbformat.v4.new_code_cell("import sys\nprint(sys.platform, 6 * 7)")]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_papermill_nbclient_and_jupyter_execute_run_python3_notebooks_in_the_sandbox(python3_kernelspec, tmp_path):
+    import subprocess
+    bin_dir = pathlib.Path(sys.executable).parent
+    source = written_for_ipykernel(tmp_path / "elsewhere.ipynb")
+    runs = {
+        "papermill": [str(bin_dir / "papermill"), str(source), str(tmp_path / "papermill.ipynb")],
+        "jupyter execute": [str(bin_dir / "jupyter"), "execute", "--output", "executed", str(source)],
+    }
+    for name, argv in runs.items():
+        done = subprocess.run(argv, cwd=tmp_path, env=python3_kernelspec, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, f"{name}: {done.stderr[-2000:]}"
+    executed = [tmp_path / "papermill.ipynb", tmp_path / "executed.ipynb"]
+    # nbclient in this process, as a library user calls it.
+    nb = nbformat.read(source, as_version=4)
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = python3_kernelspec["JUPYTER_PATH"]
+    try:
+        nbclient.NotebookClient(nb, timeout=180, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        if old is None:
+            del os.environ["JUPYTER_PATH"]
+        else:
+            os.environ["JUPYTER_PATH"] = old
+    nbformat.write(nb, tmp_path / "nbclient.ipynb")
+    executed.append(tmp_path / "nbclient.ipynb")
+    for path in executed:
+        out = nbformat.read(path, as_version=4)
+        assert out.metadata.kernelspec.name == "python3", path
+        texts = [o.get("text", "") for c in out.cells if c.cell_type == "code" for o in c.outputs]
+        # The sandbox's Python (WASI), not the host's ipykernel.
+        assert texts == ["wasi 42\n"], (path, texts)

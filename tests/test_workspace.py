@@ -280,6 +280,164 @@ def test_a_flipped_byte_is_a_clear_error(start_gateway):
     assert status == 500 and "precious.txt" in err["message"]
 
 
+def stored_objects(g):
+    return set((g.data_dir / "workspaces").rglob("objects/*/*.sgw"))
+
+
+def damage(path, how):
+    """Damages a stored file on disk as bit rot, a bad copy or a careless hand would."""
+    if how == "remove":
+        path.unlink()
+        return
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif how == "truncate":
+        del data[len(data) // 2:]
+    elif how == "header":  # the key version in an object's header
+        data[5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def listing(g, path=""):
+    status, m, _ = get(g, path)
+    assert status == 200, m
+    return {c["name"]: c for c in m["content"]}
+
+
+def test_a_damaged_file_costs_that_file_only(start_gateway):
+    g = start_gateway(["--pool-size", "0"])
+    put_text(g, "good.txt", "still good")
+    g.request("PUT", "/api/contents/sub", {"type": "directory"})
+    put_text(g, "sub/other.txt", "other file")
+    tag = os.urandom(4).hex()
+    victims = {}
+    for how in ("flip", "truncate", "header", "remove"):
+        name = f"damaged-{how}-{tag}.txt"
+        put_text(g, name, f"old text {how}")
+        before = stored_objects(g)
+        put_text(g, name, f"precious text {how}")
+        (obj,) = stored_objects(g) - before  # the save's new object (the old one is gone)
+        victims[name] = (how, obj)
+    g.stop()
+    for how, obj in victims.values():
+        damage(obj, how)
+    g.start()  # the gateway starts (it used to exit, serving nobody)
+    log = g.log()
+    for name, (how, obj) in victims.items():
+        # The warning names the object on disk; the file's name stays out of the log.
+        assert str(obj) in log, (how, log[-3000:])
+        assert name not in log
+    assert "failed its integrity check" in log
+    # Every other file works.
+    assert get(g, "good.txt")[1]["content"] == "still good"
+    assert get(g, "sub/other.txt")[1]["content"] == "other file"
+    # Listed under their names, marked; healthy ones carry no mark.
+    entries = listing(g)
+    for name in victims:
+        assert entries[name]["damaged"] is True and entries[name]["type"] == "file", entries[name]
+    assert "damaged" not in entries["good.txt"] and "damaged" not in entries["sub"]
+    # Reading one is a clear error naming it: never garbage, never the old text.
+    for name, (how, _) in victims.items():
+        status, err, _ = get(g, name)
+        assert status == 500, (how, err)
+        assert name in err["message"] and "integrity" in err["message"], err
+        assert "precious" not in json.dumps(err) and "old text" not in json.dumps(err), err
+        status, m, _ = get(g, name, content=0)
+        assert status == 200 and m["damaged"] is True and m["content"] is None
+    # A kernel's /workspace has every other file, and no copy of a damaged one.
+    k = g.start_kernel()
+    s = KernelSocket(g, k["id"])
+    try:
+        reply, out = s.execute("import os\nsorted(os.listdir('/workspace')), open('/workspace/sub/other.txt').read()")
+        assert reply["status"] == "ok", reply
+        seen = result_text(out)
+        assert "'good.txt'" in seen and "'sub'" in seen and "other file" in seen, seen
+        assert not any(name in seen for name in victims), seen
+        names = list(victims)
+        # The user deletes one, saves over another through the API, and over a third from the kernel.
+        status, _, _ = g.request("DELETE", f"/api/contents/{names[1]}")
+        assert status == 204
+        assert get(g, names[1])[0] == 404
+        status, m, _ = put_text(g, names[0], "a new version")
+        assert status == 200 and "damaged" not in m
+        assert get(g, names[0])[1]["content"] == "a new version"
+        reply, out = s.execute(f"open('/workspace/{names[2]}', 'w').write('written by the kernel')\n"
+                               f"open('/workspace/{names[0]}').read()")
+        assert result_text(out) == "'a new version'"
+        assert get(g, names[2])[1]["content"] == "written by the kernel"
+    finally:
+        s.close()
+    entries = listing(g)
+    assert names[1] not in entries
+    assert [n for n, e in entries.items() if e.get("damaged")] == [names[3]]
+    # The one left damaged stays so, and costs nothing else, across another restart.
+    g.restart()
+    assert get(g, names[3])[0] == 500
+    assert listing(g)[names[3]]["damaged"] is True
+    assert get(g, "good.txt")[1]["content"] == "still good"
+
+
+def test_a_damaged_index_of_the_workspace_opened_at_start_does_not_stop_the_gateway(start_gateway):
+    g = start_gateway(["--pool-size", "0"])
+    put_text(g, "indexed.txt", "found through the index")
+    g.stop()
+    (index,) = (g.data_dir / "workspaces").glob("*/index.sgw")
+    good = index.read_bytes()
+    damage(index, "flip")
+    g.start()  # it used to exit
+    status, err, _ = get(g, "indexed.txt")
+    assert status == 500 and f"workspaces/{index.parent.name}" in err["message"], err
+    assert "backup" in err["message"] and "out of workspaces/" in err["message"], err
+    k = g.start_kernel()
+    s = KernelSocket(g, k["id"])
+    try:
+        reply, out = s.execute("6 * 7")
+        assert result_text(out) == "42"
+    finally:
+        s.close()
+    assert g.stop() == 0
+    assert str(index.parent) in g.log() and "backup" in g.log()
+    index.write_bytes(good)
+    g.start()
+    assert get(g, "indexed.txt")[1]["content"] == "found through the index"
+
+
+def test_a_damaged_key_file_is_an_error_with_the_way_out(start_gateway):
+    g = start_gateway(["--pool-size", "0"])
+    put_text(g, "kept.txt", "kept under the key")
+    g.stop()
+    keys = g.data_dir / "keys.json"
+    good = keys.read_bytes()
+    for run, how in enumerate(("flip", "truncate", "remove")):
+        damage(keys, how)
+        damaged = keys.read_bytes() if how != "remove" else None
+        g.start()  # it used to exit
+        for path in ("kept.txt", ""):
+            status, err, _ = get(g, path)
+            assert status == 500, err
+            assert "keys.json" in err["message"] and "backup" in err["message"], err
+            assert str(g.data_dir) not in err["message"]  # host paths stay in the log
+        # Kernels still run.
+        k = g.start_kernel()
+        s = KernelSocket(g, k["id"])
+        try:
+            reply, out = s.execute("6 * 7")
+            assert result_text(out) == "42"
+        finally:
+            s.close()
+        assert g.stop() == 0
+        # Logged once per run (not per request), with the way out.
+        log = g.log()
+        assert log.count("key file is damaged") == run + 1 and "backup" in log, log[-3000:]
+        # The damaged (or missing) key file was left as it was, never made anew.
+        assert (keys.read_bytes() if keys.exists() else None) == damaged, how
+        keys.write_bytes(good)
+    # Put back from a backup, every file is there.
+    g.start()
+    assert get(g, "kept.txt")[1]["content"] == "kept under the key"
+
+
 def test_killing_the_gateway_mid_save_never_loses_the_file(start_gateway):
     g = start_gateway(["--pool-size", "0"])
     old = "v1 " + "a" * 1000
@@ -384,4 +542,40 @@ def test_rotate_key_reencrypts_without_losing_a_file(start_gateway):
     assert list(after["data_keys"]) != list(before["data_keys"])
     g.start()
     for i in range(5):
+        assert get(g, f"r{i}.txt")[1]["content"] == f"file {i}"
+
+
+def test_rotate_key_keeps_the_old_key_while_a_file_is_damaged(start_gateway):
+    import subprocess
+    from conftest import GATEWAY
+    env = {"SANDGATE_PASSPHRASE": "rotate with a damaged file"}
+    g = start_gateway(["--pool-size", "0"], env=env)
+    for i in range(3):
+        put_text(g, f"r{i}.txt", f"file {i}")
+    before = stored_objects(g)
+    put_text(g, "bad.txt", "to be damaged")
+    (obj,) = stored_objects(g) - before
+    g.stop()
+    damage(obj, "flip")
+
+    def rotate():
+        return subprocess.run([str(GATEWAY), "rotate-key", "--data-dir", str(g.data_dir)],
+                              env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+    r = rotate()
+    assert r.returncode == 1, r.stderr
+    assert "1 damaged files" in r.stderr and "old data key" in r.stderr, r.stderr
+    assert "bad.txt" not in r.stdout + r.stderr
+    assert len(json.loads((g.data_dir / "keys.json").read_text())["data_keys"]) == 2
+    g.start()
+    for i in range(3):
+        assert get(g, f"r{i}.txt")[1]["content"] == f"file {i}"
+    assert get(g, "bad.txt")[0] == 500
+    assert g.request("DELETE", "/api/contents/bad.txt")[0] == 204
+    g.stop()
+    r = rotate()
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads((g.data_dir / "keys.json").read_text())["data_keys"]) == 1
+    g.start()
+    for i in range(3):
         assert get(g, f"r{i}.txt")[1]["content"] == f"file {i}"

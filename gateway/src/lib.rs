@@ -188,12 +188,22 @@ pub struct Gateway {
 
 impl Gateway {
     /// Opens the workspaces and starts the kernel pool. Errors here (a wrong key, a live folder
-    /// on disk) stop the gateway before it listens.
+    /// on disk) stop the gateway before it listens. Damage on disk does not: a damaged key file
+    /// or workspace index is logged with the way out, the workspaces it holds answer with that
+    /// error, and everything else is served.
     pub async fn start(config: config::Config, rt: Runtime) -> Result<Gateway, GatewayError> {
         let workspaces = Arc::new(open_workspaces(&config, &rt.data_dir)?);
         if let Some(source) = rt.key_source.clone() {
-            workspaces.unlock(source).await?;
-            workspaces.space(auth::DEFAULT_USER).await?;
+            match workspaces.unlock(source).await {
+                Ok(()) => match workspaces.space(auth::DEFAULT_USER).await {
+                    Ok(_) | Err(workspace::WorkspaceError::IndexDamaged { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                },
+                Err(workspace::WorkspaceError::Key(workspace::keys::KeyError::Damaged {
+                    ..
+                })) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let launch = launch_spec(&config, &rt)?;
         let live = workspaces.clone();

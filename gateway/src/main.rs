@@ -389,8 +389,27 @@ fn main() -> Result<()> {
             return runtime.block_on(async move {
                 let workspaces = sandgate::open_workspaces(&config, &data_dir)?;
                 workspaces.unlock(source).await?;
-                let n = tokio::task::spawn_blocking(move || workspaces.rotate()).await??;
-                println!("sandgate: re-encrypted {n} files under a new data key");
+                let r = tokio::task::spawn_blocking(move || workspaces.rotate()).await??;
+                println!(
+                    "sandgate: re-encrypted {} files under a new data key",
+                    r.resealed
+                );
+                if !r.retired {
+                    for dir in &r.damaged_workspaces {
+                        eprintln!(
+                            "sandgate: the index of {} cannot be read; that workspace was left as it was",
+                            dir.display()
+                        );
+                    }
+                    bail!(
+                        "the rotation is not finished: {} damaged files and {} workspaces whose \
+                         index cannot be read were left under the old data key, which is kept so a \
+                         backup of them can still be read. Delete or replace the damaged files (or \
+                         restore them from a backup), then run rotate-key again",
+                        r.damaged_files,
+                        r.damaged_workspaces.len()
+                    );
+                }
                 anyhow::Ok(())
             });
         }

@@ -108,6 +108,13 @@ enum Command {
         /// Do not fetch and compile the image now (the first kernel start will).
         #[arg(long)]
         no_prepare: bool,
+        /// The kernelspec's name: `sandgate-python`, or `python3` to run notebooks whose
+        /// metadata names `python3` (written for ipykernel) in this sandbox. A `python3`
+        /// kernelspec in the same or an earlier Jupyter data folder takes the place of
+        /// ipykernel's there (`jupyter kernelspec remove python3` undoes it).
+        #[arg(long, default_value = kernelspec::NAME,
+              value_parser = [kernelspec::NAME, kernelspec::PYTHON3])]
+        name: String,
     },
     /// Fetch, verify and compile the sandbox image (idempotent).
     Prepare,
@@ -158,6 +165,29 @@ fn progress(message: &str) {
     eprintln!("sandgate-kernel: {message}");
 }
 
+/// Whether `arg` is an IPython (traitlets) option, `--Class.trait=value`. Jupyter's clients add
+/// such options to the command line of any kernel named `python3`, taking it for ipykernel
+/// (nbclient and papermill add `--HistoryManager.hist_file=:memory:`); ipykernel accepts them, and
+/// so must a kernel installed under that name.
+fn is_ipython_option(arg: &std::ffi::OsStr) -> bool {
+    let Some(option) = arg.to_str().and_then(|a| a.strip_prefix("--")) else {
+        return false;
+    };
+    let Some((name, _value)) = option.split_once('=') else {
+        return false;
+    };
+    let Some((class, trait_name)) = name.split_once('.') else {
+        return false;
+    };
+    let is_ident = |s: &str| {
+        s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    class.starts_with(|c: char| c.is_ascii_uppercase()) && is_ident(class) && is_ident(trait_name)
+}
+
 fn main() -> Result<()> {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
@@ -168,7 +198,15 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let cli = Cli::parse();
+    let (args, ipython_options): (Vec<_>, Vec<_>) =
+        std::env::args_os().partition(|a| !is_ipython_option(a));
+    if !ipython_options.is_empty() {
+        tracing::info!(
+            ?ipython_options,
+            "IPython's options have no meaning here; ignored"
+        );
+    }
+    let cli = Cli::parse_from(args);
     let home = sandgate_home(cli.run.home.as_deref())?;
     let limits = cli.run.limits();
     let fetch = if cli.run.no_fetch {
@@ -196,7 +234,11 @@ fn main() -> Result<()> {
             println!("cache: {}", home.join("cache").display());
             Ok(())
         }
-        Some(Command::Install { prefix, no_prepare }) => {
+        Some(Command::Install {
+            prefix,
+            no_prepare,
+            name,
+        }) => {
             if !no_prepare {
                 image::prepare(&home, &limits, fetch, &progress)?;
             }
@@ -205,12 +247,9 @@ fn main() -> Result<()> {
             if let Some(h) = &cli.run.home {
                 extra.extend(["--home".to_owned(), h.canonicalize()?.display().to_string()]);
             }
-            let dir = kernelspec::install(&jupyter_kernels_dir(prefix.as_deref())?, &exe, &extra)?;
-            println!(
-                "installed kernelspec {} in {}",
-                kernelspec::NAME,
-                dir.display()
-            );
+            let kernels_dir = jupyter_kernels_dir(prefix.as_deref())?;
+            let dir = kernelspec::install(&kernels_dir, &name, &exe, &extra)?;
+            println!("installed kernelspec {name} in {}", dir.display());
             Ok(())
         }
         None => {
@@ -295,6 +334,33 @@ fn main() -> Result<()> {
             sandgate_kernel::sandbox::remove_private_roots();
             served?.map_err(|e| anyhow::anyhow!("the kernel's server failed: {e}"))??;
             std::process::exit(0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_ipython_option;
+
+    #[test]
+    fn ipython_options_are_told_from_ours() {
+        for yes in [
+            "--HistoryManager.hist_file=:memory:",
+            "--IPKernelApp.log_level=10",
+            "--InteractiveShell.colors=",
+        ] {
+            assert!(is_ipython_option(yes.as_ref()), "{yes}");
+        }
+        for no in [
+            "--workspace=/x",
+            "--memory-mb=10",
+            "--HistoryManager.hist_file",
+            "-f",
+            "--.x=1",
+            "--lower.case=1",
+            "conn.json",
+        ] {
+            assert!(!is_ipython_option(no.as_ref()), "{no}");
         }
     }
 }

@@ -30,7 +30,9 @@ impl From<WorkspaceError> for ApiError {
             WorkspaceError::Store(StoreError::NoCheckpoint(p, id)) => {
                 ApiError::NotFound(format!("No checkpoint {id} for {p}"))
             }
-            WorkspaceError::Store(e @ StoreError::Exists(_)) => ApiError::Conflict(e.to_string()),
+            WorkspaceError::Store(e @ (StoreError::Exists(_) | StoreError::Busy(_))) => {
+                ApiError::Conflict(e.to_string())
+            }
             WorkspaceError::Store(
                 e @ (StoreError::NotADirectory(_)
                 | StoreError::IsADirectory(_)
@@ -38,8 +40,26 @@ impl From<WorkspaceError> for ApiError {
                 | StoreError::Root),
             ) => ApiError::BadRequest(e.to_string()),
             WorkspaceError::Store(e @ StoreError::Quota(_)) => ApiError::Quota(e.to_string()),
-            WorkspaceError::Store(e @ StoreError::Tampered(_)) => {
+            WorkspaceError::Store(e @ (StoreError::Tampered(_) | StoreError::IndexDamaged(_))) => {
                 ApiError::Integrity(e.to_string())
+            }
+            // The folder is named relative to the data folder: host paths stay in the log.
+            WorkspaceError::IndexDamaged {
+                user, id, reason, ..
+            } => ApiError::Integrity(format!(
+                "the workspace of user {user:?} (workspaces/{id} in the gateway's data folder) \
+                 cannot be opened: {reason}. None of its files can be found without its index, \
+                 and nothing of it was deleted. The operator's way out: stop the gateway, then put \
+                 back workspaces/{id} (index.sgw with its objects/) from a backup, or move it \
+                 out of workspaces/ to start this workspace empty"
+            )),
+            WorkspaceError::Key(crate::workspace::keys::KeyError::Damaged { reason, .. }) => {
+                ApiError::Integrity(format!(
+                    "the gateway's workspace key file (keys.json in its data folder) is damaged: \
+                     {reason}. No workspace can be opened without it (kernels still run). The \
+                     operator's way out: stop the gateway, put keys.json back from a backup, and \
+                     start it again"
+                ))
             }
             WorkspaceError::Key(e @ crate::workspace::keys::KeyError::Locked) => {
                 ApiError::Locked(e.to_string())
@@ -137,10 +157,12 @@ fn mimetype(path: &WsPath, text: bool) -> &'static str {
     }
 }
 
-/// A model without content.
-fn model(path: &WsPath, entry: &Entry) -> Value {
+/// A model without content. A file whose stored copy failed its integrity check carries
+/// `"damaged": true` (a field Jupyter's model does not have, so clients that do not know it
+/// still see a valid model, under its own name, that they can delete or save over).
+fn model(path: &WsPath, entry: &Entry, damaged: bool) -> Value {
     let kind = kind_name(path, entry);
-    json!({
+    let mut m = json!({
         "name": path.name(),
         "path": path.as_str(),
         "type": kind,
@@ -153,13 +175,19 @@ fn model(path: &WsPath, entry: &Entry) -> Value {
         "format": Value::Null,
         "hash": Value::Null,
         "hash_algorithm": Value::Null,
-    })
+    });
+    if damaged {
+        m["damaged"] = json!(true);
+    }
+    m
 }
 
 async fn get(space: &Arc<Space>, path: WsPath, q: GetQuery) -> Result<Value, ApiError> {
     let p = path.clone();
-    let entry = space.read(move |s| s.stat(&p)).await?;
-    let mut m = model(&path, &entry);
+    let (entry, damaged) = space
+        .read(move |s| Ok((s.stat(&p)?, s.is_damaged(&p))))
+        .await?;
+    let mut m = model(&path, &entry, damaged);
     let kind = kind_name(&path, &entry);
     if let Some(want) = q.kind.as_deref() {
         let ok = match want {
@@ -179,8 +207,13 @@ async fn get(space: &Arc<Space>, path: WsPath, q: GetQuery) -> Result<Value, Api
     if entry.kind == Kind::Dir {
         if q.content {
             let p = path.clone();
-            let children = space.read(move |s| s.list(&p)).await?;
-            m["content"] = Value::Array(children.iter().map(|(p, e)| model(p, e)).collect());
+            let (children, damaged) = space.read(move |s| Ok((s.list(&p)?, s.damaged()))).await?;
+            m["content"] = Value::Array(
+                children
+                    .iter()
+                    .map(|(p, e)| model(p, e, damaged.contains(p)))
+                    .collect(),
+            );
             m["format"] = json!("json");
         }
         return Ok(m);
@@ -287,7 +320,7 @@ async fn put(
     };
     if m.kind.as_deref() == Some("directory") {
         let entry = space.mkdir(path.clone()).await?;
-        let out = model(&path, &entry);
+        let out = model(&path, &entry, false);
         return Ok(if existed {
             json_response(StatusCode::OK, &out)
         } else {
@@ -304,7 +337,7 @@ async fn put(
         data = before;
     }
     let entry = space.write(path.clone(), data, false).await?;
-    let out = model(&path, &entry);
+    let out = model(&path, &entry, false);
     Ok(if existed && chunk != 1 {
         json_response(StatusCode::OK, &out)
     } else {
@@ -382,7 +415,7 @@ async fn post(
         let stem = strip_copy_suffix(stem);
         let target = free_name(space, &dir, stem, "-Copy", &ext).await?;
         let entry = space.write(target.clone(), data, false).await?;
-        return Ok(created(model(&target, &entry)));
+        return Ok(created(model(&target, &entry, false)));
     }
     let (target, body) = match m.kind.as_deref().unwrap_or("file") {
         "notebook" => (
@@ -411,7 +444,7 @@ async fn post(
         Some(b) => space.write(target.clone(), b, false).await?,
         None => space.mkdir(target.clone()).await?,
     };
-    Ok(created(model(&target, &entry)))
+    Ok(created(model(&target, &entry, false)))
 }
 
 /// Serves one Contents API request for `space`.
@@ -439,7 +472,7 @@ pub async fn handle(
                     let r: RenameModel = super::parse_json(&body)?;
                     let to = parse_path(&r.path)?;
                     let entry = space.rename(path, to.clone()).await?;
-                    Ok(json_response(StatusCode::OK, &model(&to, &entry)))
+                    Ok(json_response(StatusCode::OK, &model(&to, &entry, false)))
                 }
                 _ => {
                     space.delete(path).await?;

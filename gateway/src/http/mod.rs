@@ -232,6 +232,7 @@ async fn dispatch(
     let user = app.auth.check(req.headers(), req.uri().query(), is_ws)?;
     let user = user.as_str();
     if !app.workspaces.is_unlocked()
+        && app.workspaces.key_damage().is_none()
         && let Some(token) = crate::auth::Auth::presented(req.headers(), req.uri().query(), is_ws)
     {
         // The access token opens the workspace key (when no other key source was given).
@@ -240,11 +241,15 @@ async fn dispatch(
             .unlock(crate::workspace::keys::MasterSource::Token(token))
             .await
         {
-            Ok(()) => {
-                if let Err(e) = app.workspaces.space(user).await {
-                    tracing::error!(error = %e, "cannot open the workspace");
-                }
-            }
+            Ok(()) => match app.workspaces.space(user).await {
+                // Logged once by the workspaces, with the way out.
+                Ok(_) | Err(crate::workspace::WorkspaceError::IndexDamaged { .. }) => {}
+                Err(e) => tracing::error!(error = %e, "cannot open the workspace"),
+            },
+            // Logged once by the workspaces, with the way out.
+            Err(crate::workspace::WorkspaceError::Key(
+                crate::workspace::keys::KeyError::Damaged { .. },
+            )) => {}
             Err(e) => {
                 tracing::error!(error = %e, "the access token does not open the workspace key")
             }
@@ -274,13 +279,10 @@ async fn dispatch(
             ))
         }
         Route::KernelSpecs => Ok(json_response(StatusCode::OK, &kernelspec::all())),
-        Route::KernelSpec(name) => {
-            if name == kernelspec::NAME {
-                Ok(json_response(StatusCode::OK, &kernelspec::model()))
-            } else {
-                Err(ApiError::NotFound(format!("Kernel spec {name} not found")))
-            }
-        }
+        Route::KernelSpec(name) => match kernelspec::model(&name) {
+            Some(model) => Ok(json_response(StatusCode::OK, &model)),
+            None => Err(ApiError::NotFound(format!("Kernel spec {name} not found"))),
+        },
         Route::KernelSpecResource(name, file) => {
             let r = kernelspec::resource(&name, &file).ok_or_else(|| {
                 ApiError::NotFound(format!("no resource {file} in kernelspec {name}"))

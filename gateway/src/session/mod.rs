@@ -54,7 +54,7 @@ pub enum SessionError {
     #[error("kernel {0} not found")]
     NotFound(String),
     /// No such kernelspec.
-    #[error("no kernelspec named {0:?}")]
+    #[error("no kernelspec named {0:?}; this gateway offers {offered}", offered = crate::kernelspec::names())]
     NoSuchKernelSpec(String),
     /// Too many kernels.
     #[error(
@@ -232,7 +232,7 @@ impl Kernels {
 
     /// Starts a kernel for `owner`, from the pool when one is ready.
     pub async fn start(&self, owner: &str, name: &str) -> Result<Arc<Kernel>, SessionError> {
-        if name != crate::kernelspec::NAME {
+        if crate::kernelspec::display_name(name).is_none() {
             return Err(SessionError::NoSuchKernelSpec(name.to_owned()));
         }
         if self.0.closing.load(Ordering::SeqCst) {

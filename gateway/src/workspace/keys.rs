@@ -11,7 +11,10 @@
 //!   files with AES-256-GCM.
 //!
 //! `keys.json` holds only sealed material, a check value that tells a wrong master key from a
-//! damaged file, and public parameters (salts, iteration counts).
+//! damaged file, public parameters (salts, iteration counts), and a SHA-256 of the rest, so a
+//! changed byte anywhere (bit rot, a bad copy) is reported as damage rather than as a wrong
+//! key. The checksum guards against accidents, not attackers (who could recompute it); what
+//! guards the keys is that they are sealed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,6 +263,22 @@ struct KeyFileJson {
     data_keys: BTreeMap<u32, String>,
     #[serde(default)]
     slots: Vec<Slot>,
+    /// SHA-256 (hex) of this file's JSON without this field; absent in files written before
+    /// it existed (added the next time the file opens).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+}
+
+impl KeyFileJson {
+    /// The checksum of everything but the checksum.
+    fn digest(&self) -> String {
+        let body = KeyFileJson {
+            digest: None,
+            ..self.clone()
+        };
+        let json = serde_json::to_vec(&body).expect("JSON");
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, &json))
+    }
 }
 
 /// The unlocked key file: every data key, and which one is current.
@@ -339,11 +358,12 @@ impl Keyring {
             check: hex::encode(seal(&master, b"sandgate-keys-check", CHECK_PLAINTEXT)),
             data_keys: BTreeMap::from([(1, hex::encode(seal(&master, &data_key_aad(1), &d1.0)))]),
             slots: Vec::new(),
+            digest: None,
         };
         if let MasterSource::Passphrase(s) | MasterSource::Token(s) = source {
             file.slots.push(Self::make_slot(source.kind(), s, &master));
         }
-        let ring = Keyring {
+        let mut ring = Keyring {
             path: path.to_owned(),
             master,
             data_keys: BTreeMap::from([(1, d1)]),
@@ -372,10 +392,17 @@ impl Keyring {
             path: path.to_owned(),
             reason,
         };
-        let file: KeyFileJson =
-            serde_json::from_slice(bytes).map_err(|e| damaged(e.to_string()))?;
+        let file: KeyFileJson = serde_json::from_slice(bytes)
+            .map_err(|e| damaged(format!("it is not a key file: {e}")))?;
         if file.format != 1 {
             return Err(damaged(format!("unknown format {}", file.format)));
+        }
+        if let Some(digest) = &file.digest
+            && *digest != file.digest()
+        {
+            return Err(damaged(
+                "its checksum does not match its content (it was changed on disk)".into(),
+            ));
         }
         let master = match source {
             MasterSource::Key(k) => k.clone(),
@@ -419,15 +446,25 @@ impl Keyring {
                 file.current
             )));
         }
-        Ok(Keyring {
+        let mut ring = Keyring {
             path: path.to_owned(),
             master,
             file,
             data_keys,
-        })
+        };
+        if ring.file.digest.is_none() {
+            // A file from before the checksum: add it now that the file is known good. A key
+            // file the gateway may not write (a read-only mount) stays as it is.
+            if let Err(e) = ring.save() {
+                tracing::debug!(error = %e, "the key file's checksum could not be added");
+                ring.file.digest = None;
+            }
+        }
+        Ok(ring)
     }
 
-    fn save(&self) -> Result<(), KeyError> {
+    fn save(&mut self) -> Result<(), KeyError> {
+        self.file.digest = Some(self.file.digest());
         let body = serde_json::to_vec_pretty(&self.file).expect("JSON");
         write_atomic(&self.path, &body)
     }
@@ -603,5 +640,54 @@ mod tests {
         let err =
             Keyring::open_or_create(&path, &MasterSource::Passphrase("pw".into())).unwrap_err();
         assert!(matches!(err, KeyError::Damaged { .. }), "{err}");
+    }
+
+    #[test]
+    fn any_changed_byte_is_damage_not_a_wrong_key() {
+        let (_dir, path) = tmp();
+        let source = MasterSource::Passphrase("pw".into());
+        Keyring::open_or_create(&path, &source).unwrap();
+        let good = std::fs::read(&path).unwrap();
+        // Every byte of the file, flipped in turn: each is reported as damage (a wrong key
+        // would stop the gateway; damage is served as an error with the way out).
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x01;
+            std::fs::write(&path, &bad).unwrap();
+            match Keyring::open_or_create(&path, &source) {
+                Err(KeyError::Damaged { .. }) => {}
+                Err(e) => panic!("byte {i}: {e}"),
+                Ok(_) => panic!("byte {i}: a changed key file opened"),
+            }
+        }
+        // Truncated, or emptied: damage too.
+        for cut in [good.len() / 2, 0] {
+            std::fs::write(&path, &good[..cut]).unwrap();
+            let err = Keyring::open_or_create(&path, &source).unwrap_err();
+            assert!(matches!(err, KeyError::Damaged { .. }), "{err}");
+        }
+        // Put back, it opens; a wrong passphrase is still told apart.
+        std::fs::write(&path, &good).unwrap();
+        Keyring::open_or_create(&path, &source).unwrap();
+        let err =
+            Keyring::open_or_create(&path, &MasterSource::Passphrase("no".into())).unwrap_err();
+        assert!(matches!(err, KeyError::Wrong(..)), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_from_before_the_checksum_opens_and_gets_one() {
+        let (_dir, path) = tmp();
+        let m = Secret::random();
+        let ring = Keyring::open_or_create(&path, &MasterSource::Key(m.clone())).unwrap();
+        let key = ring.workspace_key(1, "w").unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("digest").unwrap();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let again = Keyring::open_or_create(&path, &MasterSource::Key(m.clone())).unwrap();
+        assert_eq!(again.workspace_key(1, "w").unwrap(), key);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(v["digest"].is_string(), "{v}");
+        Keyring::open_or_create(&path, &MasterSource::Key(m)).unwrap();
     }
 }

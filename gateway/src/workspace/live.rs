@@ -240,10 +240,14 @@ fn sync(dir: &Dir, store: &Store, previous: &Snapshot, deletions: bool) -> (Snap
     (next, report)
 }
 
-/// Writes every file of the store that the live folder lacks into it (on unlock).
-pub fn materialize(dir: &Dir, store: &Store) -> Result<(), LiveError> {
+/// Writes every file of the store that the live folder lacks into it (on unlock). A file the
+/// store cannot read (its object failed its check, or the disk refused it) is left out, so
+/// kernels never see a damaged or partial copy, and the others are written; returns how many
+/// were left out. Only a failure of the live folder itself stops it.
+pub fn materialize(dir: &Dir, store: &Store) -> Result<usize, LiveError> {
     let mut entries = store.walk();
     entries.sort_by_key(|(p, _)| p.as_str().matches('/').count());
+    let mut left_out = 0;
     for (path, entry) in entries {
         match entry.kind {
             Kind::Dir => dir.create_dir_all(path.as_str())?,
@@ -251,7 +255,19 @@ pub fn materialize(dir: &Dir, store: &Store) -> Result<(), LiveError> {
                 if dir.symlink_metadata(path.as_str()).is_ok() {
                     continue;
                 }
-                let (_, data) = store.read(&path)?;
+                let data = match store.read(&path) {
+                    Ok((_, data)) => data,
+                    // Damage is logged by the store, naming the object on disk.
+                    Err(StoreError::Tampered(_)) => {
+                        left_out += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a stored file could not be read into the live folder");
+                        left_out += 1;
+                        continue;
+                    }
+                };
                 if !path.parent().is_root() {
                     dir.create_dir_all(path.parent().as_str())?;
                 }
@@ -259,7 +275,7 @@ pub fn materialize(dir: &Dir, store: &Store) -> Result<(), LiveError> {
             }
         }
     }
-    Ok(())
+    Ok(left_out)
 }
 
 /// Mirrors a store write into the live folder (so running kernels see it at once).
@@ -406,5 +422,51 @@ mod tests {
             .unwrap();
         materialize(&live, &store).unwrap();
         assert_eq!(std::fs::read(base.join("live/d/e/f.txt")).unwrap(), b"deep");
+    }
+
+    #[test]
+    fn materialize_leaves_a_damaged_file_out_and_writes_the_rest() {
+        let (scratch, live, store) = setup();
+        let base = scratch.path();
+        let bad = WsPath::parse("d/bad.txt").unwrap();
+        store
+            .write(&WsPath::parse("d/good.txt").unwrap(), b"good", true)
+            .unwrap();
+        let before = walkdir(&base.join("ws/objects"));
+        store.write(&bad, b"secret text", true).unwrap();
+        // Flip a byte in the middle of bad.txt's object (the one the write added).
+        let victim = walkdir(&base.join("ws/objects"))
+            .into_iter()
+            .find(|o| !before.contains(o))
+            .unwrap();
+        let victim = &victim;
+        let mut bytes = std::fs::read(victim).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(victim, bytes).unwrap();
+        assert_eq!(materialize(&live, &store).unwrap(), 1);
+        assert_eq!(
+            std::fs::read(base.join("live/d/good.txt")).unwrap(),
+            b"good"
+        );
+        assert!(!base.join("live/d/bad.txt").exists());
+        assert!(store.is_damaged(&bad));
+        // A sync does not take the missing live copy for a deletion.
+        let (snap, _) = scan(&live);
+        let (_, report) = sync_to_store(&live, &store, &snap);
+        assert!(report.removed.is_empty());
+        assert!(store.exists(&bad));
+    }
+
+    fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = vec![];
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                out.extend(walkdir(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+        out
     }
 }

@@ -10,6 +10,12 @@
 //! Until the key is unlocked (at start with an explicit key source or `SANDGATE_TOKEN`, else by
 //! the first request that carries the access token), stores cannot be opened; kernels already
 //! started see an empty `/workspace` that is filled the moment the key is unlocked.
+//!
+//! Damage on disk costs what is damaged and nothing more, and never stops the gateway: a
+//! damaged file is left out of `/workspace` and answers an error naming it (see [`store`]); a
+//! damaged index makes its workspace answer [`WorkspaceError::IndexDamaged`] while the others
+//! work; a damaged key file makes every workspace answer [`keys::KeyError::Damaged`] while
+//! kernels still run. Each is logged once, with the operator's way out.
 
 pub mod history;
 pub mod keys;
@@ -50,6 +56,25 @@ pub enum WorkspaceError {
     /// A store error.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A workspace's index cannot be read: that workspace is unavailable, the others work.
+    #[error(
+        "the workspace of user {user:?} ({}) cannot be opened: {reason}. None of its files can be \
+         found without its index; other workspaces are not affected. The way out: stop the \
+         gateway, then put back that folder (index.sgw with its objects/) from a backup, or move \
+         it out of the workspaces folder to start this workspace empty, and start the gateway \
+         again",
+        dir.display()
+    )]
+    IndexDamaged {
+        /// The user.
+        user: String,
+        /// The workspace id (its folder's name).
+        id: String,
+        /// Its folder.
+        dir: PathBuf,
+        /// What is wrong with the index.
+        reason: String,
+    },
     /// The live folder failed.
     #[error("live workspace folder {path}: {source}")]
     Live {
@@ -254,8 +279,28 @@ async fn blocking<T: Send + 'static>(
 pub struct Workspaces {
     config: WorkspaceConfig,
     keyring: OnceLock<Arc<RwLock<Keyring>>>,
+    /// The key file was found damaged (path, what is wrong): nothing is unlocked until the
+    /// gateway restarts with a good one.
+    key_damage: Mutex<Option<(PathBuf, String)>>,
     unlocking: tokio::sync::Mutex<()>,
     spaces: Mutex<HashMap<String, Arc<Space>>>,
+    /// Workspaces whose index was found damaged, by user, as (id, folder, what is wrong):
+    /// they answer that error until the gateway restarts (the way out is done with it
+    /// stopped), without reading the index again for every request and cell.
+    damaged: Mutex<HashMap<String, (String, PathBuf, String)>>,
+}
+
+/// What [`Workspaces::rotate`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    /// Objects re-sealed under the new data key.
+    pub resealed: usize,
+    /// Damaged files and checkpoints left under the old key.
+    pub damaged_files: usize,
+    /// Workspaces whose index cannot be read, left under the old key.
+    pub damaged_workspaces: Vec<PathBuf>,
+    /// Whether the old data key was dropped (only when nothing was left under it).
+    pub retired: bool,
 }
 
 impl std::fmt::Debug for Workspaces {
@@ -297,8 +342,10 @@ impl Workspaces {
         Ok(Workspaces {
             config,
             keyring: OnceLock::new(),
+            key_damage: Mutex::default(),
             unlocking: tokio::sync::Mutex::new(()),
             spaces: Mutex::default(),
+            damaged: Mutex::default(),
         })
     }
 
@@ -317,7 +364,21 @@ impl Workspaces {
         self.keyring.get().is_some()
     }
 
-    /// Unlocks the key file with `source` (creating it on first use). Idempotent.
+    /// The key file's damage, if it was found damaged.
+    pub fn key_damage(&self) -> Option<KeyError> {
+        self.key_damage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(path, reason)| KeyError::Damaged {
+                path: path.clone(),
+                reason: reason.clone(),
+            })
+    }
+
+    /// Unlocks the key file with `source` (creating it on first use). Idempotent. A damaged key
+    /// file is remembered and logged once, with the way out: it is not read again until the
+    /// gateway restarts.
     pub async fn unlock(&self, source: MasterSource) -> Result<(), WorkspaceError> {
         if self.is_unlocked() {
             return Ok(());
@@ -326,13 +387,56 @@ impl Workspaces {
         if self.is_unlocked() {
             return Ok(());
         }
+        if let Some(e) = self.key_damage() {
+            return Err(e.into());
+        }
         let path = self.config.keys.clone();
-        let ring = tokio::task::spawn_blocking(move || Keyring::open_or_create(&path, &source))
-            .await
-            .map_err(|e| WorkspaceError::Live {
-                path: PathBuf::new(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
+        let root = self.config.root.clone();
+        let ring = tokio::task::spawn_blocking(move || {
+            // Without its key file a workspace cannot be read: a missing one is not made anew
+            // over workspaces sealed under the lost one.
+            if !path.exists() {
+                let sealed = std::fs::read_dir(&root)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .count();
+                if sealed > 0 {
+                    return Err(KeyError::Damaged {
+                        path,
+                        reason: format!(
+                            "it is missing, but {sealed} workspaces sealed under its keys are in \
+                             workspaces/"
+                        ),
+                    });
+                }
+            }
+            Keyring::open_or_create(&path, &source)
+        })
+        .await
+        .map_err(|e| WorkspaceError::Live {
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let ring = match ring {
+            Ok(ring) => ring,
+            Err(KeyError::Damaged { path, reason }) => {
+                tracing::error!(
+                    key_file = %path.display(),
+                    %reason,
+                    "the workspace key file is damaged, so no workspace can be opened (kernels still \
+                     run, with an empty /workspace). Its data keys exist nowhere else: the way out \
+                     is to stop the gateway, put the key file back from a backup, and start it \
+                     again; without a backup the workspaces cannot be read, and moving them and the \
+                     key file aside starts afresh"
+                );
+                *self.key_damage.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((path.clone(), reason.clone()));
+                return Err(KeyError::Damaged { path, reason }.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let _ = self.keyring.set(Arc::new(RwLock::new(ring)));
         tracing::info!("workspace key unlocked");
         Ok(())
@@ -349,7 +453,9 @@ impl Workspaces {
         {
             return Ok(s.clone());
         }
-        let keyring = self.keyring.get().ok_or(KeyError::Locked)?.clone();
+        let Some(keyring) = self.keyring.get().cloned() else {
+            return Err(self.key_damage().unwrap_or(KeyError::Locked).into());
+        };
         let _guard = self.unlocking.lock().await;
         if let Some(s) = self
             .spaces
@@ -359,13 +465,39 @@ impl Workspaces {
         {
             return Ok(s.clone());
         }
+        if let Some((id, dir, reason)) = self
+            .damaged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(user)
+        {
+            return Err(WorkspaceError::IndexDamaged {
+                user: user.to_owned(),
+                id: id.clone(),
+                dir: dir.clone(),
+                reason: reason.clone(),
+            });
+        }
         let id = workspace_id(user);
         let dir = self.config.root.join(&id);
         let live_path = self.live_dir(user);
         let quota = self.config.quota;
         let user_owned = user.to_owned();
-        let space = blocking(move || -> Result<Space, WorkspaceError> {
-            let store = Arc::new(Store::open(&dir, &id, keyring, quota)?);
+        let opened = blocking(move || -> Result<Space, WorkspaceError> {
+            let store = match Store::open(&dir, &id, keyring, quota) {
+                Ok(s) => Arc::new(s),
+                // Nothing was changed on disk: the live folder is not touched either, so what a
+                // crashed run left there waits for the workspace to open again.
+                Err(StoreError::IndexDamaged(reason)) => {
+                    return Err(WorkspaceError::IndexDamaged {
+                        user: user_owned,
+                        id,
+                        dir,
+                        reason,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
             let live = live::open(&live_path).map_err(|source| WorkspaceError::Live {
                 path: live_path.clone(),
                 source,
@@ -379,10 +511,18 @@ impl Workspaces {
                     "saved files an earlier run left unsaved in the live folder"
                 );
             }
-            live::materialize(&live, &store).map_err(|e| WorkspaceError::Live {
+            let left_out = live::materialize(&live, &store).map_err(|e| WorkspaceError::Live {
                 path: live_path.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;
+            if left_out > 0 {
+                tracing::warn!(
+                    user = %user_owned,
+                    files = left_out,
+                    "stored files that cannot be read were left out of the live folder; the rest \
+                     of the workspace is there"
+                );
+            }
             let (snapshot, _) = live::scan(&live);
             Ok(Space {
                 user: user_owned,
@@ -392,8 +532,23 @@ impl Workspaces {
                 snapshot: tokio::sync::Mutex::new(snapshot),
             })
         })
-        .await?;
-        let space = Arc::new(space);
+        .await;
+        let space = match opened {
+            Ok(space) => Arc::new(space),
+            Err(e) => {
+                if let WorkspaceError::IndexDamaged {
+                    id, dir, reason, ..
+                } = &e
+                {
+                    tracing::error!(user, error = %e, "a workspace cannot be opened");
+                    self.damaged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(user.to_owned(), (id.clone(), dir.clone(), reason.clone()));
+                }
+                return Err(e);
+            }
+        };
         self.spaces
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -429,6 +584,15 @@ impl Workspaces {
             if let Err(e) = std::fs::remove_dir_all(s.live_path()) {
                 tracing::warn!(error = %e, "cannot remove a live workspace folder");
             }
+        }
+        // Empty live folders of workspaces that did not open (locked, or damaged); one that
+        // holds files keeps them for the next start to save.
+        for entry in std::fs::read_dir(&self.config.live_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::remove_dir(entry.path());
         }
         // The live root too, once nothing is left in it (kernels' own folders are gone).
         let _ = std::fs::remove_dir(&self.config.live_root);
@@ -479,14 +643,16 @@ impl Workspaces {
     }
 
     /// Re-encrypts every workspace under a new data key, resuming an interrupted rotation.
-    /// Run with the gateway stopped (`sandgate rotate-key`).
-    pub fn rotate(&self) -> Result<usize, WorkspaceError> {
+    /// Run with the gateway stopped (`sandgate rotate-key`). Damaged files and workspaces whose
+    /// index cannot be read are left as they are, and then the old data key is kept (so a
+    /// backup of them can still be read); run it again once they are dealt with.
+    pub fn rotate(&self) -> Result<Rotation, WorkspaceError> {
         let keyring = self.keyring.get().ok_or(KeyError::Locked)?.clone();
         keyring
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .begin_rotation()?;
-        let mut total = 0;
+        let mut report = Rotation::default();
         for entry in
             std::fs::read_dir(&self.config.root).map_err(|source| WorkspaceError::Live {
                 path: self.config.root.clone(),
@@ -494,11 +660,12 @@ impl Workspaces {
             })?
         {
             let Ok(entry) = entry else { continue };
-            if !entry.path().join("index.sgw").exists() {
+            let dir = entry.path();
+            if !dir.join("index.sgw").exists() && !dir.join("objects").is_dir() {
                 continue;
             }
             let id = entry.file_name().to_string_lossy().into_owned();
-            let store = Store::open(
+            let store = match Store::open(
                 &entry.path(),
                 &id,
                 keyring.clone(),
@@ -506,14 +673,27 @@ impl Workspaces {
                     max_bytes: u64::MAX,
                     max_files: usize::MAX,
                 },
-            )?;
-            total += store.reencrypt()?;
+            ) {
+                Ok(store) => store,
+                Err(StoreError::IndexDamaged(reason)) => {
+                    tracing::error!(workspace = %entry.path().display(), %reason, "a workspace's index cannot be read; it is left under the old key");
+                    report.damaged_workspaces.push(entry.path());
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let done = store.reencrypt()?;
+            report.resealed += done.resealed;
+            report.damaged_files += done.damaged;
         }
-        keyring
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retire()?;
-        Ok(total)
+        if report.damaged_files == 0 && report.damaged_workspaces.is_empty() {
+            keyring
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retire()?;
+            report.retired = true;
+        }
+        Ok(report)
     }
 }
 

@@ -17,8 +17,15 @@
 //! removed. A crash at any point leaves the previous version whole; objects the index does not
 //! name (left by a crash) are removed when the store opens. A file that fails its integrity
 //! check is never returned: the error names it.
+//!
+//! Damage costs what is damaged, nothing more. A file whose object fails its check (a flipped
+//! byte, a truncation, a missing object) is remembered as damaged: reads of it fail naming it,
+//! listings can mark it, and deleting it or saving over it clears it; every other file works.
+//! An index that fails its check (or is missing while objects are there) makes [`Store::open`]
+//! fail with [`StoreError::IndexDamaged`] and touch nothing: no garbage collection runs, so
+//! the objects stay for a backup of the index to find again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -63,12 +70,18 @@ pub enum StoreError {
     /// A quota would be exceeded.
     #[error("workspace quota exceeded: {0}")]
     Quota(String),
-    /// A stored file failed its integrity check.
+    /// A stored file failed its integrity check (or its object is missing).
     #[error(
-        "the stored copy of {0} failed its integrity check (it was changed or truncated on disk); \
-         it was not read"
+        "the stored copy of {0} failed its integrity check (it was changed, truncated or removed \
+         on disk), so none of it was read; delete it, or save a new version over it"
     )]
     Tampered(String),
+    /// The file was replaced or removed by a write while it was being read.
+    #[error("{0} changed while it was being read; try again")]
+    Busy(WsPath),
+    /// The workspace index cannot be read: nothing of the workspace can be found without it.
+    #[error("the workspace index cannot be read: {0}")]
+    IndexDamaged(String),
     /// A key version is missing (the key file was rolled back or damaged).
     #[error("no key for version {0}; the key file does not match this workspace")]
     NoKey(u32),
@@ -90,6 +103,40 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Why a sealed file did not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Damage {
+    /// Too short, or it does not start with the magic bytes.
+    NotSealed,
+    /// Its header names a key version the key file does not hold.
+    NoKey(u32),
+    /// Its authentication tag does not match (changed, truncated, or sealed for another path).
+    Auth,
+    /// The file is not there.
+    Missing,
+    /// It opens, but its size is not the one the index holds.
+    Size,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::NotSealed => f.write_str("it is too short or its header is not SGW1"),
+            Damage::NoKey(v) => write!(
+                f,
+                "its header names key version {v}, which the key file does not hold (the file \
+                 was changed on disk, or the key file is older than it)"
+            ),
+            Damage::Auth => f.write_str(
+                "its authentication tag does not match (it was changed or truncated on disk, or \
+                 swapped with another)",
+            ),
+            Damage::Missing => f.write_str("it is missing"),
+            Damage::Size => f.write_str("its size is not the one the index holds"),
+        }
     }
 }
 
@@ -121,6 +168,15 @@ pub struct Entry {
     /// The key version its object is sealed under.
     #[serde(default)]
     kv: u32,
+}
+
+/// What [`Store::reencrypt`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reencrypted {
+    /// Objects re-sealed under the current key.
+    pub resealed: usize,
+    /// Damaged files and checkpoints left under their old key.
+    pub damaged: usize,
 }
 
 /// A saved copy of a file.
@@ -164,6 +220,9 @@ pub struct Store {
     keyring: Arc<RwLock<Keyring>>,
     quota: Quota,
     index: Mutex<Index>,
+    /// Files whose object failed its check since the store opened (cleared when the file is
+    /// deleted or saved over).
+    damaged: Mutex<BTreeSet<WsPath>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -243,20 +302,92 @@ impl Store {
             keyring,
             quota,
             index: Mutex::new(Index::default()),
+            damaged: Mutex::default(),
         };
+        // Any failure here returns before the garbage collection: an index that cannot be read
+        // names no object, and collecting with it would delete every file's only copy.
         let index_path = store.index_path();
         match std::fs::read(&index_path) {
             Ok(bytes) => {
-                let plain = store.unseal(bytes, &store.index_aad(), "the workspace index")?;
-                let index: Index = serde_json::from_slice(&plain)
-                    .map_err(|_| StoreError::Tampered("the workspace index".into()))?;
+                let plain = store
+                    .unseal(bytes, &store.index_aad())
+                    .map_err(|d| StoreError::IndexDamaged(format!("index.sgw: {d}")))?;
+                let index: Index = serde_json::from_slice(&plain).map_err(|e| {
+                    StoreError::IndexDamaged(format!("index.sgw opens but is not an index: {e}"))
+                })?;
                 *store.lock() = index;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => store.commit(&Index::default())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // A new workspace has no objects yet; objects without an index mean it was lost.
+                let objects = store.count_objects();
+                if objects > 0 {
+                    return Err(StoreError::IndexDamaged(format!(
+                        "index.sgw is missing, but {objects} stored objects are in objects/"
+                    )));
+                }
+                store.commit(&Index::default())?
+            }
             Err(e) => return Err(io(&index_path)(e)),
         }
         store.collect_garbage();
         Ok(store)
+    }
+
+    /// How many object files are on disk.
+    fn count_objects(&self) -> usize {
+        std::fs::read_dir(self.dir.join("objects"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|shard| {
+                std::fs::read_dir(shard.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .count()
+            })
+            .sum()
+    }
+
+    fn damaged_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<WsPath>> {
+        self.damaged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `object`, which `path` named, did not open. If the index still names it for `path`, the
+    /// file is damaged: remembered, and logged the first time (naming the object on disk and
+    /// the workspace, not the path: file names stay out of logs). If a write replaced or
+    /// removed it meanwhile, nothing is damaged: [`StoreError::Busy`].
+    fn found_damaged(&self, path: &WsPath, object: &str, why: Damage) -> StoreError {
+        let index = self.lock();
+        if index.entries.get(path).and_then(|e| e.object.as_deref()) != Some(object) {
+            return StoreError::Busy(path.clone());
+        }
+        // Marked under the index lock, so a write that replaces the file (and clears the mark
+        // after its commit) cannot come between the check and the mark.
+        let new = self.damaged_set().insert(path.clone());
+        drop(index);
+        if new {
+            tracing::warn!(
+                workspace = %self.id,
+                object = %self.object_path(object).display(),
+                reason = %why,
+                "a stored file failed its integrity check: it is neither served nor copied to \
+                 /workspace; its owner can delete it or save over it, and the rest of the \
+                 workspace works"
+            );
+        }
+        StoreError::Tampered(path.to_string())
+    }
+
+    /// Whether `path` is known to be damaged (its object failed its check since the store
+    /// opened).
+    pub fn is_damaged(&self, path: &WsPath) -> bool {
+        self.damaged_set().contains(path)
+    }
+
+    /// Every path known to be damaged.
+    pub fn damaged(&self) -> BTreeSet<WsPath> {
+        self.damaged_set().clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -308,16 +439,24 @@ impl Store {
     }
 
     /// Opens a sealed file's bytes in place (the content is not copied).
-    fn unseal(&self, bytes: Vec<u8>, aad: &[u8], what: &str) -> Result<Vec<u8>, StoreError> {
-        let tampered = || StoreError::Tampered(what.to_owned());
+    fn unseal(&self, bytes: Vec<u8>, aad: &[u8]) -> Result<Vec<u8>, Damage> {
         if bytes.len() < 8 || &bytes[..4] != MAGIC {
-            return Err(tampered());
+            return Err(Damage::NotSealed);
         }
         let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        let key = self.key(version)?;
+        let key = self.key(version).map_err(|_| Damage::NoKey(version))?;
         let mut aad_v = aad.to_vec();
         aad_v.extend_from_slice(&version.to_le_bytes());
-        keys::open_owned(&key, &aad_v, bytes, 8).ok_or_else(tampered)
+        keys::open_owned(&key, &aad_v, bytes, 8).ok_or(Damage::Auth)
+    }
+
+    /// Reads and opens a sealed file; a missing file is damage, other I/O errors are not.
+    fn read_sealed(&self, file: &Path, aad: &[u8]) -> Result<Result<Vec<u8>, Damage>, StoreError> {
+        match std::fs::read(file) {
+            Ok(bytes) => Ok(self.unseal(bytes, aad)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Err(Damage::Missing)),
+            Err(e) => Err(io(file)(e)),
+        }
     }
 
     /// Replaces the index on disk with `index`, sealed under the current key.
@@ -375,16 +514,32 @@ impl Store {
         Ok((object, version))
     }
 
-    fn read_object(&self, path: &str, object: &str) -> Result<Vec<u8>, StoreError> {
+    fn read_object(&self, path: &WsPath, object: &str) -> Result<Vec<u8>, StoreError> {
         let file = self.object_path(object);
-        let bytes = match std::fs::read(&file) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StoreError::Tampered(path.to_owned()));
-            }
-            Err(e) => return Err(io(&file)(e)),
-        };
-        self.unseal(bytes, &self.object_aad(path, object), path)
+        self.read_sealed(&file, &self.object_aad(path.as_str(), object))?
+            .map_err(|why| self.found_damaged(path, object, why))
+    }
+
+    fn checkpoint_aad(&self, path: &WsPath, id: &str, object: &str) -> Vec<u8> {
+        self.object_aad(&format!("{}\0checkpoint\0{id}", path.as_str()), object)
+    }
+
+    fn read_checkpoint_object(
+        &self,
+        path: &WsPath,
+        cp: &Checkpoint,
+    ) -> Result<Vec<u8>, StoreError> {
+        let file = self.object_path(&cp.object);
+        self.read_sealed(&file, &self.checkpoint_aad(path, &cp.id, &cp.object))?
+            .map_err(|why| {
+                tracing::warn!(
+                    workspace = %self.id,
+                    object = %file.display(),
+                    reason = %why,
+                    "a stored checkpoint failed its integrity check; it is not served"
+                );
+                StoreError::Tampered(format!("{path} (checkpoint)"))
+            })
     }
 
     fn remove_objects(&self, objects: impl IntoIterator<Item = String>) {
@@ -441,17 +596,27 @@ impl Store {
             .collect()
     }
 
-    /// Reads a file.
+    /// Reads a file (again, if a write replaces it while it is read, a few times).
     pub fn read(&self, path: &WsPath) -> Result<(Entry, Vec<u8>), StoreError> {
-        let entry = self.stat(path)?;
-        let Some(object) = &entry.object else {
-            return Err(StoreError::IsADirectory(path.clone()));
-        };
-        let data = self.read_object(path.as_str(), object)?;
-        if data.len() as u64 != entry.size {
-            return Err(StoreError::Tampered(path.to_string()));
+        for _ in 0..3 {
+            let entry = self.stat(path)?;
+            let Some(object) = &entry.object else {
+                return Err(StoreError::IsADirectory(path.clone()));
+            };
+            let result = self.read_object(path, object).and_then(|data| {
+                if data.len() as u64 == entry.size {
+                    Ok(data)
+                } else {
+                    Err(self.found_damaged(path, object, Damage::Size))
+                }
+            });
+            match result {
+                Ok(data) => return Ok((entry, data)),
+                Err(StoreError::Busy(_)) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        Ok((entry, data))
+        Err(StoreError::Busy(path.clone()))
     }
 
     fn check_parent(
@@ -587,6 +752,7 @@ impl Store {
         self.commit(&next)?;
         *index = next;
         drop(index);
+        self.damaged_set().remove(path);
         if let Some(old_object) = old.and_then(|e| e.object) {
             self.remove_objects([old_object]);
         }
@@ -656,6 +822,7 @@ impl Store {
         self.commit(&next)?;
         *index = next;
         drop(index);
+        self.damaged_set().retain(|p| !p.starts_with(path));
         self.remove_objects(dead);
         Ok(())
     }
@@ -700,7 +867,7 @@ impl Store {
         for (old, new, entry) in &moves {
             let mut e = entry.clone();
             if let Some(object) = &entry.object {
-                let data = match self.read_object(old.as_str(), object) {
+                let data = match self.read_object(old, object) {
                     Ok(d) => d,
                     Err(err) => {
                         self.remove_objects(written);
@@ -767,8 +934,7 @@ impl Store {
         let id = "checkpoint".to_owned();
         let object = random_id();
         let kv = self.current_version();
-        let aad = self.object_aad(&format!("{}\0checkpoint\0{id}", path.as_str()), &object);
-        let sealed = self.seal(kv, &aad, &data)?;
+        let sealed = self.seal(kv, &self.checkpoint_aad(path, &id, &object), &data)?;
         {
             let index = self.lock();
             let old = index
@@ -816,10 +982,7 @@ impl Store {
             .into_iter()
             .find(|c| c.id == id)
             .ok_or_else(|| StoreError::NoCheckpoint(path.clone(), id.to_owned()))?;
-        let file = self.object_path(&cp.object);
-        let bytes = std::fs::read(&file).map_err(io(&file))?;
-        let aad = self.object_aad(&format!("{}\0checkpoint\0{id}", path.as_str()), &cp.object);
-        self.unseal(bytes, &aad, &format!("{path} (checkpoint)"))
+        self.read_checkpoint_object(path, &cp)
     }
 
     /// Puts checkpoint `id`'s content back into `path`.
@@ -847,10 +1010,11 @@ impl Store {
         Ok(())
     }
 
-    /// Re-seals every object and the index under the current key version; returns how many
-    /// objects were re-sealed. Safe to interrupt and run again: each file is committed on its
-    /// own, and a file already under the current key is skipped.
-    pub fn reencrypt(&self) -> Result<usize, StoreError> {
+    /// Re-seals every object and the index under the current key version. Safe to interrupt
+    /// and run again: each file is committed on its own, and a file already under the current
+    /// key is skipped. A damaged file or checkpoint is left as it is and counted: the caller
+    /// must keep the old key while any is left, so a backup of it can still be read.
+    pub fn reencrypt(&self) -> Result<Reencrypted, StoreError> {
         let current = self.current_version();
         let stale: Vec<(WsPath, Entry)> = self
             .lock()
@@ -859,10 +1023,19 @@ impl Store {
             .filter(|(_, e)| e.object.is_some() && e.kv != current)
             .map(|(p, e)| (p.clone(), e.clone()))
             .collect();
-        let mut done = 0;
+        let mut report = Reencrypted::default();
         for (path, entry) in stale {
             let object = entry.object.clone().expect("filtered on files");
-            let data = self.read_object(path.as_str(), &object)?;
+            let data = match self.read_object(&path, &object) {
+                Ok(d) => d,
+                Err(StoreError::Tampered(_)) => {
+                    report.damaged += 1;
+                    continue;
+                }
+                // Replaced meanwhile: the new version is sealed under the current key.
+                Err(StoreError::Busy(_)) => continue,
+                Err(e) => return Err(e),
+            };
             let (new_object, kv) = self.write_object(&path, &data)?;
             let mut index = self.lock();
             let mut next = index.clone();
@@ -880,9 +1053,9 @@ impl Store {
             *index = next;
             drop(index);
             self.remove_objects([object]);
-            done += 1;
+            report.resealed += 1;
         }
-        // Checkpoints are re-taken from the current content under the new key.
+        // Checkpoints: each one's content re-sealed under the new key.
         let with_checkpoints: Vec<(WsPath, Vec<Checkpoint>)> = self
             .lock()
             .checkpoints
@@ -891,19 +1064,17 @@ impl Store {
             .map(|(p, c)| (p.clone(), c.clone()))
             .collect();
         for (path, cps) in with_checkpoints {
-            for cp in cps {
-                let file = self.object_path(&cp.object);
-                let bytes = std::fs::read(&file).map_err(io(&file))?;
-                let aad = self.object_aad(
-                    &format!("{}\0checkpoint\0{}", path.as_str(), cp.id),
-                    &cp.object,
-                );
-                let data = self.unseal(bytes, &aad, &format!("{path} (checkpoint)"))?;
+            for cp in cps.into_iter().filter(|c| c.kv != current) {
+                let data = match self.read_checkpoint_object(&path, &cp) {
+                    Ok(d) => d,
+                    Err(StoreError::Tampered(_)) => {
+                        report.damaged += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let object = random_id();
-                let aad = self.object_aad(
-                    &format!("{}\0checkpoint\0{}", path.as_str(), cp.id),
-                    &object,
-                );
+                let aad = self.checkpoint_aad(&path, &cp.id, &object);
                 let sealed = self.seal(current, &aad, &data)?;
                 write_atomic(&self.dir.join("tmp"), &self.object_path(&object), &sealed)?;
                 let mut index = self.lock();
@@ -918,13 +1089,13 @@ impl Store {
                 *index = next;
                 drop(index);
                 self.remove_objects([cp.object]);
-                done += 1;
+                report.resealed += 1;
             }
         }
         // The index itself, under the current key.
         let index = self.lock();
         self.commit(&index)?;
-        Ok(done)
+        Ok(report)
     }
 
     /// Where this store lives on disk.
@@ -1130,7 +1301,7 @@ mod tests {
         s.restore_checkpoint(&p("nb.ipynb"), &cp.id).unwrap();
         assert_eq!(s.read(&p("nb.ipynb")).unwrap().1, b"v1");
         ring.write().unwrap().begin_rotation().unwrap();
-        assert_eq!(s.reencrypt().unwrap(), 2);
+        assert_eq!(s.reencrypt().unwrap().resealed, 2);
         ring.write().unwrap().retire().unwrap();
         drop(s);
         let (s, _) = store_in(&dir, BIG);
@@ -1138,5 +1309,179 @@ mod tests {
         s.restore_checkpoint(&p("nb.ipynb"), "checkpoint").unwrap();
         s.delete_checkpoint(&p("nb.ipynb"), "checkpoint").unwrap();
         assert!(s.checkpoints(&p("nb.ipynb")).unwrap().is_empty());
+    }
+
+    /// Damages `file` on disk as a test asks.
+    fn damage(file: &Path, how: &str) {
+        let mut b = std::fs::read(file).unwrap();
+        match how {
+            "flip" => {
+                let mid = b.len() / 2;
+                b[mid] ^= 0x01;
+            }
+            "truncate" => b.truncate(b.len() / 2),
+            "header" => b[5] ^= 0x01,
+            "remove" => {
+                std::fs::remove_file(file).unwrap();
+                return;
+            }
+            _ => unreachable!(),
+        }
+        std::fs::write(file, b).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_object_costs_that_file_only() {
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
+        let hows = ["flip", "truncate", "header", "remove"];
+        {
+            let (s, _) = store_in(&dir, BIG);
+            s.write(&p("good.txt"), b"still good", false).unwrap();
+            s.write(&p("d/also-good.txt"), b"also good", true).unwrap();
+            for how in hows {
+                s.write(&p(&format!("d/{how}.txt")), b"old text", true)
+                    .unwrap();
+                s.write(&p(&format!("d/{how}.txt")), b"precious text", true)
+                    .unwrap();
+                let object = s.stat(&p(&format!("d/{how}.txt"))).unwrap().object.unwrap();
+                damage(&s.object_path(&object), how);
+            }
+        }
+        let objects_before = walk(&dir.join("ws/objects")).len();
+        // The store opens; nothing is collected; every other file reads.
+        let (s, _) = store_in(&dir, BIG);
+        assert_eq!(walk(&dir.join("ws/objects")).len(), objects_before);
+        assert_eq!(s.read(&p("good.txt")).unwrap().1, b"still good");
+        assert_eq!(s.read(&p("d/also-good.txt")).unwrap().1, b"also good");
+        assert!(s.damaged().is_empty(), "nothing is known before it is read");
+        for how in hows {
+            let path = p(&format!("d/{how}.txt"));
+            let err = s.read(&path).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Tampered(n) if *n == path.to_string()),
+                "{how}: {err}"
+            );
+            assert!(err.to_string().contains("delete it"), "{err}");
+            assert!(s.is_damaged(&path), "{how}");
+            // Still listed, under its own name.
+            assert!(s.list(&p("d")).unwrap().iter().any(|(q, _)| *q == path));
+            // A rename needs the content: refused, naming the damaged file.
+            let err = s.rename(&path, &p("moved.txt")).unwrap_err();
+            assert!(matches!(err, StoreError::Tampered(_)), "{err}");
+        }
+        assert_eq!(s.damaged().len(), hows.len());
+        // A read that lost a race with a save (its object replaced, or removed, meanwhile) is
+        // not damage.
+        s.write(&p("raced.txt"), b"v1", false).unwrap();
+        let old = s.stat(&p("raced.txt")).unwrap().object.unwrap();
+        s.write(&p("raced.txt"), b"v2", false).unwrap();
+        let err = s.found_damaged(&p("raced.txt"), &old, Damage::Missing);
+        assert!(matches!(err, StoreError::Busy(_)), "{err}");
+        assert!(!s.is_damaged(&p("raced.txt")));
+        assert_eq!(s.read(&p("raced.txt")).unwrap().1, b"v2");
+        // Saving over a damaged file, or deleting it, clears it.
+        s.write(&p("d/flip.txt"), b"new text", false).unwrap();
+        assert_eq!(s.read(&p("d/flip.txt")).unwrap().1, b"new text");
+        assert!(!s.is_damaged(&p("d/flip.txt")));
+        s.delete(&p("d/truncate.txt")).unwrap();
+        assert!(!s.exists(&p("d/truncate.txt")));
+        assert!(!s.is_damaged(&p("d/truncate.txt")));
+        // A folder holding damaged files is deleted whole.
+        s.delete(&p("d")).unwrap();
+        assert!(s.damaged().is_empty());
+        assert_eq!(s.read(&p("good.txt")).unwrap().1, b"still good");
+    }
+
+    #[test]
+    fn a_damaged_index_touches_nothing_and_a_backup_brings_everything_back() {
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
+        {
+            let (s, _) = store_in(&dir, BIG);
+            s.write(&p("a.txt"), b"alpha", false).unwrap();
+            s.write(&p("d/b.txt"), b"bravo", true).unwrap();
+        }
+        let index = dir.join("ws/index.sgw");
+        let backup = std::fs::read(&index).unwrap();
+        let sorted = |d: &Path| {
+            let mut v = walk(d);
+            v.sort();
+            v
+        };
+        let objects = sorted(&dir.join("ws/objects"));
+        assert_eq!(objects.len(), 2);
+        let ring = || {
+            Arc::new(RwLock::new(
+                Keyring::open_or_create(
+                    &dir.join("keys.json"),
+                    &MasterSource::Key(Secret([7; 32])),
+                )
+                .unwrap(),
+            ))
+        };
+        for how in ["flip", "truncate", "header", "remove"] {
+            std::fs::write(&index, &backup).unwrap();
+            damage(&index, how);
+            let err = Store::open(&dir.join("ws"), "default", ring(), BIG).unwrap_err();
+            assert!(matches!(err, StoreError::IndexDamaged(_)), "{how}: {err}");
+            if how == "remove" {
+                assert!(err.to_string().contains("missing"), "{err}");
+            }
+            // No garbage collection ran, and no new index was written over the damaged one.
+            assert_eq!(sorted(&dir.join("ws/objects")), objects, "{how}");
+            assert_eq!(index.exists(), how != "remove", "{how}");
+        }
+        // Another workspace's index does not open this one's either (it is bound to its id).
+        std::fs::write(&index, &backup).unwrap();
+        let err = Store::open(&dir.join("ws"), "other", ring(), BIG).unwrap_err();
+        assert!(matches!(err, StoreError::IndexDamaged(_)), "{err}");
+        assert_eq!(sorted(&dir.join("ws/objects")), objects);
+        // The index put back from a backup: everything is there.
+        let s = Store::open(&dir.join("ws"), "default", ring(), BIG).unwrap();
+        assert_eq!(s.read(&p("d/b.txt")).unwrap().1, b"bravo");
+        // A new workspace (no index, no objects) still starts empty.
+        let fresh = Store::open(&dir.join("new"), "new", ring(), BIG).unwrap();
+        assert!(fresh.list(&WsPath::root()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_checkpoint_is_an_error_naming_it() {
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
+        let (s, _) = store_in(&dir, BIG);
+        s.write(&p("nb.ipynb"), b"v1", false).unwrap();
+        let cp = s.create_checkpoint(&p("nb.ipynb")).unwrap();
+        damage(&s.object_path(&cp.object), "remove");
+        let err = s.read_checkpoint(&p("nb.ipynb"), &cp.id).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Tampered(n) if n == "nb.ipynb (checkpoint)"),
+            "{err}"
+        );
+        s.delete_checkpoint(&p("nb.ipynb"), &cp.id).unwrap();
+        assert_eq!(s.read(&p("nb.ipynb")).unwrap().1, b"v1");
+    }
+
+    #[test]
+    fn rotation_leaves_damaged_files_under_the_old_key() {
+        let scratch = tmp();
+        let dir = scratch.path().to_path_buf();
+        let (s, ring) = store_in(&dir, BIG);
+        s.write(&p("a.txt"), b"alpha", false).unwrap();
+        s.write(&p("b.txt"), b"bravo", false).unwrap();
+        let object = s.stat(&p("b.txt")).unwrap().object.unwrap();
+        damage(&s.object_path(&object), "flip");
+        ring.write().unwrap().begin_rotation().unwrap();
+        let done = s.reencrypt().unwrap();
+        assert_eq!(
+            done,
+            Reencrypted {
+                resealed: 1,
+                damaged: 1
+            }
+        );
+        assert_eq!(s.stat(&p("b.txt")).unwrap().kv, 1);
+        assert_eq!(s.stat(&p("a.txt")).unwrap().kv, 2);
+        assert_eq!(s.read(&p("a.txt")).unwrap().1, b"alpha");
     }
 }

@@ -156,12 +156,16 @@ _PLAIN_TYPES = frozenset((int, float, complex, bool, str, bytes, type(None)))
 
 def format_bundle(obj, include=None, exclude=None):
     """(data, metadata) for `obj`, like IPython's display formatter."""
-    if type(obj) in _PLAIN_TYPES and not include and not exclude:
+    if type(obj) in _PLAIN_TYPES and not include and not exclude and _shell["instance"] is None:
         return {"text/plain": _plain(obj)}, {}
     data, metadata = {}, {}
+    if _shell["instance"] is not None:
+        # Functions registered through get_ipython().display_formatter come first, as in IPython.
+        data = {mime: _encode(mime, value) for mime, value in _registered_reprs(obj).items()}
     if _is_figure(obj):
         _state["shown_figures"].add(id(obj))
-        data, metadata = _figure_bundle(obj)
+        figure, metadata = _figure_bundle(obj)
+        data = dict(figure, **data)
     bundle_method = _method(obj, "_repr_mimebundle_")
     if bundle_method is not None:
         try:
@@ -389,17 +393,37 @@ def _ipython_shim():
     core.display = disp
     pkg.display = disp
     pkg.core = core
-    pkg.get_ipython = lambda: None
+    getipython = types.ModuleType("IPython.core.getipython")
+    getipython.get_ipython = pkg.get_ipython = get_ipython
+    core.getipython = getipython
+    # matplotlib asks this of IPython older than 8.24 for the GUI its backend needs: none.
+    pylabtools = types.ModuleType("IPython.core.pylabtools")
+    pylabtools.backend2gui = {}
+    core.pylabtools = pylabtools
     pkg.version_info = (0, 0, 0, "sandgate")
     pkg.__version__ = "0.0.0+sandgate"
     sys.modules.setdefault("IPython", pkg)
     sys.modules.setdefault("IPython.display", disp)
     sys.modules.setdefault("IPython.core", core)
     sys.modules.setdefault("IPython.core.display", disp)
+    sys.modules.setdefault("IPython.core.getipython", getipython)
+    sys.modules.setdefault("IPython.core.pylabtools", pylabtools)
+
+
+# The shell `get_ipython()` returns, made on first use (see ipython.py).
+_shell = {"instance": None}
+
+
+def get_ipython():
+    """The running shell, as in IPython: what libraries and exported notebooks use of it."""
+    if _shell["instance"] is None:
+        _load("ipython")
+    return _shell["instance"]
 
 
 _ipython_shim()
 builtins.display = display
+builtins.get_ipython = get_ipython
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +575,7 @@ def _load(name):
 def magic(name, args, body=None):
     if name == "!":
         _load("shell")  # the shell commands (shell.py), also handed over on first use
-        return _shell(args)
+        return _sh_main(args)
     _load("magics")
     return _magic(name, args, body)
 
@@ -683,7 +707,16 @@ def _execute(req):
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         _inputs.append(source)
         _ns["_i"] = source
+    if store:
+        _state["count"] = count
     status = {"status": "ok"}
+    shell = _shell["instance"]
+    if shell is not None:
+        info = ExecutionInfo(source, store, silent, cell_id=(req.get("cell_id") or None))
+        shell.events.trigger("pre_execute")
+        if not silent:
+            shell.events.trigger("pre_run_cell", info)
+    value = error = None
     try:
         if _autoreload["mode"] and not silent:
             _autoreload_check()
@@ -715,6 +748,7 @@ def _execute(req):
                 _ns[f"_{count}"] = value
                 _outputs[count] = value
     except BaseException as e:
+        error = e
         if _state["result"] is not None:
             # The result was made before the failure: it goes out before the error.
             _publish("execute_result", _state["result"])
@@ -733,6 +767,12 @@ def _execute(req):
                 if _state.get("after_error") is not None:
                     _state["after_error"](e)
         status = dict(content, status="error")
+    if shell is not None:
+        shell.events.trigger("post_execute")
+        if not silent:
+            result = ExecutionResult(info)
+            result.execution_count, result.result, result.error_in_exec = count, value, error
+            shell.events.trigger("post_run_cell", result)
     status["user_expressions"] = _user_expressions(req.get("user_expressions"))
     status["payload"] = _state["payload"]
     return status

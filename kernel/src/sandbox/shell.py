@@ -542,7 +542,7 @@ def _sh_names():
     return ", ".join(sorted(_SH_COMMANDS))
 
 
-def _shell(line):
+def _sh_main(line):
     """`!cmd`: runs it, printing its output as a terminal shows it; `!!cmd` returns the lines
     instead, as `x = !cmd` does."""
     if line.startswith("!"):
