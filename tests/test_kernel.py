@@ -246,8 +246,19 @@ def test_magics_and_pip_give_clear_answers(kernel):
     assert reply["status"] == "ok"
     reply, _ = kernel.execute("%pip install requests")
     assert reply["ename"] == "UsageError" and "no network" in reply["evalue"]
-    reply, _ = kernel.execute("!ls")
-    assert reply["ename"] == "UsageError"
+    # `!` runs the sandbox's own commands; a program it does not have is one clear line.
+    reply, _ = kernel.execute("!git status")
+    assert reply["ename"] == "UsageError" and "git: not available" in reply["evalue"]
+
+
+def test_what_the_image_leaves_out_says_so(kernel):
+    """scikit-learn's sample images are not in the image (and its Pillow has no JPEG codec):
+    load_sample_image says that, instead of a bare "No module named"."""
+    reply, _ = kernel.execute("from sklearn.datasets import load_sample_image\nload_sample_image('china.jpg')")
+    assert reply["ename"] == "ImportError", reply
+    assert "left out of the sandbox image" in reply["evalue"] and "JPEG" in reply["evalue"]
+    _, out = kernel.execute("from sklearn.datasets import load_iris\nload_iris().data.shape")
+    assert [m["content"]["data"]["text/plain"] for m in of_type(out, "execute_result")] == ["(150, 4)"]
 
 
 def test_restart_gives_a_fresh_interpreter(start_kernel):

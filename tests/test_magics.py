@@ -2,9 +2,16 @@
 does, and the ones the sandbox cannot have say so in one line."""
 
 import base64
+import json
+import os
+import pathlib
+import re
 import struct
+import subprocess
 
-from conftest import of_type, stdout_text
+import pytest
+
+from conftest import children, of_type, stdout_text
 
 
 def result_text(outputs):
@@ -225,8 +232,321 @@ def test_timeit_options_and_its_result_object(kernel):
 def test_a_magics_value_can_be_assigned_and_strings_are_left_alone(kernel):
     _, out = kernel.execute("as_home = %env HOME\nas_cwd = %pwd\nas_home, as_cwd")
     assert result_text(out) == ["('/tmp/home', '/workspace')"]
-    reply, _ = kernel.execute("as_files = !ls")
-    assert reply["ename"] == "UsageError" and "no processes" in reply["evalue"]
+    _, out = kernel.execute("as_files = !pwd\nas_files")
+    assert result_text(out) == ["['/workspace']"]
     # Lines that look like magics inside a string of valid Python are the string's.
     _, out = kernel.execute("as_q = '''\nvalue = %s\n%matplotlib inline\n!rm -rf x\n'''\nas_q.splitlines()")
     assert result_text(out) == ["['', 'value = %s', '%matplotlib inline', '!rm -rf x']"]
+
+
+# --- %xmode, %prun, %%file, %debug/%pdb ---------------------------------------------------------
+
+XMODE_DEFS = "def xm_f(x):\n    y = x * 2\n    return 1/(x-1)\n\ndef xm_g(a, b=3):\n    s = 'text'\n    return xm_f(a)"
+
+
+def test_xmode_gives_ipythons_traceback_shapes(start_kernel):
+    k = start_kernel()
+    defs, _ = k.execute(XMODE_DEFS)
+    d = defs["execution_count"]
+
+    def traceback_of(code):
+        reply, out = k.execute(code)
+        assert reply["status"] == "error"
+        (err,) = of_type(out, "error")
+        assert err["content"]["traceback"] == reply["traceback"]
+        return reply["execution_count"], reply["traceback"]
+
+    reply, out = k.execute("%xmode Plain")
+    assert stdout_text(out) == "Exception reporting mode: Plain\n"
+    n, tb = traceback_of("xm_g(1)")
+    assert tb == ["Traceback (most recent call last):\n",
+                  f"  Cell In[{n}], line 1\n    xm_g(1)\n",
+                  f"  Cell In[{d}], line 7 in xm_g\n    return xm_f(a)\n",
+                  f"  Cell In[{d}], line 3 in xm_f\n    return 1/(x-1)\n",
+                  "ZeroDivisionError: division by zero\n"]
+
+    k.execute("%xmode context")  # any case, as in IPython
+    n, tb = traceback_of("xm_g(1)")
+    assert tb == ["-" * 75,
+                  "ZeroDivisionError                         Traceback (most recent call last)",
+                  f"Cell In[{n}], line 1\n----> 1 xm_g(1)\n",
+                  f"Cell In[{d}], line 7, in xm_g(a, b)\n      5 def xm_g(a, b=3):\n"
+                  "      6     s = 'text'\n----> 7     return xm_f(a)\n",
+                  f"Cell In[{d}], line 3, in xm_f(x)\n      1 def xm_f(x):\n      2     y = x * 2\n"
+                  "----> 3     return 1/(x-1)\n",
+                  "ZeroDivisionError: division by zero"]
+
+    k.execute("%xmode Verbose")
+    n, tb = traceback_of("xm_g(1)")
+    assert tb[3].startswith(f"Cell In[{d}], line 7, in xm_g(a=1, b=3)\n")
+    assert tb[4] == (f"Cell In[{d}], line 3, in xm_f(x=1)\n      1 def xm_f(x):\n      2     y = x * 2\n"
+                     "----> 3     return 1/(x-1)\n        x = 1\n")
+
+    # A chain keeps its order and its joining line; the header rule comes once.
+    k.execute("%xmode Context")
+    n, tb = traceback_of("try:\n    xm_g(1)\nexcept ZeroDivisionError as e:\n    raise ValueError('wrapped') from e")
+    assert tb.count("-" * 75) == 1
+    assert tb.index("ZeroDivisionError: division by zero") < tb.index(
+        "\nThe above exception was the direct cause of the following exception:\n") < tb.index("ValueError: wrapped")
+
+    # Deep recursion is folded, not thousands of frames.
+    n, tb = traceback_of("def xm_r(n):\n    return xm_r(n + 1)\nxm_r(0)")
+    assert any("[... skipping similar frames: xm_r at line 2" in line for line in tb), tb
+    assert len(tb) < 15 and tb[-1].startswith("RecursionError")
+
+    k.execute("%xmode Minimal")
+    n, tb = traceback_of("xm_g(1)")
+    assert tb == ["ZeroDivisionError: division by zero\n"]
+    # A cell that does not compile looks the same in every mode.
+    n, tb = traceback_of("1 +")
+    assert tb == [f"  Cell In[{n}], line 1\n    1 +\n       ^\nSyntaxError: invalid syntax\n"]
+
+    reply, _ = k.execute("%xmode Loud")
+    assert reply["ename"] == "UsageError" and "Plain, Context, Verbose, Minimal" in reply["evalue"]
+
+
+def page_text(reply):
+    pages = [p for p in reply.get("payload", []) if p["source"] == "page"]
+    assert len(pages) == 1, reply.get("payload")
+    return pages[0]["data"]["text/plain"]
+
+
+def test_prun_profiles_with_ipythons_options_and_report(kernel):
+    kernel.execute("def pr_f(n):\n    return sum(i * i for i in range(n))")
+    reply, out = kernel.execute("%prun -l 3 pr_f(1000)")
+    assert reply["status"] == "ok", reply
+    text = page_text(reply)
+    assert re.match(r"^ +\d+ function calls in \d+\.\d+ seconds\n\n   Ordered by: internal time\n"
+                    r"   List reduced from \d+ to 3 due to restriction <3>\n\n"
+                    r"   ncalls  tottime  percall  cumtime  percall filename:lineno\(function\)\n", text), text
+    assert len(text.splitlines()) == 9
+    assert "(pr_f)" in kernel.execute("%prun -s cumulative pr_f(10)")[0]["payload"][0]["data"]["text/plain"]
+
+    # As a cell magic; -q shows nothing, -r returns the pstats.Stats, -T and -D write files.
+    reply, out = kernel.execute("%%prun -q -r -T pr_report.txt -D pr_stats.bin\npr_f(10)\npr_f(20)")
+    assert reply["status"] == "ok" and not reply["payload"], reply
+    assert stdout_text(out) == ("\n*** Profile stats marshalled to file 'pr_stats.bin'.\n"
+                                "\n*** Profile printout saved to text file 'pr_report.txt'.\n")
+    assert "function calls" in (kernel.workspace / "pr_report.txt").read_text()
+    assert (kernel.workspace / "pr_stats.bin").stat().st_size > 0
+    _, out = kernel.execute("pr_stats = %prun -q -r pr_f(5)\ntype(pr_stats).__module__, pr_stats.total_calls > 3")
+    assert result_text(out) == ["('pstats', True)"]
+
+    reply, _ = kernel.execute("%prun -s bogus pr_f(1)")
+    assert reply["ename"] == "UsageError" and "'bogus'" in reply["evalue"] and "cumulative" in reply["evalue"]
+    reply, _ = kernel.execute("%prun -z pr_f(1)")
+    assert reply["ename"] == "UsageError" and "-z" in reply["evalue"]
+    reply, _ = kernel.execute("%prun 1/0")
+    assert reply["ename"] == "ZeroDivisionError"
+
+
+def test_file_is_writefiles_alias(kernel):
+    reply, out = kernel.execute("%%file fa_note.txt\nfirst line")
+    assert reply["status"] == "ok" and stdout_text(out) == "Writing fa_note.txt\n"
+    assert (kernel.workspace / "fa_note.txt").read_text() == "first line\n"
+
+
+def test_debug_and_pdb_talk_through_input_requests(start_kernel):
+    k = start_kernel()
+    defs, _ = k.execute("def db_f(x):\n    y = x * 2\n    return 1/(x-1)")
+    d = defs["execution_count"]
+    _, out = k.execute("%debug", allow_stdin=True)
+    assert "No traceback has been produced" in stdout_text(out, "stderr")
+    reply, _ = k.execute("db_f(1)")
+    assert reply["ename"] == "ZeroDivisionError"
+
+    def answering(*answers):
+        prompts, left = [], list(answers)
+
+        def answer(req):
+            prompts.append(req["content"]["prompt"])
+            return left.pop(0) if left else "q"
+        return prompts, answer
+
+    prompts, answer = answering("p y", "p x + 40", "up", "q")
+    reply, out = k.collect(k.kc.execute("%debug", allow_stdin=True), stdin=answer)
+    assert reply["status"] == "ok", reply
+    text = stdout_text(out)
+    assert prompts == ["ipdb> "] * 4
+    assert f"<cell-{d}>(3)db_f()" in text and "-> return 1/(x-1)" in text, text
+    assert "\n2\n" in text and "\n41\n" in text, text
+
+    # The frontend cannot answer: a clear error, no hang.
+    reply, _ = k.execute("%debug", allow_stdin=False)
+    assert reply["ename"] == "UsageError" and "input" in reply["evalue"]
+
+    _, out = k.execute("%pdb on")
+    assert stdout_text(out) == "Automatic pdb calling has been turned ON\n"
+    prompts, answer = answering("p x * 100", "q")
+    reply, out = k.collect(k.kc.execute("db_f(1)", allow_stdin=True), stdin=answer)
+    assert reply["ename"] == "ZeroDivisionError" and prompts == ["ipdb> "] * 2
+    assert "\n100\n" in stdout_text(out)
+    _, out = k.execute("%pdb")
+    assert stdout_text(out) == "Automatic pdb calling has been turned OFF\n"
+    reply, _ = k.collect(k.kc.execute("db_f(1)", allow_stdin=True), stdin=lambda req: pytest.fail("asked"))
+    assert reply["ename"] == "ZeroDivisionError"
+    # The kernel goes on.
+    _, out = k.execute("db_f(3)")
+    assert result_text(out) == ["0.5"]
+
+
+# --- !cmd: the shell commands, inside the sandbox ------------------------------------------------
+
+def make_files(ws):
+    (ws / "data.csv").write_text("a,b\n1,2\n3,4\n5,6\n7,8\n")
+    (ws / "sub").mkdir()
+    (ws / "sub" / "f.txt").write_text("x")
+    (ws / "z.bin").write_bytes(b"\0" * 5000)
+    (ws / "my file.txt").write_text("hello world\nfoo  bar baz\n")
+    (ws / "nums.txt").write_text("".join(f"{i}\n" for i in range(1, 101)))
+    (ws / ".hidden").write_text("")
+    for i in range(1, 13):
+        (ws / f"f_{i}.png").write_bytes(b"0" * (i * 700))
+
+
+def test_shell_commands_run_inside_the_sandbox(start_kernel):
+    k = start_kernel()
+    ws = k.workspace
+    make_files(ws)
+    _, out = k.execute("!head -4 data.csv")
+    assert stdout_text(out) == "a,b\n1,2\n3,4\n5,6\n"
+    _, out = k.execute("!cat data.csv | wc -l")
+    assert stdout_text(out) == "5\n"
+    _, out = k.execute("!ls sub data.csv")
+    assert stdout_text(out) == "data.csv\n\nsub:\nf.txt\n"
+    reply, out = k.execute("!ls nope\n_exit_code")
+    assert stdout_text(out) == "ls: cannot access 'nope': No such file or directory\n"
+    assert result_text(out) == ["2"]
+    _, out = k.execute("!echo made here > sh_made.txt && cat sh_made.txt")
+    assert stdout_text(out) == "made here\n" and (ws / "sh_made.txt").read_text() == "made here\n"
+    # IPython's expansion of the notebook's variables: $name and {expression}.
+    _, out = k.execute("sh_n = 2\n!head -n $sh_n nums.txt; tail -n {sh_n + 1} nums.txt")
+    assert stdout_text(out) == "1\n2\n98\n99\n100\n"
+    _, out = k.execute("def sh_first(name):\n    !head -1 {name}\nsh_first('data.csv')")  # a function's names too
+    assert stdout_text(out) == "a,b\n"
+
+    # x = !cmd: the lines, as a pipe gives them (one name per line), with SList's helpers.
+    _, out = k.execute("sh_files = !ls *.csv sub\nprint(type(sh_files).__name__, sh_files, repr(sh_files.n), sh_files.s)")
+    assert stdout_text(out) == "SList ['data.csv', '', 'sub:', 'f.txt'] 'data.csv\\n\\nsub:\\nf.txt' data.csv  sub: f.txt\n"
+    _, out = k.execute("sh_l = !ls -l data.csv nums.txt\nsh_l.fields(4), sh_l.grep('NUMS').fields(-1)")
+    assert result_text(out) == ["(['20', '292'], ['nums.txt'])"]
+    _, out = k.execute("%sx wc -l nums.txt")
+    assert result_text(out) == ["['100 nums.txt']"]
+    _, out = k.execute("%ls sub")
+    assert stdout_text(out) == "f.txt\n"
+    # What scripts exported from notebooks call.
+    _, out = k.execute("get_ipython().system('head -1 data.csv')\nget_ipython().getoutput('wc -l nums.txt')")
+    assert stdout_text(out) == "a,b\n" and result_text(out) == ["['100 nums.txt']"]
+
+    # Only these commands; anything else is a UsageError before anything runs.
+    reply, out = k.execute("!mkdir sh_never && pip install requests")
+    assert reply["ename"] == "UsageError"
+    assert "pip: not available" in reply["evalue"] and "ls" in reply["evalue"] and "Linux tier" in reply["evalue"]
+    assert not (ws / "sh_never").exists()
+    reply, _ = k.execute("!echo $(whoami)")
+    assert reply["ename"] == "UsageError" and "command substitution" in reply["evalue"]
+    # No process was started on the host for any of this.
+    assert children(k.km.provisioner.pid) == {}
+
+
+def gnu_coreutils_9():
+    try:
+        text = subprocess.run(["ls", "--version"], capture_output=True, text=True).stdout
+    except OSError:
+        return False
+    m = re.search(r"GNU coreutils\) (\d+)", text)
+    return bool(m) and int(m.group(1)) >= 9
+
+
+def run_gnu(command, cwd, tty):
+    """What GNU coreutils print for `command` in `cwd` (as the sandbox's locale: C.UTF-8, UTC), on
+    an 80-column terminal as Jupyter's `!cmd` has, or on a pipe."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "TZ": "UTC", "HOME": "/tmp/home"}
+    if not tty:
+        p = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return p.stdout.decode()
+    import fcntl
+    import pty
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    p = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=follower,
+                         stderr=follower, close_fds=True)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    p.wait(timeout=30)
+    os.close(leader)
+    return out.decode().replace("\r\n", "\n")
+
+
+def same_owner(text):
+    """The sandbox has no users: ls -l names the owner and group `user`."""
+    return re.sub(r"^([-dl][-rwx]{9} +\d+) +\S+ +\S+ ", r"\1 user user ", text, flags=re.M)
+
+
+GNU_CHECKED = [
+    "ls", "ls -a", "ls -A", "ls -1", "ls -F", "ls -l", "ls -lh", "ls -lhS", "ls -lt", "ls -s", "ls -lh *.png",
+    "ls *.png", "ls -d sub", "ls sub data.csv", "ls nope sub", "ls -R", "ls -r", "ls -x", "ls *.nothing", "ls -z",
+    "cat -n data.csv", "cat nope sub data.csv", "cat data.csv | wc -l", "head -2 data.csv sub/f.txt", "head -n -97 nums.txt",
+    "head -c 5 data.csv", "head -n x data.csv", "head sub", "tail -n 2 data.csv", "tail -3 nums.txt", "tail -n +98 nums.txt",
+    "tail -n 2 nope data.csv", "tail -c 5 nums.txt", "wc data.csv", "wc -l data.csv", "wc data.csv z.bin nums.txt",
+    "wc nope data.csv", "wc < data.csv", "cat data.csv | wc", "wc sub", "wc -w 'my file.txt'", "ls | wc -l",
+    "echo -e 'a\\tb'", "echo -n a; echo b", "mkdir sub", "mkdir a/b", "mkdir -pv a/b/c && rm -rv a", "rm nope", "rm sub",
+    "cp nope x", "cp sub x", "cp -v data.csv c.csv && mv -v c.csv d.csv && rm -v d.csv", "cp data.csv data.csv",
+    "rm -r /", "ls nope 2>&1 | wc -l", "false || echo fallback", "touch t.txt && ls t.txt && rm t.txt",
+]
+
+
+@pytest.mark.skipif(not gnu_coreutils_9(), reason="needs GNU coreutils 9 on the host to compare with")
+def test_shell_commands_print_what_gnu_coreutils_print(start_kernel):
+    """Each command's output, through jupyter_client, against GNU coreutils run on the same
+    folder: on a terminal (`!cmd`) and on a pipe (`x = !cmd`)."""
+    k = start_kernel()
+    make_files(k.workspace)
+    k.execute("import json")
+    differences = []
+    for command in GNU_CHECKED:
+        for tty in (True, False):
+            code = f"!{command}" if tty else f"sh_out = !{command}\nprint(json.dumps(sh_out.n))"
+            reply, out = k.execute(code)
+            assert reply["status"] == "ok", (command, reply)
+            got = stdout_text(out) if tty else json.loads(stdout_text(out))
+            want = run_gnu(command, k.workspace, tty)
+            if not tty:
+                want = "\n".join(want.splitlines())
+            if same_owner(got) != same_owner(want):
+                differences.append(f"{'!' if tty else 'x = !'}{command}\n--- sandbox:\n{got}--- GNU:\n{want}")
+    assert not differences, "\n\n".join(differences)
+
+
+def test_guest_modules_do_not_redefine_each_others_names():
+    """The guest modules (magics.py, shell.py, ...) run in the driver's globals: a top-level name
+    defined twice silently replaces the first (shell.py's entry point once replaced the driver's
+    `_shell`, and every cell after the first `!` failed)."""
+    import ast
+    here = pathlib.Path(__file__).resolve().parent.parent / "kernel" / "src" / "sandbox"
+
+    def top_level(path):
+        names = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        return names
+
+    files = sorted(here.glob("*.py"))
+    assert len(files) >= 3
+    seen = {}
+    for path in files:
+        for name in top_level(path):
+            assert name not in seen, f"{name} is defined in {seen.get(name)} and in {path.name}"
+            seen[name] = path.name

@@ -1,11 +1,13 @@
 """Every notebook in notebooks/ runs end to end: the plain ones with nbclient straight on the
-sandgate-python kernel; the ones that need the gateway (`%%ask`, metadata `sandgate.needs_gateway`)
+sandgate-python kernel, in a copy of the notebooks folder (its data files beside them, as Jupyter
+runs a notebook in its own folder); the ones that need the gateway (`%%ask`, metadata `sandgate.needs_gateway`)
 through a real `jupyter lab --gateway-url=...` in front of Sandgate, with the model played by the
 local fake provider. Executed copies go to tests/artifacts/."""
 
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import nbclient
@@ -27,11 +29,44 @@ DIRECT = [p for p in NOTEBOOKS if not needs_gateway(p)]
 THROUGH_GATEWAY = [p for p in NOTEBOOKS if needs_gateway(p)]
 
 
+KERNEL_NAME = os.environ.get("SANDGATE_KERNEL_NAME", "sandgate-python")
+
+
+def notebook_folder(tmp_path):
+    """A copy of notebooks/ (notebooks and their data), where a test runs them."""
+    folder = tmp_path / "notebooks"
+    shutil.copytree(ROOT / "notebooks", folder)
+    return folder
+
+
+def cell_text(cell):
+    return "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+
+
+def check_births(nb, folder):
+    """What births-by-decade.ipynb shows: the data beside it, read through `!` and pandas."""
+    by_source = {c.source.splitlines()[0]: c for c in nb.cells if c.cell_type == "code"}
+    assert cell_text(by_source["!ls data | wc -l"]) == "1\n"
+    assert cell_text(by_source["!head -4 data/births.csv"]) == (
+        "year,month,gender,births\n1969,1,F,133528\n1969,1,M,136307\n1969,2,F,134479\n")
+    assert cell_text(by_source["!wc -l data/births.csv"]) == "241 data/births.csv\n"
+    assert "<table" in by_source["import pandas as pd"].outputs[0]["data"]["text/html"]
+    assert cell_text(by_source["%%file decades.py"]) == "Writing decades.py\n"
+    assert (folder / "decades.py").read_text().startswith("def by_decade(df):")
+    assert "1970" in by_source["from decades import by_decade"].outputs[0]["data"]["text/html"]
+    profile = cell_text(by_source["stats = %prun -q -r by_decade(births)"])
+    assert "Ordered by: cumulative time" in profile and "by_decade" in profile, profile
+    assert cell_text(by_source["!mkdir -p out"]) == "by_decade.csv\n"
+    assert (folder / "out" / "by_decade.csv").read_text().startswith("decade,F,M\n")
+    assert cell_text(by_source["written = !cat out/by_decade.csv"]).startswith("['decade,F,M',")
+
+
 @pytest.mark.parametrize("path", DIRECT, ids=[p.name for p in DIRECT])
 def test_notebook_runs(path, tmp_path):
+    folder = notebook_folder(tmp_path)
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, kernel_name=os.environ.get("SANDGATE_KERNEL_NAME", "sandgate-python"),
-                                     timeout=180, resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=180,
+                                     resources={"metadata": {"path": str(folder)}})
     client.execute()
     ARTIFACTS.mkdir(exist_ok=True)
     nbformat.write(nb, ARTIFACTS / path.name)
@@ -41,6 +76,58 @@ def test_notebook_runs(path, tmp_path):
         assert any("<table" in o.get("data", {}).get("text/html", "") for o in outputs)
         assert any("image/png" in o.get("data", {}) for o in outputs)
         assert any("extra units per month" in o.get("text", "") for o in outputs)
+    if path.name == "births-by-decade.ipynb":
+        check_births(nb, folder)
+
+
+def test_tutorial_notebook_runs_with_papermill_in_its_folder(tmp_path):
+    """papermill, as people run notebooks in batch: the kernel started in the notebook's folder
+    (papermill's `cwd`) has that folder as /workspace."""
+    import papermill
+    folder = notebook_folder(tmp_path)
+    output = tmp_path / "births-out.ipynb"
+    papermill.execute_notebook(str(folder / "births-by-decade.ipynb"), str(output), kernel_name=KERNEL_NAME,
+                               cwd=str(folder), progress_bar=False, execution_timeout=180)
+    check_births(nbformat.read(output, as_version=4), folder)
+
+
+def test_the_kernel_works_in_the_notebooks_folder(tmp_path):
+    """Started by Jupyter in a notebook's folder, the kernel sees that folder, writable, as its
+    /workspace and working directory (it used to see Sandgate's own workspace folder)."""
+    folder = notebook_folder(tmp_path)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os\nopen('made-by-the-kernel.txt', 'w').write('hi')\n"
+        "os.getcwd(), open('data/births.csv').readline()")])
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=60,
+                                     resources={"metadata": {"path": str(folder)}})
+    client.execute()
+    assert nb.cells[0].outputs[0]["data"]["text/plain"] == "('/workspace', 'year,month,gender,births\\n')"
+    assert (folder / "made-by-the-kernel.txt").read_text() == "hi"
+
+
+def test_the_kernel_refuses_to_hand_over_the_home_folder(tmp_path, capfd):
+    """Started by Jupyter in $HOME (or /, or a system folder) the kernel refuses to start, and
+    says which setting chooses another folder; SANDGATE_WORKSPACE does."""
+    home = pathlib.Path(os.path.expanduser("~")).resolve()
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nsorted(os.listdir('.'))[:3]")])
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=60, startup_timeout=60,
+                                     resources={"metadata": {"path": str(home)}})
+    with pytest.raises(RuntimeError):  # nbclient's DeadKernelError, or "Kernel died before replying"
+        client.execute()
+    import atexit
+    atexit.unregister(client._cleanup_kernel)  # nbclient's own would find no kernel to stop
+    err = capfd.readouterr().err
+    assert f"refusing to use {home} as the sandbox's /workspace" in err, err
+    assert "--workspace DIR" in err and "SANDGATE_WORKSPACE=DIR" in err, err
+
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    (chosen / "only-here.txt").write_text("x")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os\nos.listdir('.')")])
+    client = nbclient.NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=60,
+                                     resources={"metadata": {"path": str(home)}})
+    client.execute(env={**os.environ, "SANDGATE_WORKSPACE": str(chosen)})
+    assert nb.cells[0].outputs[0]["data"]["text/plain"] == "['only-here.txt']"
 
 
 # What the fake model answers, in order, for each gateway notebook's %%ask cells.

@@ -11,6 +11,17 @@ SANDGATE_HOME defaults to $XDG_DATA_HOME/sandgate or ~/.local/share/sandgate):
     DEST/mpl-data/                 matplotlib's data, extracted from the zip
     DEST/image.json                what was verified (written last)
 
+What the image leaves out of the scientific stack: the packages' sample data sets that are
+not in the wheel's zip. scikit-learn's bundled tables (`load_iris`, `load_digits`,
+`load_diabetes`, `load_breast_cancer`, `load_wine`, `load_linnerud`) are there; its sample
+images (`sklearn.datasets.images`: `load_sample_image("china.jpg")`, `load_sample_images()`)
+are not, and could not be used if they were: they are JPEGs, and the image's Pillow is built
+without a JPEG codec (zlib only: PNG reads and writes, JPEG, JPEG 2000 and TIFF do not). The
+kernel's driver answers their import with an error that says so. Data sets
+fetched from the network (`fetch_openml`, `fetch_california_housing`, seaborn's
+`load_dataset`, ...) cannot be fetched: the sandbox has no network; put the file in the
+workspace instead.
+
 Idempotent: an image whose image.json matches the pins is left alone. The unpacked folder
 appears atomically (built beside DEST, then renamed), so an interrupted fetch leaves nothing
 half-made. Needs only Python 3.8+ and pip.

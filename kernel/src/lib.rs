@@ -11,6 +11,7 @@
 //! - [`image`]: the sandbox image: fetching, SHA-256 pins, the compiled-module cache.
 //! - [`kernelspec`]: `sandgate-kernel install`, the kernelspec Jupyter finds.
 //! - [`harden`]: the second wall: rlimits, no_new_privs, an empty network namespace, seccomp.
+//! - [`workspace`]: which host folder the standalone kernel hands the guest as `/workspace`.
 //!
 //! The binary (`main.rs`) reads the command line and environment, builds a
 //! [`server::KernelConfig`] and calls [`server::run`].
@@ -20,3 +21,4 @@ pub mod image;
 pub mod kernelspec;
 pub mod sandbox;
 pub mod server;
+pub mod workspace;

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use sandgate_kernel::image::{self, Fetch};
 use sandgate_kernel::sandbox::{Limits, SandboxConfig};
-use sandgate_kernel::{kernelspec, server};
+use sandgate_kernel::{kernelspec, server, workspace};
 
 /// A Jupyter kernel whose Python runs in a wasmtime sandbox: no network, no host files but
 /// /workspace, capped memory, time and output.
@@ -30,13 +30,16 @@ struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct RunArgs {
-    /// Sandgate's data folder (image, compiled-module cache, default workspace).
+    /// Sandgate's data folder (image, compiled-module cache).
     /// Default: $SANDGATE_HOME, else $XDG_DATA_HOME/sandgate, else ~/.local/share/sandgate.
     #[arg(long, global = true)]
     home: Option<PathBuf>,
 
-    /// Host folder the guest sees, writable, at /workspace. Default: HOME/workspace.
-    #[arg(long)]
+    /// Host folder the guest sees, writable, at /workspace. Default: the folder the kernel is
+    /// started in (Jupyter starts it in the notebook's folder), unless that is `/`, a folder
+    /// holding your home or the temporary folder, or a system folder (then the kernel refuses
+    /// to start and says why).
+    #[arg(long, env = "SANDGATE_WORKSPACE")]
     workspace: Option<PathBuf>,
 
     /// The guest's memory cap, in MiB (past it: MemoryError).
@@ -260,14 +263,15 @@ fn main() -> Result<()> {
                 .with_context(|| format!("cannot read the connection file {}", file.display()))?;
             let connection: jupyter_protocol::ConnectionInfo = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a valid connection file", file.display()))?;
+            // Before the image: a refused folder is said at once, not after a first compile.
+            let cwd = std::env::current_dir()
+                .context("cannot read the working directory (the default workspace)")?;
+            let workspace = workspace::choose(
+                cli.run.workspace.as_deref(),
+                &cwd,
+                &workspace::Protected::from_env(&home),
+            )?;
             let image = image::prepare(&home, &limits, fetch, &progress)?;
-            let workspace = cli
-                .run
-                .workspace
-                .clone()
-                .unwrap_or_else(|| home.join("workspace"));
-            std::fs::create_dir_all(&workspace)
-                .with_context(|| format!("cannot create the workspace {}", workspace.display()))?;
             let config = server::KernelConfig {
                 connection,
                 sandbox: SandboxConfig {

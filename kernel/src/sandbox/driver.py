@@ -314,6 +314,25 @@ class _InlineBackendFinder:
 sys.meta_path.append(_InlineBackendFinder)
 
 
+class _LeftOutFinder:
+    """Modules the image leaves out (see images/python-wasi/fetch.py), named in an error that
+    says so, instead of a bare "No module named". Last on `sys.meta_path`: only asked for what
+    nothing else found."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "sklearn.datasets.images":
+            raise ImportError(
+                "scikit-learn's sample images (sklearn.datasets.images, which "
+                "load_sample_image and load_sample_images read) are left out of the sandbox "
+                "image, whose Pillow cannot decode JPEG; a PNG beside the notebook can be read "
+                "with matplotlib.pyplot.imread or PIL.Image.open", name=name)
+        return None
+
+
+sys.meta_path.append(_LeftOutFinder)
+
+
 class _Object:
     """Base of the IPython.display stand-ins: `data` shown under one MIME type."""
 
@@ -500,9 +519,10 @@ def _figure_bundle(fig):
 _autoreload = {"mode": 0, "loaded": False, "only": set(), "stamps": {}}
 
 
-def _magic_call(kind, name, rest):
-    """The call a `%name rest` or `!cmd` line becomes."""
-    name, rest = ("!", name + rest) if kind == "!" else (name, rest)
+def _magic_call(kind, name, rest, assigned=False):
+    """The call a `%name rest` or `!cmd` line becomes (`x = !cmd` gets the output's lines, as
+    `!!cmd` does)."""
+    name, rest = ("!", ("!" if assigned else "") + name + rest) if kind == "!" else (name, rest)
     return f"__import__('sys').modules['_sandgate'].magic({name!r}, {rest!r})"
 
 
@@ -527,7 +547,7 @@ def _transform(source):
         m = _MAGIC_ASSIGN.match(line)
         if m and (m.group(3) == "!" or m.group(4)):
             indent, targets, kind, name, rest = m.groups()
-            out.append(f"{indent}{targets} = {_magic_call(kind, name, rest)}")
+            out.append(f"{indent}{targets} = {_magic_call(kind, name, rest, assigned=True)}")
             continue
         m = _MAGIC_LINE.match(line)
         if m and (m.group(2) == "!" or m.group(4)) and not m.group(3):
@@ -554,7 +574,8 @@ def _load(name):
 
 def magic(name, args, body=None):
     if name == "!":
-        raise _UsageError("shell commands (!) are not available: the sandbox runs no processes.")
+        _load("shell")  # the shell commands (shell.py), also handed over on first use
+        return _sh_main(args)
     _load("magics")
     return _magic(name, args, body)
 
@@ -818,8 +839,9 @@ def _error_content(e, count):
     if isinstance(e, _UsageError):
         # A misused magic is the user's line, not a failure inside: no traceback, as in IPython.
         return {"ename": name, "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
-    return {"ename": name, "evalue": evalue,
-            "traceback": _format_traceback(e)}
+    # `%xmode` (magics.py) puts its formatter in `_state`.
+    formatter = _state.get("format_traceback") or _format_traceback
+    return {"ename": name, "evalue": evalue, "traceback": formatter(e)}
 
 
 def _user_expressions(expressions):
@@ -899,6 +921,12 @@ def _execute(req):
         content = _error_content(e, count)
         if not silent:
             _publish("error", content)
+            if not isinstance(e, _UsageError):
+                # For `%debug`, as in IPython; and `%pdb on` (magics.py) debugs it now.
+                sys.last_exc, sys.last_type, sys.last_value = e, type(e), e
+                sys.last_traceback = e.__traceback__
+                if _state.get("after_error") is not None:
+                    _state["after_error"](e)
         status = dict(content, status="error")
     if shell is not None:
         shell.events.trigger("post_execute")

@@ -282,7 +282,9 @@ class ZMQInteractiveShell:
         return magic("!", cmd)
 
     def getoutput(self, cmd, split=True, depth=0):
-        return magic("!", cmd)
+        """The output's lines (an SList), as `x = !cmd`; with `split=False`, one string."""
+        lines = magic("!", "!" + cmd)
+        return lines if split else lines.n
 
     # -- code and names ------------------------------------------------------------------------
 

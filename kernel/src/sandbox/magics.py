@@ -363,6 +363,34 @@ def _cd(args):
     return None
 
 
+# ---------------------------------------------------------------------------------------------
+# %xmode, %prun, %debug and %pdb live in debugging.py, handed over when one is first used.
+
+
+def _from(module, name):
+    """A magic whose code is in the guest module `module` (loaded on its first use)."""
+    def run(*args):
+        _load(module)
+        return globals()[name](*args)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Shell commands through magics: %sx, %system, and IPython's aliases (%ls, %cat, ...).
+
+
+def _shell_output(args):
+    _load("shell")
+    return _sh_getoutput(args)
+
+
+def _alias(command):
+    def run(args):
+        _load("shell")
+        return _sh_system(f"{command} {args}".strip())
+    return run
+
+
 _LINE_MAGICS = {
     "matplotlib": _matplotlib,
     "pylab": _pylab,
@@ -378,6 +406,20 @@ _LINE_MAGICS = {
     "timeit": _timeit,
     "pwd": lambda args: os.getcwd(),
     "cd": _cd,
+    "xmode": _from("debugging", "_xmode"),
+    "prun": _from("debugging", "_prun"),
+    "debug": _from("debugging", "_debug"),
+    "pdb": _from("debugging", "_pdb"),
+    "sx": _shell_output,
+    "system": _shell_output,
+    "ls": _alias("ls -F"),
+    "ll": _alias("ls -F -o"),
+    "cat": _alias("cat"),
+    "cp": _alias("cp"),
+    "mv": _alias("mv"),
+    "rm": _alias("rm"),
+    "mkdir": _alias("mkdir"),
+    "rmdir": _alias("rmdir"),
     "who": _who,
     "whos": _who,
     "lsmagic": lambda args: print(
@@ -472,6 +514,9 @@ _CELL_MAGICS = {
     "timeit": _timeit,
     "capture": _capture,
     "writefile": _writefile,
+    "file": _writefile,
+    "prun": _from("debugging", "_prun"),
+    "debug": _from("debugging", "_debug"),
     "html": _shows("text/html"),
     "HTML": _shows("text/html"),
     "markdown": _shows("text/markdown"),
@@ -481,6 +526,8 @@ _CELL_MAGICS = {
     "js": _shows("application/javascript"),
 }
 _NO_PROCESSES = {"bash", "sh", "script", "system", "sx", "perl", "ruby", "python3", "pypy"}
+_SHELL_HINT = ("; `!` runs ls, cat, head, tail, wc, mkdir, rm, cp, mv, pwd and echo inside the "
+               "sandbox")
 
 
 def _magic(name, args, body=None):
@@ -498,7 +545,8 @@ def _magic(name, args, body=None):
         if handler is not None:
             return handler(args.strip(), body)
         if name in _NO_PROCESSES:
-            raise _UsageError(f"%%{name} is not available: the sandbox runs no processes.")
+            raise _UsageError(f"%%{name} is not available: the sandbox runs no processes"
+                              f"{_SHELL_HINT}.")
         raise _UsageError(f"Cell magic `%%{name}` not found (Sandgate has "
                           f"{', '.join('%%' + n for n in sorted(_CELL_MAGICS))}).")
     handler = _LINE_MAGICS.get(name)

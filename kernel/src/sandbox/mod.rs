@@ -70,10 +70,14 @@ const DRIVER: &str = include_str!("driver.py");
 /// Parts of the driver sent only when a cell first needs them (most kernels never do, and
 /// compiling them at every start would slow every start), by name (the door's `source` op):
 /// - `magics`: IPython's magics (`%config`, `%autoreload`, `%%capture`, ...);
-/// - `ipython`: the shell `get_ipython()` returns.
+/// - `ipython`: the shell `get_ipython()` returns;
+/// - `shell`: the shell commands `!cmd` runs inside the sandbox (`ls`, `head`, `wc`, ...);
+/// - `debugging`: `%xmode`, `%prun`, `%debug` and `%pdb`.
 const GUEST_MODULES: &[(&str, &str)] = &[
     ("magics", include_str!("magics.py")),
     ("ipython", include_str!("ipython.py")),
+    ("shell", include_str!("shell.py")),
+    ("debugging", include_str!("debugging.py")),
 ];
 
 /// The source of the guest module `name` (see [`GUEST_MODULES`]).
