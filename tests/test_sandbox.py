@@ -194,6 +194,30 @@ def test_a_long_chain_of_exceptions_is_shown_by_its_ends(start_kernel):
     assert result(out) == "'kept'"
 
 
+@pytest.mark.parametrize("mode", ["Plain", "Context", "Verbose", "Minimal"])
+def test_every_xmode_shape_is_bounded_the_same_way(start_kernel, mode):
+    """`%xmode`'s shapes go through the same cut and release as the default one."""
+    k = start_kernel()
+    reply, _ = k.execute(f"%xmode {mode}")
+    assert reply["status"] == "ok", reply
+    k.execute("before = 'kept'")
+    for code, ename, note in (
+            (DEEP["mutual"], "RecursionError", r"\[\.\.\. \d{6} frames skipped \.\.\.\]"),
+            ("e = KeyError('root')\nfor i in range(100000):\n    e, e.__cause__ = ValueError(i), e\nraise e",
+             "ValueError", r"\[\.\.\. 99981 more exceptions of the chain skipped \.\.\.\]")):
+        t0 = time.monotonic()
+        reply, _ = k.execute(code, timeout=60)
+        assert reply["ename"] == ename, reply
+        assert time.monotonic() - t0 < 20
+        text = "".join(reply["traceback"])
+        assert len(text) < 200_000
+        if mode != "Minimal":
+            assert re.search(note, text), text[-3000:]
+        assert "<sandgate:" not in text and "_ChainSkipped" not in text
+        reply, out = k.execute("before")
+        assert result(out) == "'kept'"
+
+
 def test_native_stack_overflow_restarts_the_interpreter_with_a_clear_error(start_kernel):
     k = start_kernel()
     k.execute("import sys\nsys.setrecursionlimit(10**7)\nnested = []\nfor _ in range(10**6):\n    nested = [nested]")

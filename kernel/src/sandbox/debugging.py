@@ -53,6 +53,21 @@ def _frames(tb):
     (None, (name, line, count)) after their first `_TB_REPEATS` frames."""
     out, run = [], []
     while tb is not None:
+        note = _cut_note(tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+        if note is not None and run and tb.tb_frame.f_code.co_filename == "<sandgate: repeated>":
+            # The driver's cut kept the run's first frames: folded as IPython writes it.
+            (code, line), frames = run[0][0], [(t.tb_frame, t.tb_lineno) for _, t in run]
+            hidden = len(frames) - _TB_REPEATS + tb.tb_lineno
+            out += frames[:_TB_REPEATS] + [(None, (code.co_name, line, hidden))]
+            run = []
+            tb = tb.tb_next
+            continue
+        if note is not None:
+            out += _fold(run)
+            out.append((None, note))
+            run = []
+            tb = tb.tb_next
+            continue
         key = (tb.tb_frame.f_code, tb.tb_lineno)
         if run and run[-1][0] == key:
             run.append((key, tb))
@@ -163,13 +178,10 @@ def _exception_line(exc):
 
 
 def _format_traceback_xmode(e):
-    """Traceback lines for `e` in the mode `%xmode` chose."""
+    """Traceback lines for `e` in the mode `%xmode` chose (the driver calls it through
+    `_formatted`, which has dropped the driver's frames and cut what is too long)."""
     mode = _state.get("xmode") or "Context"
-    if isinstance(e, KeyboardInterrupt):
-        e.__suppress_context__ = True  # what the interrupted code was handling is not news
     chain = _chain(e)
-    for exc, _ in chain:
-        exc.__traceback__ = _user_frames(exc.__traceback__)
     if isinstance(e, SyntaxError) and re.fullmatch(r"<cell-\d+>", str(e.filename)):
         # The cell itself did not compile: one shape in all modes, as in IPython.
         text = re.sub(r'File "<cell-(\d+)>", line (\d+)', r"Cell In[\1], line \2",
@@ -181,6 +193,11 @@ def _format_traceback_xmode(e):
     if mode != "Plain":
         out.append("-" * _TB_WIDTH)
     for exc, joiner in chain:
+        if isinstance(exc, _ChainSkipped):
+            out.append(_chain_skipped_note(exc) + "\n")
+            if joiner is not None:
+                out.append(joiner)
+            continue
         name = type(exc).__name__
         if mode == "Plain":
             out.append("Traceback (most recent call last):\n")
@@ -188,6 +205,9 @@ def _format_traceback_xmode(e):
             out.append(name + "Traceback (most recent call last)".rjust(_TB_WIDTH - len(name)))
         for frame, lineno in _frames(exc.__traceback__):
             if frame is None:
+                if isinstance(lineno, str):  # a note of the driver's `_cut`
+                    out.append(f"    {lineno}\n")
+                    continue
                 fname, line, count = lineno
                 out.append(f"    [... skipping similar frames: {fname} at line {line} "
                            f"({count} times)]\n")

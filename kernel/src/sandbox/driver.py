@@ -791,16 +791,25 @@ def _release(chain, cut):
         release.pop()
 
 
-def _cut_note(m):
-    count = int(m.group(2))
-    if m.group(1) == "repeated":
-        return f"  [Previous line repeated {count} more time{'s' if count > 1 else ''}]\n"
-    return f"  [... {count} frames skipped ...]\n"
+def _cut_note(filename, count):
+    """The note a marker frame of `_cut` stands for (`filename` is its code's), else None."""
+    if filename == "<sandgate: repeated>":
+        return f"[Previous line repeated {count} more time{'s' if count > 1 else ''}]"
+    if filename == "<sandgate: skipped>":
+        return f"[... {count} frames skipped ...]"
+    return None
 
 
-def _format_traceback(e):
-    """Traceback lines for `e` and its chain, user frames only, cells named like IPython, long
-    ones cut (see `_cut`)."""
+def _chain_skipped_note(exc):
+    """The line standing for the exceptions `_cut` took out of a chain, for a `_ChainSkipped`."""
+    return f"[... {exc.args[0]} more exceptions of the chain skipped ...]"
+
+
+def _formatted(formatter, e):
+    """`formatter(e)` (traceback lines) with `e`'s chain cut first and released after (see
+    `_cut` and `_release`): every traceback shape goes through here, so none takes minutes over
+    a deep recursion or loses the interpreter freeing it. A formatter shows `_cut`'s marker
+    frames with `_cut_note` and a `_ChainSkipped` with `_chain_skipped_note`."""
     chain, seen = [], set()
     link = e
     while link is not None and id(link) not in seen:
@@ -812,13 +821,25 @@ def _format_traceback(e):
         # What the interrupted code was handling is not what the user asked to see.
         e.__suppress_context__ = True
     cut = _cut(chain)
+    try:
+        return formatter(e)
+    finally:
+        if cut is not None:
+            _release(chain, cut)
+
+
+def _python_note(m):
+    return f"  {_cut_note(m.group(1), int(m.group(2)))}\n"
+
+
+def _format_traceback(e):
+    """Traceback lines for `e` and its chain as Python prints them, cells named like IPython
+    (the shape until `%xmode` picks another); call it through `_formatted`."""
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-    if cut is not None:
-        _release(chain, cut)
-        text = re.sub(r'  File "<sandgate: (repeated|skipped)>", line (\d+), in \w+\n', _cut_note,
-                      text)
-        text = re.sub(r"^_sandgate\._ChainSkipped: (\d+)$",
-                      r"[... \1 more exceptions of the chain skipped ...]", text, flags=re.M)
+    text = re.sub(r'  File "(<sandgate: (?:repeated|skipped)>)", line (\d+), in \w+\n',
+                  _python_note, text)
+    text = re.sub(r"^_sandgate\._ChainSkipped: (\d+)$",
+                  r"[... \1 more exceptions of the chain skipped ...]", text, flags=re.M)
     text = re.sub(r'File "<cell-(\d+)>", line (\d+)', r"Cell In[\1], line \2", text)
     return text.rstrip("\n").split("\n")
 
@@ -841,7 +862,7 @@ def _error_content(e, count):
         return {"ename": name, "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
     # `%xmode` (magics.py) puts its formatter in `_state`.
     formatter = _state.get("format_traceback") or _format_traceback
-    return {"ename": name, "evalue": evalue, "traceback": formatter(e)}
+    return {"ename": name, "evalue": evalue, "traceback": _formatted(formatter, e)}
 
 
 def _user_expressions(expressions):
