@@ -284,8 +284,22 @@ class KernelSocket:
         return header["msg_id"]
 
     def recv(self):
+        """The next message. The socket's timeout bounds the whole wait: the gateway's pings
+        (answered here) do not extend it."""
         import websocket
-        op, data = self.ws.recv_data()
+        timeout = self.ws.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            op, data = self.ws.recv_data(control_frame=True)
+            if op not in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                break
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise websocket.WebSocketTimeoutException(f"no message within {timeout} s")
+                self.ws.settimeout(left)
+        if timeout is not None:
+            self.ws.settimeout(timeout)
         if op == websocket.ABNF.OPCODE_BINARY and self.v1:
             channel, parts = decode_v1(data)
             msg = {"channel": channel, "header": json.loads(parts[0]), "parent_header": json.loads(parts[1]),

@@ -4,7 +4,9 @@
 //! The framing is chosen as Jupyter Server chooses it: `v1.kernel.websocket.jupyter.org` when the
 //! client offers it in `Sec-WebSocket-Protocol`, the legacy JSON protocol otherwise (which is
 //! what JupyterLab's server speaks to a gateway). A client's `session_id` query parameter names
-//! its mailbox, so a client that reconnects gets what it missed.
+//! its mailbox, so a client that reconnects gets what it missed; of several sockets of one
+//! session, the one the client speaks on takes the session's messages and the others are
+//! closed (after their requests in flight are read and sent to the kernel).
 //!
 //! A frame that cannot be decoded closes the connection with a close code and a reason that
 //! says what was wrong (1007 for undecodable bytes, 1008 for a message that breaks the protocol,
@@ -30,6 +32,9 @@ use crate::session::Kernel;
 
 /// How long a client's message may wait for a restarting kernel.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a socket the gateway closed is still read for requests sent before the client saw
+/// the close.
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 fn header_has(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
@@ -137,6 +142,39 @@ fn to_ws(frame: Frame) -> WsMessage {
     }
 }
 
+/// Decodes a client's frame and sends it to the kernel for `session`; `Err` is the close to
+/// answer with.
+async fn relay(
+    kernel: &Kernel,
+    session: &str,
+    conn: u64,
+    protocol: Protocol,
+    frame: Frame,
+) -> Result<(), WsMessage> {
+    let decoded = match frames::decode(protocol, &frame) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(kernel = %kernel.id, conn, error = %e, "refused a client message");
+            let code = match e {
+                frames::FrameError::Json(_) | frames::FrameError::Binary(_) => CloseCode::Invalid,
+                _ => CloseCode::Policy,
+            };
+            return Err(close(code, &format!("refused: {e}")));
+        }
+    };
+    kernel
+        .send_from_client(
+            session,
+            decoded.channel,
+            decoded.message,
+            Some(decoded.msg_id),
+            &decoded.msg_type,
+            SEND_TIMEOUT,
+        )
+        .await
+        .map_err(|_| close(CloseCode::Away, "the kernel is not running"))
+}
+
 /// Relays between one WebSocket client and its kernel until either side ends.
 async fn bridge(
     app: Arc<App>,
@@ -145,21 +183,34 @@ async fn bridge(
     protocol: Protocol,
     session_id: Option<String>,
 ) {
-    let mut attachment = kernel.attach(session_id.as_deref());
-    tracing::info!(kernel = %kernel.id, conn = attachment.conn, ?protocol, "client connected");
+    let attachment = kernel.attach(session_id.as_deref());
+    let conn = attachment.conn;
+    tracing::info!(kernel = %kernel.id, conn, ?protocol, "client connected");
     let (mut sink, mut stream) = ws.split();
     let mut closing = app.closing.clone();
+    let mut kicked = attachment.kicked.clone();
     let ping_every = Duration::from_secs(app.config.http.ws_ping_interval_s.max(1));
     let mut ping = tokio::time::interval(ping_every);
     ping.tick().await;
     let mut last_pong = tokio::time::Instant::now();
     let session = attachment.session.clone();
-    let ending: Option<WsMessage> = loop {
+    // How the loop ends: the close frame to send, if any, and whether the client's requests
+    // sent before it saw that close are still read (when the gateway closes a socket that
+    // worked, not one that broke the protocol).
+    let ending: Option<(WsMessage, bool)> = loop {
         tokio::select! {
-            out = attachment.rx.recv() => {
-                let Some(out) = out else { break None };
-                let frame = frames::encode(protocol, out.channel, &out.message);
-                if sink.send(to_ws(frame)).await.is_err() {
+            batch = kernel.next_batch(&attachment) => {
+                let mut batch = batch.into_iter();
+                let mut broken = false;
+                while let Some(out) = batch.next() {
+                    let frame = frames::encode(protocol, out.channel, &out.message);
+                    if sink.send(to_ws(frame)).await.is_err() {
+                        kernel.give_back(&attachment, std::iter::once(out).chain(batch).collect());
+                        broken = true;
+                        break;
+                    }
+                }
+                if broken {
                     break None;
                 }
             }
@@ -170,9 +221,9 @@ async fn bridge(
                     Some(Err(e)) => {
                         use tokio_tungstenite::tungstenite::Error as E;
                         break match e {
-                            E::Capacity(c) => Some(close(CloseCode::Size, &format!("message too large: {c}"))),
-                            E::Utf8(_) => Some(close(CloseCode::Invalid, "a text frame was not valid UTF-8")),
-                            E::Protocol(p) => Some(close(CloseCode::Protocol, &p.to_string())),
+                            E::Capacity(c) => Some((close(CloseCode::Size, &format!("message too large: {c}")), false)),
+                            E::Utf8(_) => Some((close(CloseCode::Invalid, "a text frame was not valid UTF-8"), false)),
+                            E::Protocol(p) => Some((close(CloseCode::Protocol, &p.to_string()), false)),
                             _ => None,
                         };
                     }
@@ -187,41 +238,23 @@ async fn bridge(
                     WsMessage::Ping(_) | WsMessage::Frame(_) => continue,
                     WsMessage::Close(_) => break None,
                 };
-                let decoded = match frames::decode(protocol, &frame) {
-                    Ok(d) => d,
-                    Err(e) => {
-                        tracing::warn!(kernel = %kernel.id, conn = attachment.conn, error = %e, "refused a client message");
-                        let code = match e {
-                            frames::FrameError::Json(_) | frames::FrameError::Binary(_) => CloseCode::Invalid,
-                            _ => CloseCode::Policy,
-                        };
-                        break Some(close(code, &format!("refused: {e}")));
-                    }
-                };
-                let sent = kernel
-                    .send_from_client(
-                        &session,
-                        decoded.channel,
-                        decoded.message,
-                        Some(decoded.msg_id),
-                        &decoded.msg_type,
-                        SEND_TIMEOUT,
-                    )
-                    .await;
-                if sent.is_err() {
-                    break Some(close(CloseCode::Away, "the kernel is not running"));
+                // The socket the client speaks on is the one it reads.
+                kernel.spoke(&attachment);
+                if let Err(refusal) = relay(&kernel, &session, conn, protocol, frame).await {
+                    break Some((refusal, false));
                 }
             }
-            _ = attachment.kicked.changed() => {
-                let reason = attachment.kicked.borrow().clone().unwrap_or_default();
-                break Some(close(CloseCode::Away, &reason));
+            _ = kicked.changed() => {
+                let kick = kicked.borrow().clone();
+                let (reason, drain) = kick.map(|k| (k.reason, k.drain)).unwrap_or_default();
+                break Some((close(CloseCode::Away, &reason), drain));
             }
             () = crate::until_true(&mut closing) => {
-                break Some(close(CloseCode::Away, "the gateway is shutting down"));
+                break Some((close(CloseCode::Away, "the gateway is shutting down"), false));
             }
             _ = ping.tick() => {
                 if last_pong.elapsed() > 2 * ping_every + Duration::from_secs(5) {
-                    break Some(close(CloseCode::Away, "no pong within two ping intervals"));
+                    break Some((close(CloseCode::Away, "no pong within two ping intervals"), false));
                 }
                 if sink.send(WsMessage::Ping(Bytes::new())).await.is_err() {
                     break None;
@@ -229,10 +262,46 @@ async fn bridge(
             }
         }
     };
-    if let Some(close) = ending {
+    if let Some((close, drain)) = ending {
         let _ = tokio::time::timeout(Duration::from_secs(2), sink.send(close)).await;
+        if drain {
+            drain_requests(&kernel, &session, conn, protocol, &mut stream, &mut closing).await;
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
     kernel.detach(&attachment);
-    tracing::info!(kernel = %kernel.id, conn = attachment.conn, "client disconnected");
+    tracing::info!(kernel = %kernel.id, conn, "client disconnected");
+}
+
+/// After the gateway closed a socket while its kernel stays (another socket of its session took
+/// over, or it read too slowly), reads what the client sent before it saw the close, up to its own close or
+/// [`CLOSE_DRAIN`]: requests are still sent to the kernel and answered to the session's socket
+/// in use, so none is lost to the switch.
+async fn drain_requests(
+    kernel: &Kernel,
+    session: &str,
+    conn: u64,
+    protocol: Protocol,
+    stream: &mut futures_util::stream::SplitStream<
+        WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+    >,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    let deadline = tokio::time::Instant::now() + CLOSE_DRAIN;
+    loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, stream.next()) => next,
+            () = crate::until_true(closing) => return,
+        };
+        let frame = match next {
+            Ok(Some(Ok(WsMessage::Text(t)))) => Frame::Text(t.to_string()),
+            Ok(Some(Ok(WsMessage::Binary(b)))) => Frame::Binary(b),
+            Ok(Some(Ok(WsMessage::Close(_)) | Err(_)) | None) | Err(_) => return,
+            Ok(Some(Ok(_))) => continue,
+        };
+        tracing::debug!(kernel = %kernel.id, conn, "a request on a socket being closed: sent to the kernel");
+        if relay(kernel, session, conn, protocol, frame).await.is_err() {
+            return;
+        }
+    }
 }

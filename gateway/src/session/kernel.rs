@@ -3,10 +3,13 @@
 //! them.
 //!
 //! Routing: iopub goes to every client; a reply on shell, control or stdin goes only to the
-//! client whose request is its parent (`parent_header.msg_id`). Each client has a mailbox keyed
-//! by its `session_id`; when the client disconnects, its mailbox keeps collecting (bounded, for
-//! [`DETACHED_FOR`]) so a client that reconnects with the same `session_id` gets what it missed,
-//! as Jupyter Server does.
+//! client whose request is its parent (`parent_header.msg_id`). A client is a session: its
+//! `session_id` names a mailbox, which one of the session's open sockets reads (see
+//! [`Mailbox`] for which one, when a session has several). When the session has no socket
+//! open, its mailbox keeps collecting (bounded, for [`DETACHED_FOR`]) so a client that
+//! reconnects with the same `session_id` gets what it missed, as Jupyter Server does. A request
+//! is answered to its session, whichever of the session's sockets it came on, even one being
+//! closed.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use sandgate_wire::RawMessage;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::client::{self, Channel, Process};
 
@@ -203,35 +206,209 @@ pub(crate) struct State {
     pub restarts: VecDeque<Instant>,
 }
 
-/// A client's place to receive messages.
-struct Mailbox {
-    live: Option<Live>,
-    buffer: VecDeque<Outgoing>,
-    buffered_bytes: usize,
-    dropped: u64,
-    detached_at: Option<Instant>,
+/// One open WebSocket of a client session.
+struct Socket {
+    conn: u64,
+    /// Told when this socket, as its session's primary, has messages to take.
+    wake: Arc<Notify>,
+    kick: watch::Sender<Option<Kick>>,
+    /// Whether the client has sent anything on it.
+    spoke: bool,
+    /// Copies of what it took while it had not spoken (bounded like a detached mailbox): if
+    /// it goes away without ever speaking, they are given to the session's next socket.
+    provisional: VecDeque<Outgoing>,
+    provisional_bytes: usize,
 }
 
-#[derive(Clone)]
-struct Live {
-    conn: u64,
-    tx: mpsc::Sender<Outgoing>,
-    kick: watch::Sender<Option<String>>,
+/// A client session's place to receive messages: its open sockets and what waits for them.
+///
+/// One socket at a time, the primary, takes the session's messages. A session's only socket
+/// is its primary. When a second socket of the session opens, no socket is primary (messages
+/// wait) until one of them speaks or all but one close: the socket that speaks becomes the
+/// primary and the session's other sockets are closed, as stale. So a socket that opened last
+/// but is never used (Jupyter Server's gateway client opens one for every browser WebSocket
+/// that Chromium then abandons, and may not close it) neither takes the session's messages nor
+/// closes the socket in use. What a socket took before it ever spoke goes back to the session
+/// when it closes, for the next socket.
+struct Mailbox {
+    /// Open sockets, oldest first.
+    sockets: Vec<Socket>,
+    primary: Option<u64>,
+    queue: VecDeque<Outgoing>,
+    queued_bytes: usize,
+    /// Messages dropped (oldest first) while no socket took them.
+    dropped: u64,
+    detached_at: Option<Instant>,
+    /// Told when the primary took messages, so a full queue has room again.
+    space: Arc<Notify>,
+}
+
+/// Drops messages from the front of `queue` while it is over the detached limits; returns how
+/// many.
+fn trim_front(queue: &mut VecDeque<Outgoing>, bytes: &mut usize) -> u64 {
+    let mut dropped = 0;
+    while queue.len() > DETACHED_MESSAGES || *bytes > DETACHED_BYTES {
+        match queue.pop_front() {
+            Some(old) => {
+                *bytes -= old.size();
+                dropped += 1;
+            }
+            None => break,
+        }
+    }
+    dropped
 }
 
 impl Mailbox {
-    fn push_detached(&mut self, out: Outgoing) {
-        self.buffered_bytes += out.size();
-        self.buffer.push_back(out);
-        while self.buffer.len() > DETACHED_MESSAGES || self.buffered_bytes > DETACHED_BYTES {
-            match self.buffer.pop_front() {
-                Some(old) => {
-                    self.buffered_bytes -= old.size();
-                    self.dropped += 1;
-                }
-                None => break,
-            }
+    fn new() -> Mailbox {
+        Mailbox {
+            sockets: Vec::new(),
+            primary: None,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            dropped: 0,
+            detached_at: None,
+            space: Arc::new(Notify::new()),
         }
+    }
+
+    fn socket(&self, conn: u64) -> Option<&Socket> {
+        self.sockets.iter().find(|s| s.conn == conn)
+    }
+
+    /// Queues a message. With a primary, a full queue hands the message back (the caller
+    /// waits for room); without one, the oldest messages are dropped past the detached limits.
+    fn offer(&mut self, out: Outgoing) -> Result<(), Outgoing> {
+        if let Some(primary) = self.primary {
+            if self.queue.len() >= CLIENT_QUEUE {
+                return Err(out);
+            }
+            self.queued_bytes += out.size();
+            self.queue.push_back(out);
+            if let Some(s) = self.socket(primary) {
+                s.wake.notify_one();
+            }
+            return Ok(());
+        }
+        self.queued_bytes += out.size();
+        self.queue.push_back(out);
+        self.dropped += trim_front(&mut self.queue, &mut self.queued_bytes);
+        Ok(())
+    }
+
+    /// Adds a newly opened socket: the primary if it is the session's only one; otherwise no
+    /// socket is primary until one speaks (returns `false` then).
+    fn add(&mut self, socket: Socket) -> bool {
+        let conn = socket.conn;
+        self.sockets.push(socket);
+        self.detached_at = None;
+        if self.sockets.len() == 1 {
+            self.make_primary(conn);
+            true
+        } else {
+            self.primary = None;
+            false
+        }
+    }
+
+    fn make_primary(&mut self, conn: u64) {
+        self.primary = Some(conn);
+        if let Some(s) = self.socket(conn) {
+            s.wake.notify_one();
+        }
+    }
+
+    /// The queued messages, if `conn` is the primary and there are any, and how many were
+    /// dropped before it took them.
+    fn take(&mut self, conn: u64) -> Option<(Vec<Outgoing>, u64)> {
+        if self.primary != Some(conn) || self.queue.is_empty() {
+            return None;
+        }
+        let batch: Vec<Outgoing> = self.queue.drain(..).collect();
+        self.queued_bytes = 0;
+        if let Some(s) = self.sockets.iter_mut().find(|s| s.conn == conn)
+            && !s.spoke
+        {
+            for out in &batch {
+                s.provisional_bytes += out.size();
+                s.provisional.push_back(out.clone());
+            }
+            trim_front(&mut s.provisional, &mut s.provisional_bytes);
+        }
+        self.space.notify_waiters();
+        Some((batch, std::mem::take(&mut self.dropped)))
+    }
+
+    /// Puts messages a socket took but could not send back in front of the queue.
+    fn give_back(&mut self, conn: u64, unsent: Vec<Outgoing>) {
+        // A socket that never spoke gives back all it took when it is removed.
+        if self.socket(conn).is_some_and(|s| !s.spoke) {
+            return;
+        }
+        for out in unsent.into_iter().rev() {
+            self.queued_bytes += out.size();
+            self.queue.push_front(out);
+        }
+        if self.primary.is_none() {
+            self.dropped += trim_front(&mut self.queue, &mut self.queued_bytes);
+        } else if let Some(s) = self.primary.and_then(|p| self.socket(p)) {
+            s.wake.notify_one();
+        }
+    }
+
+    /// `conn` spoke: it becomes the primary, and the session's other sockets are removed
+    /// (returned, to be closed).
+    fn spoke(&mut self, conn: u64) -> Vec<Socket> {
+        let alone = self.sockets.len() == 1 && self.primary == Some(conn);
+        let Some(s) = self.sockets.iter_mut().find(|s| s.conn == conn) else {
+            // A socket already removed (being closed): its requests still count, not it.
+            return Vec::new();
+        };
+        if s.spoke && alone {
+            return Vec::new();
+        }
+        s.spoke = true;
+        s.provisional.clear();
+        s.provisional_bytes = 0;
+        let others: Vec<u64> = self
+            .sockets
+            .iter()
+            .map(|s| s.conn)
+            .filter(|&c| c != conn)
+            .collect();
+        let removed = others.into_iter().filter_map(|c| self.remove(c)).collect();
+        self.make_primary(conn);
+        removed
+    }
+
+    /// Removes a socket (it closed, or is being closed). One that never spoke gives back what
+    /// it took, ahead of what was queued since. If one socket remains, it becomes the primary.
+    fn remove(&mut self, conn: u64) -> Option<Socket> {
+        let i = self.sockets.iter().position(|s| s.conn == conn)?;
+        let mut socket = self.sockets.remove(i);
+        if !socket.spoke {
+            for out in socket.provisional.drain(..).rev() {
+                self.queued_bytes += out.size();
+                self.queue.push_front(out);
+            }
+            socket.provisional_bytes = 0;
+        }
+        if self.primary == Some(conn) {
+            self.primary = None;
+        }
+        if self.primary.is_none()
+            && let [only] = self.sockets.as_slice()
+        {
+            let only = only.conn;
+            self.make_primary(only);
+        }
+        if self.primary.is_none() {
+            self.dropped += trim_front(&mut self.queue, &mut self.queued_bytes);
+        }
+        if self.sockets.is_empty() {
+            self.detached_at = Some(Instant::now());
+        }
+        Some(socket)
     }
 }
 
@@ -264,12 +441,23 @@ impl Routes {
     }
 }
 
-/// A client attached to a kernel: what it reads, and how it learns it was disconnected.
+/// Why the gateway closes a client socket.
+#[derive(Debug, Clone)]
+pub struct Kick {
+    /// The close frame's reason.
+    pub reason: String,
+    /// Whether what the client sent before it saw the close is still read and sent to the
+    /// kernel (it is, unless the kernel is going away).
+    pub drain: bool,
+}
+
+/// A client socket attached to a kernel: how it takes its session's messages (see
+/// [`Kernel::next_batch`]) and learns it is being closed.
 pub struct Attachment {
-    /// Messages for the client, in order.
-    pub rx: mpsc::Receiver<Outgoing>,
-    /// Becomes `Some(reason)` when the gateway closes this client.
-    pub kicked: watch::Receiver<Option<String>>,
+    /// Told when there may be messages for this socket.
+    wake: Arc<Notify>,
+    /// Becomes `Some` when the gateway closes this client.
+    pub kicked: watch::Receiver<Option<Kick>>,
     /// This attachment's id.
     pub conn: u64,
     /// The session key it is attached under.
@@ -411,76 +599,103 @@ impl Kernel {
         }
     }
 
-    /// Attaches a client under `session_id` (or a fresh key if none). A client that reconnects
-    /// with the session id of a detached mailbox first gets what was kept for it. If another
-    /// client is live on the same session id, that one is closed (the newest wins).
+    /// Attaches a client socket under `session_id` (or a fresh key if none). A client that
+    /// reconnects with the session id of a detached mailbox gets what was kept for it. A second
+    /// socket of a session that has one open does not close it: see [`Mailbox`].
     pub fn attach(&self, session_id: Option<&str>) -> Attachment {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let session = match session_id {
             Some(s) if !s.is_empty() => s.to_owned(),
             _ => format!("anonymous-{conn}-{}", uuid::Uuid::new_v4().simple()),
         };
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE + DETACHED_MESSAGES);
+        let wake = Arc::new(Notify::new());
         let (kick, kicked) = watch::channel(None);
         let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
-        let mailbox = boxes.entry(session.clone()).or_insert_with(|| Mailbox {
-            live: None,
-            buffer: VecDeque::new(),
-            buffered_bytes: 0,
-            dropped: 0,
-            detached_at: None,
+        let mailbox = boxes.entry(session.clone()).or_insert_with(Mailbox::new);
+        let primary = mailbox.add(Socket {
+            conn,
+            wake: wake.clone(),
+            kick,
+            spoke: false,
+            provisional: VecDeque::new(),
+            provisional_bytes: 0,
         });
-        if let Some(old) = mailbox.live.take() {
-            let _ = old
-                .kick
-                .send(Some("another connection took over this session".into()));
+        if !primary {
+            // Which socket the client uses is known when one speaks.
+            tracing::debug!(kernel = %self.id, conn, sockets = mailbox.sockets.len(), "another socket of an open session; its messages wait until one speaks");
         }
-        if mailbox.dropped > 0 {
-            tracing::warn!(
-                kernel = %self.id,
-                dropped = mailbox.dropped,
-                "a reconnecting client missed messages its mailbox could not keep"
-            );
-        }
-        // The channel has room for the whole detached buffer, so this never blocks.
-        for out in mailbox.buffer.drain(..) {
-            let _ = tx.try_send(out);
-        }
-        mailbox.buffered_bytes = 0;
-        mailbox.dropped = 0;
-        mailbox.detached_at = None;
-        mailbox.live = Some(Live { conn, tx, kick });
         drop(boxes);
         let mut s = self.lock();
         s.connections += 1;
         s.last_activity = Utc::now();
         Attachment {
-            rx,
+            wake,
             kicked,
             conn,
             session,
         }
     }
 
-    /// Detaches a client. Its mailbox keeps collecting for [`DETACHED_FOR`].
+    /// Waits for messages for this socket: it gets them while it is its session's primary.
+    /// Cancel-safe: messages are taken only when it returns.
+    pub async fn next_batch(&self, attachment: &Attachment) -> Vec<Outgoing> {
+        loop {
+            // Created before looking, so a wake in between is not missed (it leaves a permit).
+            let woken = attachment.wake.notified();
+            {
+                let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(taken) = boxes
+                    .get_mut(&attachment.session)
+                    .and_then(|m| m.take(attachment.conn))
+                {
+                    let (batch, dropped) = taken;
+                    if dropped > 0 {
+                        tracing::warn!(kernel = %self.id, conn = attachment.conn, dropped, "a client missed messages its mailbox could not keep");
+                    }
+                    return batch;
+                }
+            }
+            woken.await;
+        }
+    }
+
+    /// Puts back messages a socket took from [`Kernel::next_batch`] but could not send.
+    pub fn give_back(&self, attachment: &Attachment, unsent: Vec<Outgoing>) {
+        let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = boxes.get_mut(&attachment.session) {
+            m.give_back(attachment.conn, unsent);
+        }
+    }
+
+    /// The client sent a message on this socket: it becomes its session's primary, and the
+    /// session's other sockets are closed as stale.
+    pub fn spoke(&self, attachment: &Attachment) {
+        let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(m) = boxes.get_mut(&attachment.session) else {
+            return;
+        };
+        for stale in m.spoke(attachment.conn) {
+            tracing::debug!(kernel = %self.id, conn = stale.conn, by = attachment.conn, "closing a stale socket of the session");
+            let _ = stale.kick.send(Some(Kick {
+                reason: "another connection of this session is in use".into(),
+                drain: true,
+            }));
+        }
+    }
+
+    /// Detaches a client socket. When its session has no socket left, its mailbox keeps
+    /// collecting for [`DETACHED_FOR`].
     pub fn detach(&self, attachment: &Attachment) {
         let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
-        let mut was_live = false;
-        if let Some(mailbox) = boxes.get_mut(&attachment.session)
-            && mailbox
-                .live
-                .as_ref()
-                .is_some_and(|l| l.conn == attachment.conn)
-        {
-            mailbox.live = None;
-            mailbox.detached_at = Some(Instant::now());
-            was_live = true;
-        }
+        let removed = boxes
+            .get_mut(&attachment.session)
+            .and_then(|m| m.remove(attachment.conn))
+            .is_some();
         drop(boxes);
         let mut s = self.lock();
         s.connections = s.connections.saturating_sub(1);
-        if !was_live {
-            tracing::debug!(kernel = %self.id, conn = attachment.conn, "detached a replaced client");
+        if !removed {
+            tracing::debug!(kernel = %self.id, conn = attachment.conn, "detached a socket its session had already let go");
         }
     }
 
@@ -488,7 +703,7 @@ impl Kernel {
     pub(crate) fn expire_mailboxes(&self) {
         let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
         boxes.retain(|_, m| {
-            m.live.is_some() || m.detached_at.is_some_and(|t| t.elapsed() < DETACHED_FOR)
+            !m.sockets.is_empty() || m.detached_at.is_some_and(|t| t.elapsed() < DETACHED_FOR)
         });
     }
 
@@ -496,8 +711,11 @@ impl Kernel {
     pub(crate) fn kick_all(&self, reason: &str) {
         let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
         for mailbox in boxes.values_mut() {
-            if let Some(live) = mailbox.live.take() {
-                let _ = live.kick.send(Some(reason.to_owned()));
+            for socket in mailbox.sockets.drain(..) {
+                let _ = socket.kick.send(Some(Kick {
+                    reason: reason.to_owned(),
+                    drain: false,
+                }));
             }
         }
         boxes.clear();
@@ -930,60 +1148,187 @@ impl Kernel {
     }
 
     async fn deliver_all(&self, out: Outgoing) {
-        let live: Vec<Live> = {
+        let full: Vec<String> = {
             let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
-            let mut live = Vec::new();
-            for mailbox in boxes.values_mut() {
-                match &mailbox.live {
-                    Some(l) => live.push(l.clone()),
-                    None => mailbox.push_detached(out.clone()),
-                }
-            }
-            live
+            boxes
+                .iter_mut()
+                .filter_map(|(key, m)| m.offer(out.clone()).err().map(|_| key.clone()))
+                .collect()
         };
-        for l in live {
-            self.deliver_live(&l, out.clone()).await;
+        for session in full {
+            self.deliver_to(&session, out.clone()).await;
         }
     }
 
-    async fn deliver_to(&self, session: &str, out: Outgoing) {
-        let live = {
+    /// Queues a message for the client of `session`. If its socket's queue is full, waits up
+    /// to [`SLOW_CLIENT_TIMEOUT`] for it to read; a socket that stays full that long is
+    /// disconnected (its session keeps collecting as if detached), so one stuck reader cannot
+    /// make the gateway grow without bound or hold up the others for long.
+    async fn deliver_to(&self, session: &str, mut out: Outgoing) {
+        let mut deadline = tokio::time::Instant::now() + SLOW_CLIENT_TIMEOUT;
+        loop {
+            let space: Arc<Notify>;
+            let room;
+            {
+                let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(m) = boxes.get_mut(session) else {
+                    return;
+                };
+                match m.offer(out) {
+                    Ok(()) => return,
+                    Err(back) => out = back,
+                }
+                space = m.space.clone();
+                // Created under the lock: a `notify_waiters` once it is released reaches it.
+                room = space.notified();
+            }
+            if tokio::time::timeout_at(deadline, room).await.is_ok() {
+                continue;
+            }
             let mut boxes = self.mailboxes.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(mailbox) = boxes.get_mut(session) else {
+            let Some(m) = boxes.get_mut(session) else {
                 return;
             };
-            match &mailbox.live {
-                Some(l) => l.clone(),
-                None => {
-                    mailbox.push_detached(out);
-                    return;
-                }
-            }
-        };
-        self.deliver_live(&live, out).await;
-    }
-
-    /// Hands a message to a live client, waiting up to [`SLOW_CLIENT_TIMEOUT`] if its queue is
-    /// full; a client that stays full that long is disconnected, so one stuck reader cannot
-    /// make the gateway grow without bound or hold up the others for long.
-    async fn deliver_live(&self, live: &Live, out: Outgoing) {
-        match live.tx.try_send(out) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(out)) => {
-                if live
-                    .tx
-                    .send_timeout(out, SLOW_CLIENT_TIMEOUT)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(kernel = %self.id, conn = live.conn, "disconnecting a client that stopped reading");
-                    let _ = live.kick.send(Some(format!(
+            if let Some(stuck) = m.primary.and_then(|p| m.remove(p)) {
+                tracing::warn!(kernel = %self.id, conn = stuck.conn, "disconnecting a client that stopped reading");
+                let _ = stuck.kick.send(Some(Kick {
+                    reason: format!(
                         "the client did not read its messages for {} s",
                         SLOW_CLIENT_TIMEOUT.as_secs()
-                    )));
-                }
+                    ),
+                    drain: true,
+                }));
             }
+            deadline = tokio::time::Instant::now() + SLOW_CLIENT_TIMEOUT;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out(n: u32) -> Outgoing {
+        Outgoing {
+            channel: Channel::Iopub,
+            message: Arc::new(RawMessage {
+                identities: Vec::new(),
+                header: bytes::Bytes::from(format!("{{\"n\":{n}}}")),
+                parent_header: bytes::Bytes::from_static(b"{}"),
+                metadata: bytes::Bytes::from_static(b"{}"),
+                content: bytes::Bytes::from_static(b"{}"),
+                buffers: Vec::new(),
+            }),
+        }
+    }
+
+    fn numbers(batch: &[Outgoing]) -> Vec<u32> {
+        batch
+            .iter()
+            .map(|o| {
+                serde_json::from_slice::<Value>(&o.message.header).unwrap()["n"]
+                    .as_u64()
+                    .unwrap() as u32
+            })
+            .collect()
+    }
+
+    fn attach(m: &mut Mailbox, conn: u64) {
+        m.add(Socket {
+            conn,
+            wake: Arc::new(Notify::new()),
+            kick: watch::channel(None).0,
+            spoke: false,
+            provisional: VecDeque::new(),
+            provisional_bytes: 0,
+        });
+    }
+
+    fn take(m: &mut Mailbox, conn: u64) -> Vec<u32> {
+        m.take(conn).map(|(b, _)| numbers(&b)).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_second_socket_holds_messages_until_one_speaks_and_the_speaker_keeps_its_place() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        m.offer(out(1)).unwrap();
+        assert_eq!(take(&mut m, 1), [1]);
+        m.spoke(1);
+        // The late socket (opened last, never used) neither takes messages nor closes 1.
+        attach(&mut m, 2);
+        m.offer(out(2)).unwrap();
+        assert!(m.take(1).is_none() && m.take(2).is_none());
+        let stale = m.spoke(1);
+        assert_eq!(stale.iter().map(|s| s.conn).collect::<Vec<_>>(), [2]);
+        assert_eq!(take(&mut m, 1), [2]);
+        assert_eq!(m.sockets.len(), 1);
+    }
+
+    #[test]
+    fn what_a_socket_took_before_it_ever_spoke_goes_to_the_next_one_in_order() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        m.offer(out(1)).unwrap();
+        m.offer(out(2)).unwrap();
+        assert_eq!(take(&mut m, 1), [1, 2]);
+        attach(&mut m, 2);
+        m.offer(out(3)).unwrap();
+        let stale = m.spoke(2);
+        assert_eq!(stale.len(), 1);
+        assert_eq!(take(&mut m, 2), [1, 2, 3]);
+        // Once a socket spoke, what it took is its own.
+        m.offer(out(4)).unwrap();
+        assert_eq!(take(&mut m, 2), [4]);
+        attach(&mut m, 3);
+        m.remove(2);
+        m.offer(out(5)).unwrap();
+        assert_eq!(take(&mut m, 3), [5]);
+    }
+
+    #[test]
+    fn closing_one_of_two_silent_sockets_makes_the_other_primary() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        attach(&mut m, 2);
+        m.offer(out(1)).unwrap();
+        m.remove(1);
+        assert_eq!(take(&mut m, 2), [1]);
+        m.remove(2);
+        assert!(m.sockets.is_empty() && m.detached_at.is_some() && m.primary.is_none());
+    }
+
+    #[test]
+    fn unsent_messages_go_back_in_front_and_a_mailbox_nobody_reads_stays_bounded() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        m.spoke(1);
+        m.offer(out(1)).unwrap();
+        m.offer(out(2)).unwrap();
+        let batch = m.take(1).unwrap().0;
+        m.offer(out(3)).unwrap();
+        m.give_back(1, batch);
+        assert_eq!(take(&mut m, 1), [1, 2, 3]);
+        m.remove(1);
+        for n in 0..(DETACHED_MESSAGES as u32 + 5) {
+            m.offer(out(n)).unwrap();
+        }
+        assert_eq!(m.queue.len(), DETACHED_MESSAGES);
+        attach(&mut m, 2);
+        let (batch, dropped) = m.take(2).unwrap();
+        assert_eq!((batch.len(), dropped), (DETACHED_MESSAGES, 5));
+        assert_eq!(numbers(&batch)[0], 5);
+    }
+
+    #[test]
+    fn a_primary_with_a_full_queue_makes_the_sender_wait() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        for n in 0..CLIENT_QUEUE as u32 {
+            m.offer(out(n)).unwrap();
+        }
+        assert!(m.offer(out(0)).is_err());
+        assert_eq!(take(&mut m, 1).len(), CLIENT_QUEUE);
+        assert!(m.offer(out(0)).is_ok());
     }
 }

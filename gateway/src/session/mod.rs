@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::client::{Channel, ClientError, Incoming, LaunchSpec, Process};
 use kernel::Expect;
-pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Outgoing, RateLimit};
+pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Kick, Outgoing, RateLimit};
 
 /// Lifecycle settings (see `config::KernelsConfig` for their defaults).
 #[derive(Debug, Clone)]
