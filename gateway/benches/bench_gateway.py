@@ -612,25 +612,40 @@ def measure_capacity(gw, args):
                   idle_cpu_kernels_cores=kernels_ns / 1e9 / elapsed,
                   idle_cpu_gateway_ms=gateway_ns / 1e6 / elapsed)
     progress(f"{gw.label}: round trips and starts with {alive} alive")
-    rtts = []
+    rtts, starts, failures = [], [], []
     for kernel_id in ids[::max(alive // args.probe, 1)][:args.probe]:
-        ws = gw.connect(kernel_id)
         try:
-            ws.await_ready(READY_TIMEOUT)
-            ws.execute("1+1", READY_TIMEOUT)
-            started = time.perf_counter()
-            ws.execute("1+1", READY_TIMEOUT)
-            rtts.append((time.perf_counter() - started) * 1000)
-        finally:
-            ws.close()
-    starts = []
+            ws = gw.connect(kernel_id)
+            try:
+                ws.await_ready(READY_TIMEOUT)
+                ws.execute("1+1", READY_TIMEOUT)
+                started = time.perf_counter()
+                ws.execute("1+1", READY_TIMEOUT)
+                rtts.append((time.perf_counter() - started) * 1000)
+            finally:
+                ws.close()
+        except Exception as e:  # noqa: BLE001 - a gateway at its limit; counted, not fatal
+            failures.append(f"round trip: {type(e).__name__}: {e}"[:300])
     gw.idle_children = alive + pool
     for _ in range(args.probe):
-        kernel_id, ms, _ = start_to_idle(gw)
-        starts.append(ms)
+        started = time.perf_counter()
+        try:
+            kernel_id = gw.start_kernel()
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"start: {type(e).__name__}: {e}"[:300])
+            continue
+        try:
+            ws = gw.connect(kernel_id)
+            try:
+                ws.await_ready(READY_TIMEOUT)
+            finally:
+                ws.close()
+            starts.append((time.perf_counter() - started) * 1000)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"start: {type(e).__name__}: {e}"[:300])
         gw.delete_kernel(kernel_id)
         gw.settle(deleted=kernel_id, every=0.2)
-    result.update(rtt_ms=rtts, start_ms=starts)
+    result.update(rtt_ms=rtts, start_ms=starts, probe_failures=failures)
     progress(f"{gw.label}: deleting {alive} kernels")
     with concurrent.futures.ThreadPoolExecutor(8) as deleting:
         list(deleting.map(gw.delete_kernel, ids))
@@ -638,11 +653,18 @@ def measure_capacity(gw, args):
     gw.settle(every=0.5)
     result["gateway_rss_after_mib"] = rss_kib(gw.proc.pid) / 1024
     result["gateway_fds_after"] = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
+    progress(f"{gw.label}: " + json.dumps({k: v for k, v in result.items() if k != "fill_start_ms"}))
     return result
 
 
+def median_or_none(samples):
+    return statistics.median(samples) if samples else None
+
+
 def p95(samples):
-    """Nearest-rank 95th percentile."""
+    """Nearest-rank 95th percentile (None for no samples)."""
+    if not samples:
+        return None
     ordered = sorted(samples)
     return ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
 
@@ -656,9 +678,9 @@ def metric(name, label, unit, sandgate, reference=None, target=None, chart=None)
         "unit": unit,
         "sandgate": sandgate,
         "reference": reference,
-        "ratio": sandgate / reference if reference else None,
+        "ratio": sandgate / reference if reference and sandgate is not None else None,
         "target": target[0] if target else None,
-        "met": target[1](sandgate, reference) if target else None,
+        "met": target[1](sandgate, reference) if target and sandgate is not None else None,
         "chart": {"panel": chart[0], "label": chart[1]} if chart else None,
     }
 
@@ -826,11 +848,11 @@ def main():
             metric("capacity_load", f"load average, 1 min, all idle ({n}; before: {sg['load_before']:.2f} / "
                    f"{ref['load_before']:.2f})", "", sg["load_alive"], ref["load_alive"]),
             metric("capacity_start_median", f"start to idle ({n}, median)", "ms",
-                   statistics.median(sg["start_ms"]), statistics.median(ref["start_ms"])),
+                   median_or_none(sg["start_ms"]), median_or_none(ref["start_ms"])),
             metric("capacity_start_p95", f"start to idle ({n}, p95)", "ms", p95(sg["start_ms"]),
                    p95(ref["start_ms"])),
             metric("capacity_rtt_median", f"WebSocket `1+1` round trip ({n}, median)", "ms",
-                   statistics.median(sg["rtt_ms"]), statistics.median(ref["rtt_ms"])),
+                   median_or_none(sg["rtt_ms"]), median_or_none(ref["rtt_ms"])),
             metric("capacity_gateway_rss_start", "gateway RSS at its start", "MiB",
                    sg["gateway_rss_start_mib"], ref["gateway_rss_start_mib"]),
             metric("capacity_gateway_rss_alive", f"gateway RSS ({n})", "MiB",
@@ -838,6 +860,10 @@ def main():
             metric("capacity_gateway_rss_after", "gateway RSS after deleting them all", "MiB",
                    sg["gateway_rss_after_mib"], ref["gateway_rss_after_mib"]),
         ]
+        for label, r in (("Sandgate", sg), ("reference", ref)):
+            if r["probe_failures"]:
+                summary.append(f"{label}: {len(r['probe_failures'])} of the probes at full count failed, "
+                               f"first: {r['probe_failures'][0]}")
         summary.append(f"capacity: {args.capacity} kernels asked (Sandgate --pool-size {CAPACITY_POOL}); Sandgate "
                        f"{sg['alive']} ({sg['stopped']}), reference {ref['alive']} ({ref['stopped']}); idle CPU "
                        f"over {args.window:.0f} s after {args.settle:.0f} s")
