@@ -61,7 +61,7 @@ What is measured:
   `1+1` round trips on `--probe` kernels (the second execute on each, as the first warms it);
   and start to idle of `--probe` more kernels, each deleted before the next (so the count stays
   at the number reached). The gateway's RSS is read at its start, with the kernels alive, and
-  after deleting them all (once the process count is back to the pool's).
+  after deleting them all (5 s after the process count is back to the pool's).
 
 Targets: warm-pool start under 50 ms median, round trip no slower than the reference, memory
 per idle kernel under a third of the reference's, idle CPU per kernel at most 0.05 ms/s.
@@ -103,6 +103,7 @@ POLL_INTERVAL = 0.01
 TARGET_WARM_START_MS = 50
 TARGET_IDLE_CPU_MS = 0.05
 CAPACITY_POOL = 2
+RELEASE_WAIT = 5
 TARGET_IDLE_CPU_MS = 0.05
 
 
@@ -643,14 +644,25 @@ def measure_capacity(gw, args):
             starts.append((time.perf_counter() - started) * 1000)
         except Exception as e:  # noqa: BLE001
             failures.append(f"start: {type(e).__name__}: {e}"[:300])
-        gw.delete_kernel(kernel_id)
-        gw.settle(deleted=kernel_id, every=0.2)
+        try:
+            gw.delete_kernel(kernel_id)
+            gw.settle(deleted=kernel_id, every=0.2)
+        except (RuntimeError, TimeoutError) as e:
+            failures.append(f"delete: {e}"[:300])
+            break  # a gateway that cannot end kernels any more: no use starting more
     result.update(rtt_ms=rtts, start_ms=starts, probe_failures=failures)
     progress(f"{gw.label}: deleting {alive} kernels")
     with concurrent.futures.ThreadPoolExecutor(8) as deleting:
-        list(deleting.map(gw.delete_kernel, ids))
+        deleted = list(deleting.map(lambda kernel_id: gw.request("DELETE", f"/api/kernels/{kernel_id}")[0], ids))
+    result["delete_failures"] = sum(status != 204 for status in deleted)
     gw.idle_children = pool
-    gw.settle(every=0.5)
+    try:
+        gw.settle(every=0.5)
+    except TimeoutError as e:
+        result["delete_failures"] += 1
+        failures.append(f"after deleting all: {e}"[:300])
+    # Sandgate hands freed memory back 2 s after the last kernel ended: read after that.
+    time.sleep(RELEASE_WAIT)
     result["gateway_rss_after_mib"] = rss_kib(gw.proc.pid) / 1024
     result["gateway_fds_after"] = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
     progress(f"{gw.label}: " + json.dumps({k: v for k, v in result.items() if k != "fill_start_ms"}))
