@@ -144,8 +144,9 @@ class Gateway:
     """A `sandgate` process on a free port with its own data folder (sharing the prepared
     image), and helpers for its REST API."""
 
-    def __init__(self, data_dir, args=(), env=None, token=TOKEN):
+    def __init__(self, data_dir, args=(), env=None, token=TOKEN, open_files=None):
         import subprocess
+        self.open_files = open_files
         self.data_dir = pathlib.Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         home = sandgate_home()
@@ -164,9 +165,17 @@ class Gateway:
         full_env.pop("SANDGATE_TOKEN", None)
         if self.token is not None and "SANDGATE_TOKEN" not in self.env:
             full_env["SANDGATE_TOKEN"] = self.token
+        limit = None
+        if self.open_files is not None:
+            def limit():
+                # The soft limit on open files the gateway starts with (its hard limit as ours).
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE,
+                                   (self.open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         self.proc = subprocess.Popen(
             [str(GATEWAY), "--port", "0", "--data-dir", str(self.data_dir), *self.args],
-            stdout=subprocess.PIPE, stderr=open(self.data_dir / "gateway.log", "ab"), env=full_env, text=True)
+            stdout=subprocess.PIPE, stderr=open(self.data_dir / "gateway.log", "ab"), env=full_env, text=True,
+            preexec_fn=limit)
         self.url = None
         self.generated_token = None
         # Wait for the line that names the port (the gateway prints it once it listens); a token
@@ -242,8 +251,8 @@ def start_gateway(tmp_path_factory):
         pytest.exit(f"{GATEWAY} is missing: build it with `cargo build --release`", 2)
     started = []
 
-    def start(args=(), env=None, token=TOKEN):
-        g = Gateway(tmp_path_factory.mktemp("gateway"), args, env, token)
+    def start(args=(), env=None, token=TOKEN, open_files=None):
+        g = Gateway(tmp_path_factory.mktemp("gateway"), args, env, token, open_files)
         started.append(g)
         return g
 

@@ -1,6 +1,7 @@
 """The kernel through jupyter_client: execution, output, rich display, input, interrupt."""
 
 import base64
+import pathlib
 import time
 
 from conftest import of_type, stdout_text
@@ -164,6 +165,89 @@ def test_interrupt_ends_a_sleep(kernel):
     assert reply["received"] - t0 < 1.0
     tb = "\n".join(of_type(out, "error")[0]["content"]["traceback"])
     assert "time.sleep(60)" in tb
+
+
+def threads(pid):
+    """{thread id: (name, ns on a CPU, times it was scheduled)} of process `pid`, from
+    /proc/PID/task/*/schedstat (exact, unlike the 10 ms ticks of utime/stime)."""
+    out = {}
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            ran_ns, _, slices = map(int, (task / "schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+        out[int(task.name)] = (name, ran_ns, slices)
+    return out
+
+
+def wait_until_threads_are_still(pid, name, timeout=10, every=0.3):
+    """Polls until no thread called `name` of process `pid` was scheduled for `every` s."""
+    def slices():
+        return {tid: s for tid, (n, _, s) in threads(pid).items() if n == name}
+    deadline = time.monotonic() + timeout
+    before = slices()
+    assert before, f"the kernel has no {name} thread"
+    while True:
+        time.sleep(every)
+        now = slices()
+        if now == before:
+            return
+        woke = sum(now.values()) - sum(before.values())
+        assert time.monotonic() < deadline, (
+            f"the kernel is idle, yet its {name} thread still wakes ({woke} times in {every} s)")
+        before = now
+
+
+IDLE_WINDOW_S = 3
+# An idle kernel should cost at most 0.05 ms of CPU per second (so a thousand of them leave two
+# cores idle); asserted with room to spare for a loaded machine. The 10 ms epoch ticker that ran
+# without a pause cost 0.75-1.1 ms/s here (2.7 ms/s in issue 13's measurement).
+IDLE_CPU_LIMIT_MS_PER_S = 0.25
+
+
+def test_an_idle_kernel_wakes_no_thread_and_still_interrupts_and_times_out(start_kernel):
+    """Between cells no thread of the kernel process runs: the epoch ticker that lets a running
+    cell be interrupted or timed out stops ticking once no turn runs, and the first cell after
+    the pause starts it again. Measured over a window of the whole process's threads, with the
+    client's heartbeat paused (it is the client's choice, once a second here, every 3 s in the
+    gateway)."""
+    k = start_kernel(["--cell-timeout-s", "2"])
+    k.execute("kept = 'still here'")
+    pid = k.km.provisioner.process.pid
+    k.kc.hb_channel.pause()
+    try:
+        wait_until_threads_are_still(pid, "epoch-ticker")
+        before = threads(pid)
+        t0 = time.monotonic()
+        time.sleep(IDLE_WINDOW_S)  # the measurement window itself, not a wait for an event
+        after = threads(pid)
+        elapsed = time.monotonic() - t0
+    finally:
+        k.kc.hb_channel.unpause()
+    cost = {}
+    for tid, (name, ran_ns, slices) in after.items():
+        _, ran0, slices0 = before.get(tid, (name, 0, 0))
+        cost[f"{name} ({tid})"] = ((ran_ns - ran0) / 1e6 / elapsed, slices - slices0)
+    total = sum(ms for ms, _ in cost.values())
+    assert total < IDLE_CPU_LIMIT_MS_PER_S, f"{total:.3f} ms of CPU per second while idle: {cost}"
+
+    # The first cell after the pause wakes the ticker: an interrupt still stops it at once ...
+    msg_id = k.kc.execute("spins = 0\nwhile True:\n    spins += 1")
+    wait_for_execute_input(k, msg_id)
+    t0 = time.monotonic()
+    k.km.interrupt_kernel()
+    reply, _ = k.collect(msg_id, timeout=10)
+    assert reply["ename"] == "KeyboardInterrupt"
+    assert reply["received"] - t0 < 1.0
+    # ... and, after another pause, the cell time limit still ends a busy loop, state kept.
+    wait_until_threads_are_still(pid, "epoch-ticker")
+    t0 = time.monotonic()
+    reply, _ = k.execute("while True:\n    pass")
+    assert reply["ename"] == "TimeoutError"
+    assert time.monotonic() - t0 < 5
+    reply, out = k.execute("kept, spins > 0")
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "('still here', True)"
 
 
 def test_a_busy_cell_leaves_heartbeat_control_and_streaming_working(start_kernel):

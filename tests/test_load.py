@@ -102,3 +102,47 @@ def test_100_clients_on_50_kernels(start_gateway, tmp_path):
     assert peak < 512, f"the gateway grew to {peak:.0f} MiB"
     status, listed, _ = gw.request("GET", "/api/kernels")
     assert status == 200 and len(listed) == KERNELS
+
+
+def anon_mib(pid):
+    """The process's anonymous resident memory (its heap; file-backed pages left out)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no RssAnon for process {pid}")
+
+
+LOW_OPEN_FILES = 128
+MANY_KERNELS = 40  # about 8 of the gateway's descriptors each: far past LOW_OPEN_FILES
+
+
+def test_kernels_past_a_low_open_files_limit_and_their_memory_given_back(start_gateway):
+    """A gateway started with a soft open-files limit of 128 (where the hard one is higher, as
+    on most hosts, whose default soft limit is 1024) raises it, and holds 40 kernels that each
+    answer; once they are deleted, the memory the gateway used for them goes back to the
+    system (glibc's malloc kept it in its arenas)."""
+    gw = start_gateway(["--pool-size", "0", "--max-kernels", str(MANY_KERNELS + 8)], open_files=LOW_OPEN_FILES)
+    pid = gw.proc.pid
+    before = anon_mib(pid)
+    ids = [gw.start_kernel()["id"] for _ in range(MANY_KERNELS)]
+    open_now = len(os.listdir(f"/proc/{pid}/fd"))
+    assert open_now > LOW_OPEN_FILES, open_now
+    for kernel_id in (ids[0], ids[-1]):
+        s = KernelSocket(gw, kernel_id)
+        try:
+            reply, _ = s.execute("1+1")
+            assert reply["status"] == "ok", reply
+        finally:
+            s.close()
+    peak = anon_mib(pid)
+    for kernel_id in ids:
+        status, body, _ = gw.request("DELETE", f"/api/kernels/{kernel_id}")
+        assert status == 204, body
+    # Most of what the kernels took is handed back within seconds of their end.
+    wanted = before + (peak - before) / 2
+    deadline = time.monotonic() + 20
+    while anon_mib(pid) > wanted:
+        assert time.monotonic() < deadline, (
+            f"gateway heap {anon_mib(pid):.1f} MiB after deleting {MANY_KERNELS} kernels: "
+            f"{before:.1f} MiB before them, {peak:.1f} MiB with them")
+        time.sleep(0.2)

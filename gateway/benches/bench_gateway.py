@@ -5,7 +5,8 @@ ipykernel, in the same run, both on 127.0.0.1.
 Run it from the repository root with the project's virtualenv (it needs websocket-client and
 jupyter_kernel_gateway) after `cargo build --release` and `sandgate-kernel install`:
 
-    .venv/bin/python gateway/benches/bench_gateway.py [--runs N] [--rtt-runs M] [--kernels K] [--json out.json]
+    .venv/bin/python gateway/benches/bench_gateway.py [--runs N] [--rtt-runs M] [--kernels K]
+        [--capacity C] [--capacity-only] [--json out.json]
 
 The gateways:
 
@@ -48,11 +49,26 @@ What is measured:
   of the gateway process and of every process descending from it is summed. Reported: the
   total, the gateway process alone, and the total divided by the number of kernels.
 
+- capacity: a fresh gateway (Sandgate with its default pool, `--max-kernels` raised to fit)
+  starts `--capacity` kernels one after another, each to `idle` as above, and stops early if
+  the machine's MemAvailable falls below `--min-available-mib`, a start fails, or
+  `--capacity-minutes` pass (the reference may not fit in memory: its row says how many it
+  reached and why it stopped). With them all alive and idle in GET /api/kernels: PSS of every
+  kernel process (per kernel) and of the gateway; after `--settle` s, idle CPU over a window of
+  `--window` s (time on a CPU of every thread of the kernels, from /proc/PID/task/*/schedstat,
+  per kernel and second; and the gateway's own); the 1-minute load average at the window's end
+  (and before the phase, as the machine's own load: other work on the machine counts in it);
+  `1+1` round trips on `--probe` kernels (the second execute on each, as the first warms it);
+  and start to idle of `--probe` more kernels, each deleted before the next (so the count stays
+  at the number reached). The gateway's RSS is read at its start, with the kernels alive, and
+  after deleting them all (5 s after the process count is back to the pool's).
+
 Targets: warm-pool start under 50 ms median, round trip no slower than the reference, memory
-per idle kernel under a third of the reference's.
+per idle kernel under a third of the reference's, idle CPU per kernel at most 0.05 ms/s.
 """
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -85,6 +101,10 @@ STOP_TIMEOUT = 60
 IOPUB_RETRY = 0.2
 POLL_INTERVAL = 0.01
 TARGET_WARM_START_MS = 50
+TARGET_IDLE_CPU_MS = 0.05
+CAPACITY_POOL = 2
+RELEASE_WAIT = 5
+TARGET_IDLE_CPU_MS = 0.05
 
 
 def default_home():
@@ -99,8 +119,8 @@ def progress(text):
     print(f"[bench_gateway] {text}", file=sys.stderr, flush=True)
 
 
-def poll_until(test, timeout, what):
-    """Checks `test()` every few ms until it returns something true, for at most `timeout` s."""
+def poll_until(test, timeout, what, every=POLL_INTERVAL):
+    """Checks `test()` every `every` s until it returns something true, for at most `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = test()
@@ -108,7 +128,7 @@ def poll_until(test, timeout, what):
             return value
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(POLL_INTERVAL)
+        time.sleep(every)
 
 
 class Output:
@@ -191,6 +211,45 @@ def pss_kib(pid):
     raise RuntimeError(f"no Pss line for process {pid}")
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS line for process {pid}")
+
+
+def thread_cpu_ns(pids):
+    """{(pid, thread id): time on a CPU, ns} of every thread of `pids`."""
+    out = {}
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    out[(pid, tid)] = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def cpu_ns_between(before, after):
+    """CPU time, ns, the threads in `after` used since `before` (both from `thread_cpu_ns`); a
+    thread that ended in between is left out (what it used in between is lost with it)."""
+    return sum(ns - before.get(key, 0) for key, ns in after.items())
+
+
+def available_mib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
 class Gateway:
     """A gateway process that leads its own process group, with helpers for its REST API and
     kernel WebSockets. `stop` ends it and every process descending from it."""
@@ -265,13 +324,13 @@ class Gateway:
         self.tree.update(found)
         return found
 
-    def settle(self, deleted=None):
+    def settle(self, deleted=None, every=POLL_INTERVAL):
         """Waits until `deleted` is no longer listed and only the idle processes remain."""
         if deleted is not None:
             poll_until(lambda: all(k["id"] != deleted for k in self.kernels()), SETTLE_TIMEOUT,
-                       f"{self.label}: kernel {deleted} still listed after DELETE")
+                       f"{self.label}: kernel {deleted} still listed after DELETE", every)
         poll_until(lambda: len(self.descendants()) == self.idle_children, SETTLE_TIMEOUT,
-                   f"{self.label}: {self.idle_children} child processes")
+                   f"{self.label}: {self.idle_children} child processes", every)
 
     def memory(self):
         """(PSS KiB of the gateway process, {pid: PSS KiB} of its descendants)."""
@@ -311,8 +370,8 @@ class PooledSandgate(Gateway):
         self.pool_size = pool_size
         self.pool = PoolCount()
 
-    def settle(self, deleted=None):
-        super().settle(deleted)
+    def settle(self, deleted=None, every=POLL_INTERVAL):
+        super().settle(deleted, every)
         self.stderr.wait(lambda lines: self.pool(lines) >= self.pool_size, SETTLE_TIMEOUT,
                          f"{self.label}: a full pool of {self.pool_size}")
 
@@ -503,8 +562,121 @@ def measure_memory(gw, count):
             "per_kernel_mib": (gateway_kib + sum(kernels_kib.values())) / 1024 / count}
 
 
+def measure_capacity(gw, args):
+    """The capacity phase (see the module's docstring) on a fresh gateway `gw`, whose idle
+    process count (`gw.idle_children`) is its pool."""
+    pool = gw.idle_children
+    result = {"target": args.capacity, "gateway_rss_start_mib": rss_kib(gw.proc.pid) / 1024,
+              "load_before": os.getloadavg()[0]}
+    ids, fill_ms = [], []
+    stopped = f"reached {args.capacity}"
+    deadline = time.monotonic() + args.capacity_minutes * 60
+    while len(ids) < args.capacity:
+        if available_mib() < args.min_available_mib:
+            stopped = f"MemAvailable fell below {args.min_available_mib} MiB"
+            break
+        if time.monotonic() > deadline:
+            stopped = f"{args.capacity_minutes} min passed"
+            break
+        try:
+            kernel_id, ms, _ = start_to_idle(gw)
+        except Exception as e:  # noqa: BLE001 - the reason is the result
+            stopped = f"a start failed: {type(e).__name__}: {e}"[:400]
+            break
+        ids.append(kernel_id)
+        fill_ms.append(ms)
+        if len(ids) % 100 == 0:
+            progress(f"{gw.label}: {len(ids)} kernels idle, last start {ms:.0f} ms, "
+                     f"{available_mib():.0f} MiB available, load {os.getloadavg()[0]:.2f}")
+    alive = len(ids)
+    progress(f"{gw.label}: {alive} kernels alive ({stopped})")
+    result.update(alive=alive, stopped=stopped, fill_start_ms=fill_ms)
+    wanted = set(ids)
+    poll_until(lambda: sum(k["execution_state"] == "idle" for k in gw.kernels() if k["id"] in wanted) == alive,
+               SETTLE_TIMEOUT, f"{gw.label}: all {alive} kernels idle in GET /api/kernels", every=1)
+    processes = gw.descendants()
+    gateway_pss, kernels_pss = pss_kib(gw.proc.pid), [pss_kib(pid) for pid in processes]
+    result.update(processes=len(processes), gateway_rss_alive_mib=rss_kib(gw.proc.pid) / 1024,
+                  gateway_pss_alive_mib=gateway_pss / 1024,
+                  pss_per_kernel_mib=sum(kernels_pss) / 1024 / len(processes),
+                  pss_total_mib=(gateway_pss + sum(kernels_pss)) / 1024,
+                  gateway_fds=len(os.listdir(f"/proc/{gw.proc.pid}/fd")))
+    progress(f"{gw.label}: settling {args.settle} s, then idle CPU over {args.window} s")
+    time.sleep(args.settle)
+    pids = list(processes)
+    kernels0, gateway0, t0 = thread_cpu_ns(pids), thread_cpu_ns([gw.proc.pid]), time.monotonic()
+    time.sleep(args.window)
+    kernels1, gateway1, elapsed = thread_cpu_ns(pids), thread_cpu_ns([gw.proc.pid]), time.monotonic() - t0
+    kernels_ns, gateway_ns = cpu_ns_between(kernels0, kernels1), cpu_ns_between(gateway0, gateway1)
+    result.update(load_alive=os.getloadavg()[0],
+                  idle_cpu_per_kernel_ms=kernels_ns / 1e6 / elapsed / len(pids),
+                  idle_cpu_kernels_cores=kernels_ns / 1e9 / elapsed,
+                  idle_cpu_gateway_ms=gateway_ns / 1e6 / elapsed)
+    progress(f"{gw.label}: round trips and starts with {alive} alive")
+    rtts, starts, failures = [], [], []
+    for kernel_id in ids[::max(alive // args.probe, 1)][:args.probe]:
+        try:
+            ws = gw.connect(kernel_id)
+            try:
+                ws.await_ready(READY_TIMEOUT)
+                ws.execute("1+1", READY_TIMEOUT)
+                started = time.perf_counter()
+                ws.execute("1+1", READY_TIMEOUT)
+                rtts.append((time.perf_counter() - started) * 1000)
+            finally:
+                ws.close()
+        except Exception as e:  # noqa: BLE001 - a gateway at its limit; counted, not fatal
+            failures.append(f"round trip: {type(e).__name__}: {e}"[:300])
+    gw.idle_children = alive + pool
+    for _ in range(args.probe):
+        started = time.perf_counter()
+        try:
+            kernel_id = gw.start_kernel()
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"start: {type(e).__name__}: {e}"[:300])
+            continue
+        try:
+            ws = gw.connect(kernel_id)
+            try:
+                ws.await_ready(READY_TIMEOUT)
+            finally:
+                ws.close()
+            starts.append((time.perf_counter() - started) * 1000)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"start: {type(e).__name__}: {e}"[:300])
+        try:
+            gw.delete_kernel(kernel_id)
+            gw.settle(deleted=kernel_id, every=0.2)
+        except (RuntimeError, TimeoutError) as e:
+            failures.append(f"delete: {e}"[:300])
+            break  # a gateway that cannot end kernels any more: no use starting more
+    result.update(rtt_ms=rtts, start_ms=starts, probe_failures=failures)
+    progress(f"{gw.label}: deleting {alive} kernels")
+    with concurrent.futures.ThreadPoolExecutor(8) as deleting:
+        deleted = list(deleting.map(lambda kernel_id: gw.request("DELETE", f"/api/kernels/{kernel_id}")[0], ids))
+    result["delete_failures"] = sum(status != 204 for status in deleted)
+    gw.idle_children = pool
+    try:
+        gw.settle(every=0.5)
+    except TimeoutError as e:
+        result["delete_failures"] += 1
+        failures.append(f"after deleting all: {e}"[:300])
+    # Sandgate hands freed memory back 2 s after the last kernel ended: read after that.
+    time.sleep(RELEASE_WAIT)
+    result["gateway_rss_after_mib"] = rss_kib(gw.proc.pid) / 1024
+    result["gateway_fds_after"] = len(os.listdir(f"/proc/{gw.proc.pid}/fd"))
+    progress(f"{gw.label}: " + json.dumps({k: v for k, v in result.items() if k != "fill_start_ms"}))
+    return result
+
+
+def median_or_none(samples):
+    return statistics.median(samples) if samples else None
+
+
 def p95(samples):
-    """Nearest-rank 95th percentile."""
+    """Nearest-rank 95th percentile (None for no samples)."""
+    if not samples:
+        return None
     ordered = sorted(samples)
     return ordered[max(math.ceil(0.95 * len(ordered)) - 1, 0)]
 
@@ -518,9 +690,9 @@ def metric(name, label, unit, sandgate, reference=None, target=None, chart=None)
         "unit": unit,
         "sandgate": sandgate,
         "reference": reference,
-        "ratio": sandgate / reference if reference else None,
+        "ratio": sandgate / reference if reference and sandgate is not None else None,
         "target": target[0] if target else None,
-        "met": target[1](sandgate, reference) if target else None,
+        "met": target[1](sandgate, reference) if target and sandgate is not None else None,
         "chart": {"panel": chart[0], "label": chart[1]} if chart else None,
     }
 
@@ -551,6 +723,19 @@ def main():
     parser.add_argument("--home", type=pathlib.Path, default=default_home(),
                         help="the installed Sandgate home with images/ and cache/ (default $SANDGATE_HOME "
                              "or ~/.local/share/sandgate)")
+    parser.add_argument("--capacity", type=int, default=1000,
+                        help="kernels alive at once in the capacity phase (default 1000; 0 skips it)")
+    parser.add_argument("--capacity-only", action="store_true", help="run only the capacity phase")
+    parser.add_argument("--min-available-mib", type=int, default=4096,
+                        help="capacity: stop starting kernels below this MemAvailable (default 4096)")
+    parser.add_argument("--capacity-minutes", type=float, default=30,
+                        help="capacity: stop starting kernels after this long, per gateway (default 30)")
+    parser.add_argument("--settle", type=float, default=120,
+                        help="capacity: seconds idle before the CPU window, so the load average forgets "
+                             "the starts (default 120)")
+    parser.add_argument("--window", type=float, default=60, help="capacity: idle CPU window, s (default 60)")
+    parser.add_argument("--probe", type=int, default=20,
+                        help="capacity: round trips and starts measured at the full count (default 20)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the gateways' folders and logs (always kept when the run fails)")
@@ -577,24 +762,39 @@ def main():
         gateways.append(gw)
         return gw
 
+    starts = retries = rtts = None
+    memory, capacity = {}, {}
     try:
-        warm = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-pool", args.pool_size, max_kernels)
-        empty = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-nopool", 0, max_kernels)
-        kg = launch(start_kernel_gateway, tmp, "kernel-gateway")
-        starts, retries = measure_starts([warm, empty, kg], args.runs)
-        progress("round trips")
-        rtts = measure_roundtrips([warm, kg], args.warmup, args.rtt_runs)
-        for gw in (warm, empty, kg):
+        if not args.capacity_only:
+            warm = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-pool", args.pool_size,
+                          max_kernels)
+            empty = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-nopool", 0, max_kernels)
+            kg = launch(start_kernel_gateway, tmp, "kernel-gateway")
+            starts, retries = measure_starts([warm, empty, kg], args.runs)
+            progress("round trips")
+            rtts = measure_roundtrips([warm, kg], args.warmup, args.rtt_runs)
+            for gw in (warm, empty, kg):
+                gw.stop()
+            gw = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-memory", 0, max_kernels)
+            progress(f"memory: {args.kernels} kernels on {gw.label}")
+            memory["sandgate"] = measure_memory(gw, args.kernels)
             gw.stop()
-        memory = {}
-        gw = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-memory", 0, max_kernels)
-        progress(f"memory: {args.kernels} kernels on {gw.label}")
-        memory["sandgate"] = measure_memory(gw, args.kernels)
-        gw.stop()
-        gw = launch(start_kernel_gateway, tmp, "kernel-gateway-memory")
-        progress(f"memory: {args.kernels} kernels on {gw.label}")
-        memory["reference"] = measure_memory(gw, args.kernels)
-        gw.stop()
+            gw = launch(start_kernel_gateway, tmp, "kernel-gateway-memory")
+            progress(f"memory: {args.kernels} kernels on {gw.label}")
+            memory["reference"] = measure_memory(gw, args.kernels)
+            gw.stop()
+        if args.capacity:
+            # The default pool, and the limit raised to fit the kernels, the probes and the pool.
+            gw = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-capacity", CAPACITY_POOL,
+                        args.capacity + CAPACITY_POOL + 8)
+            gw.settle()
+            progress(f"capacity: {args.capacity} kernels on {gw.label}")
+            capacity["sandgate"] = measure_capacity(gw, args)
+            gw.stop()
+            gw = launch(start_kernel_gateway, tmp, "kernel-gateway-capacity")
+            progress(f"capacity: {args.capacity} kernels on {gw.label}")
+            capacity["reference"] = measure_capacity(gw, args)
+            gw.stop()
         succeeded = True
     finally:
         for gw in gateways:
@@ -602,47 +802,88 @@ def main():
         if succeeded and not args.keep_logs:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    sg_mem, kg_mem = memory["sandgate"], memory["reference"]
     not_slower = ("no slower than the reference", lambda s, r: s <= r)
     third = ("< 1/3 of the reference", lambda s, r: s < r / 3)
     warm_target = (f"< {TARGET_WARM_START_MS} ms", lambda s, r: s < TARGET_WARM_START_MS)
-    w, e, k = starts[warm.label], starts[empty.label], starts[kg.label]
-    sg_rtt, kg_rtt = rtts[warm.label], rtts[kg.label]
-    metrics = [
-        metric("start_warm_median", "start to idle, pool warm (median)", "ms", statistics.median(w),
-               statistics.median(k), warm_target, chart=("start", "gateway, pool warm")),
-        metric("start_warm_p95", "start to idle, pool warm (p95)", "ms", p95(w), p95(k)),
-        metric("start_empty_median", "start to idle, pool empty (median)", "ms", statistics.median(e),
-               statistics.median(k), chart=("start", "gateway, pool empty")),
-        metric("start_empty_p95", "start to idle, pool empty (p95)", "ms", p95(e), p95(k)),
-        metric("rtt_median", "WebSocket `1+1` round trip (median)", "ms", statistics.median(sg_rtt["default"]),
-               statistics.median(kg_rtt["default"]), not_slower, chart=("roundtrip", "gateway, taking turns")),
-        metric("rtt_p95", "WebSocket `1+1` round trip (p95)", "ms", p95(sg_rtt["default"]), p95(kg_rtt["default"])),
-        metric("rtt_quickack_median", "WebSocket `1+1` round trip, client TCP_QUICKACK (median)", "ms",
-               statistics.median(sg_rtt["quickack"]), statistics.median(kg_rtt["quickack"]), not_slower,
-               chart=("roundtrip", "gateway, quick ACKs")),
-        metric("rtt_quickack_p95", "WebSocket `1+1` round trip, client TCP_QUICKACK (p95)", "ms",
-               p95(sg_rtt["quickack"]), p95(kg_rtt["quickack"])),
-        metric("rtt_in_a_row_median", "WebSocket `1+1` round trip, cells in a row (median)", "ms",
-               statistics.median(sg_rtt["in_a_row"]), statistics.median(kg_rtt["in_a_row"]), not_slower,
-               chart=("roundtrip", "gateway, in a row")),
-        metric("rtt_in_a_row_p95", "WebSocket `1+1` round trip, cells in a row (p95)", "ms",
-               p95(sg_rtt["in_a_row"]), p95(kg_rtt["in_a_row"])),
-        metric("memory_per_kernel", f"PSS per idle kernel ({args.kernels} kernels, total / {args.kernels})", "MiB",
-               sg_mem["per_kernel_mib"], kg_mem["per_kernel_mib"], third,
-               chart=("memory", f"gateway, {args.kernels} kernels")),
-        metric("memory_total", f"PSS of gateway + {args.kernels} idle kernels", "MiB",
-               sg_mem["total_mib"], kg_mem["total_mib"]),
-        metric("memory_gateway", f"PSS of the gateway process alone (with {args.kernels} kernels)", "MiB",
-               sg_mem["gateway_mib"], kg_mem["gateway_mib"]),
-    ]
+    idle_target = (f"<= {TARGET_IDLE_CPU_MS} ms/s", lambda s, r: s <= TARGET_IDLE_CPU_MS)
+    metrics = []
+    summary = []
+    if not args.capacity_only:
+        sg_mem, kg_mem = memory["sandgate"], memory["reference"]
+        w, e, k = starts[warm.label], starts[empty.label], starts[kg.label]
+        sg_rtt, kg_rtt = rtts[warm.label], rtts[kg.label]
+        metrics += [
+            metric("start_warm_median", "start to idle, pool warm (median)", "ms", statistics.median(w),
+                   statistics.median(k), warm_target, chart=("start", "gateway, pool warm")),
+            metric("start_warm_p95", "start to idle, pool warm (p95)", "ms", p95(w), p95(k)),
+            metric("start_empty_median", "start to idle, pool empty (median)", "ms", statistics.median(e),
+                   statistics.median(k), chart=("start", "gateway, pool empty")),
+            metric("start_empty_p95", "start to idle, pool empty (p95)", "ms", p95(e), p95(k)),
+            metric("rtt_median", "WebSocket `1+1` round trip (median)", "ms", statistics.median(sg_rtt["default"]),
+                   statistics.median(kg_rtt["default"]), not_slower, chart=("roundtrip", "gateway, taking turns")),
+            metric("rtt_p95", "WebSocket `1+1` round trip (p95)", "ms", p95(sg_rtt["default"]),
+                   p95(kg_rtt["default"])),
+            metric("rtt_quickack_median", "WebSocket `1+1` round trip, client TCP_QUICKACK (median)", "ms",
+                   statistics.median(sg_rtt["quickack"]), statistics.median(kg_rtt["quickack"]), not_slower,
+                   chart=("roundtrip", "gateway, quick ACKs")),
+            metric("rtt_quickack_p95", "WebSocket `1+1` round trip, client TCP_QUICKACK (p95)", "ms",
+                   p95(sg_rtt["quickack"]), p95(kg_rtt["quickack"])),
+            metric("rtt_in_a_row_median", "WebSocket `1+1` round trip, cells in a row (median)", "ms",
+                   statistics.median(sg_rtt["in_a_row"]), statistics.median(kg_rtt["in_a_row"]), not_slower,
+                   chart=("roundtrip", "gateway, in a row")),
+            metric("rtt_in_a_row_p95", "WebSocket `1+1` round trip, cells in a row (p95)", "ms",
+                   p95(sg_rtt["in_a_row"]), p95(kg_rtt["in_a_row"])),
+            metric("memory_per_kernel", f"PSS per idle kernel ({args.kernels} kernels, total / {args.kernels})",
+                   "MiB", sg_mem["per_kernel_mib"], kg_mem["per_kernel_mib"], third,
+                   chart=("memory", f"gateway, {args.kernels} kernels")),
+            metric("memory_total", f"PSS of gateway + {args.kernels} idle kernels", "MiB",
+                   sg_mem["total_mib"], kg_mem["total_mib"]),
+            metric("memory_gateway", f"PSS of the gateway process alone (with {args.kernels} kernels)", "MiB",
+                   sg_mem["gateway_mib"], kg_mem["gateway_mib"]),
+        ]
+        summary.append(f"{args.runs} starts each (Sandgate pool warm: --pool-size {args.pool_size}; pool empty: "
+                       f"--pool-size 0), {args.rtt_runs} round trips each after {args.warmup} warm-up, memory "
+                       f"with {args.kernels} kernels (Sandgate --pool-size 0: {sg_mem['processes']} kernel "
+                       f"processes; reference: {kg_mem['processes']})")
+    if capacity:
+        sg, ref = capacity["sandgate"], capacity["reference"]
+        n = f"{sg['alive']} / {ref['alive']} alive"
+        metrics += [
+            metric("capacity_alive", f"kernels alive at once (of {args.capacity} asked)", "", sg["alive"],
+                   ref["alive"]),
+            metric("capacity_pss_per_kernel", f"PSS per idle kernel process ({n})", "MiB",
+                   sg["pss_per_kernel_mib"], ref["pss_per_kernel_mib"]),
+            metric("capacity_idle_cpu", f"idle CPU per kernel ({n})", "ms/s",
+                   sg["idle_cpu_per_kernel_ms"], ref["idle_cpu_per_kernel_ms"], idle_target),
+            metric("capacity_idle_cpu_gateway", f"the gateway process's own idle CPU ({n})", "ms/s",
+                   sg["idle_cpu_gateway_ms"], ref["idle_cpu_gateway_ms"]),
+            metric("capacity_load", f"load average, 1 min, all idle ({n}; before: {sg['load_before']:.2f} / "
+                   f"{ref['load_before']:.2f})", "", sg["load_alive"], ref["load_alive"]),
+            metric("capacity_start_median", f"start to idle ({n}, median)", "ms",
+                   median_or_none(sg["start_ms"]), median_or_none(ref["start_ms"])),
+            metric("capacity_start_p95", f"start to idle ({n}, p95)", "ms", p95(sg["start_ms"]),
+                   p95(ref["start_ms"])),
+            metric("capacity_rtt_median", f"WebSocket `1+1` round trip ({n}, median)", "ms",
+                   median_or_none(sg["rtt_ms"]), median_or_none(ref["rtt_ms"])),
+            metric("capacity_gateway_rss_start", "gateway RSS at its start", "MiB",
+                   sg["gateway_rss_start_mib"], ref["gateway_rss_start_mib"]),
+            metric("capacity_gateway_rss_alive", f"gateway RSS ({n})", "MiB",
+                   sg["gateway_rss_alive_mib"], ref["gateway_rss_alive_mib"]),
+            metric("capacity_gateway_rss_after", "gateway RSS after deleting them all", "MiB",
+                   sg["gateway_rss_after_mib"], ref["gateway_rss_after_mib"]),
+        ]
+        for label, r in (("Sandgate", sg), ("reference", ref)):
+            if r["probe_failures"]:
+                summary.append(f"{label}: {len(r['probe_failures'])} of the probes at full count failed, "
+                               f"first: {r['probe_failures'][0]}")
+        summary.append(f"capacity: {args.capacity} kernels asked (Sandgate --pool-size {CAPACITY_POOL}); Sandgate "
+                       f"{sg['alive']} ({sg['stopped']}), reference {ref['alive']} ({ref['stopped']}); idle CPU "
+                       f"over {args.window:.0f} s after {args.settle:.0f} s")
     reference_name = f"Kernel Gateway {kernel_gateway.__version__} + ipykernel"
-    print(f"\nGateways on 127.0.0.1: {args.runs} starts each (Sandgate pool warm: --pool-size {args.pool_size}; "
-          f"pool empty: --pool-size 0), {args.rtt_runs} round trips each after {args.warmup} warm-up, memory with "
-          f"{args.kernels} kernels (Sandgate --pool-size 0: {sg_mem['processes']} kernel processes; reference: "
-          f"{kg_mem['processes']}); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}\n")
+    print(f"\nGateways on 127.0.0.1: {'; '.join(summary)}; {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f}\n")
     print_table(metrics, reference_name)
-    if any(retries.values()):
+    if retries and any(retries.values()):
         print(f"\nextra kernel_info requests (iopub idle not seen within {IOPUB_RETRY} s): {retries}")
     if args.json:
         args.json.write_text(json.dumps({
@@ -657,11 +898,14 @@ def main():
                 "gateway_binary_mtime": binary_mtime,
             },
             "runs": {"starts": args.runs, "round_trips": args.rtt_runs, "warmup": args.warmup,
-                     "pool_size": args.pool_size, "memory_kernels": args.kernels},
+                     "pool_size": args.pool_size, "memory_kernels": args.kernels, "capacity": args.capacity,
+                     "capacity_only": args.capacity_only},
             "metrics": metrics,
-            "memory": {"sandgate": sg_mem, "reference": kg_mem},
-            "samples_ms": {"start": {"sandgate_pool_warm": w, "sandgate_pool_empty": e, "reference": k},
-                           "round_trip": {"sandgate": sg_rtt, "reference": kg_rtt}},
+            "memory": memory,
+            "capacity": capacity,
+            "samples_ms": None if args.capacity_only else {
+                "start": {"sandgate_pool_warm": w, "sandgate_pool_empty": e, "reference": k},
+                "round_trip": {"sandgate": sg_rtt, "reference": kg_rtt}},
             "kernel_info_retries": retries,
         }, indent=2))
         progress(f"wrote {args.json}")

@@ -17,6 +17,7 @@
 //! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //! - [`cgroup`]: a cgroup of its own for each kernel process (memory and CPU), where allowed.
+//! - [`memory`]: handing the memory of ended kernels back to the system.
 //!
 //! The binary (`main.rs`) reads the command line, environment and config file, builds a
 //! [`config::Config`] and calls [`run`].
@@ -28,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod kernelspec;
+pub mod memory;
 pub mod session;
 pub mod workspace;
 

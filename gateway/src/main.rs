@@ -315,6 +315,29 @@ async fn shutdown_signal() {
     tracing::info!("signal received; stopping");
 }
 
+/// Raises the soft limit on open files to the hard one. Each kernel holds about 8 of the
+/// gateway's descriptors (its five sockets, its stdout and stderr, the process), so the usual
+/// soft limit of 1024 would stop the gateway at about 120 kernels, well below what the machine
+/// can hold; the hard limit is the operator's.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::debug!(from = ?limit.current, to = ?limit.maximum, "raised the open files limit")
+        }
+        Err(e) => tracing::warn!(limit = ?limit.current, error = %e,
+                                 "cannot raise the open files limit; kernels may be refused early"),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
@@ -419,6 +442,7 @@ fn main() -> Result<()> {
     let data_dir = resolve_data_dir(args.data_dir.as_deref())?;
     let config = load_config(&args, &data_dir)?;
     init_logs(config.log_format);
+    raise_open_files_limit();
     let kernel = kernel_binary(&config)?;
     prepare_image(&kernel, &data_dir)?;
     let (hash, new_token) = token_hash(&args, &config, &data_dir)?;

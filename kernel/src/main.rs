@@ -150,8 +150,31 @@ fn jupyter_kernels_dir(prefix: Option<&Path>) -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/share/jupyter/kernels"))
 }
 
-/// Resolves when this process's parent changes (the launcher died and we were re-parented).
-async fn watch_parent(parent: u32) {
+/// Resolves when this process's parent ends (the launcher died and we were re-parented).
+/// `pidfd` is a pidfd of `parent` opened at start: waiting on it wakes nobody until the parent
+/// exits. Without one (a kernel older than Linux 5.3, or a container that refuses the call)
+/// the parent is polled every second instead.
+async fn watch_parent(parent: u32, pidfd: Option<std::os::fd::OwnedFd>) {
+    if let Some(pidfd) = pidfd {
+        // The parent may have ended before the pidfd was opened: we were then re-parented.
+        if std::os::unix::process::parent_id() != parent {
+            return;
+        }
+        // SAFETY: `pidfd` is an `OwnedFd`, moved into the `AsyncFd`: it stays open, and its
+        // `as_raw_fd` names the same descriptor, until the `AsyncFd` is dropped.
+        #[allow(unsafe_code)]
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        };
+        match registered {
+            // A pidfd is readable once its process has exited.
+            Ok(pidfd) => match pidfd.readable().await {
+                Ok(_) => return,
+                Err(e) => tracing::debug!(error = %e, "cannot wait on the parent's pidfd; polling"),
+            },
+            Err(e) => tracing::debug!(error = %e, "cannot wait on the parent's pidfd; polling"),
+        }
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -159,6 +182,12 @@ async fn watch_parent(parent: u32) {
             return;
         }
     }
+}
+
+/// A pidfd of process `pid`, if the system gives one.
+fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
 fn progress(message: &str) {
@@ -282,6 +311,8 @@ fn main() -> Result<()> {
             };
             // Like ipykernel: a kernel whose launcher died exits instead of lingering.
             let parent = std::os::unix::process::parent_id();
+            // Opened before the seccomp filter, which does not allow `pidfd_open`.
+            let parent_fd = open_pidfd(parent);
             // The second wall, while the process still has one thread (see `harden`).
             if !cli.run.no_harden {
                 use jupyter_protocol::connection_info::Transport;
@@ -311,7 +342,7 @@ fn main() -> Result<()> {
                     #[cfg(not(unix))]
                     std::future::pending::<()>().await;
                 };
-                let orphaned = watch_parent(parent);
+                let orphaned = watch_parent(parent, parent_fd);
                 let notify = cli.run.notify_ready;
                 let ready = move || {
                     if notify {

@@ -143,6 +143,7 @@ struct Inner {
     observer: Arc<dyn Observer>,
     hook: Option<Arc<dyn ShellHook>>,
     live_dir: LiveDir,
+    released: crate::memory::Releaser,
 }
 
 /// Every kernel of the gateway.
@@ -172,6 +173,7 @@ impl Kernels {
             observer,
             hook,
             live_dir,
+            released: crate::memory::Releaser::default(),
         }))
     }
 
@@ -180,12 +182,14 @@ impl Kernels {
         &self.0.config
     }
 
-    /// Starts the warm-pool filler and the idle culler.
+    /// Starts the warm-pool filler, the idle culler and the memory releaser.
     pub fn spawn_background(&self) {
         let me = self.clone();
         tokio::spawn(async move { me.fill_pool().await });
         let me = self.clone();
         tokio::spawn(async move { me.cull_loop().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.0.released.run().await });
     }
 
     fn map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<uuid::Uuid, Arc<Kernel>>> {
@@ -467,6 +471,7 @@ impl Kernels {
         let (retired, fresh) =
             tokio::join!(retire, self.take_process(&kernel.owner, Some(kernel.id)));
         let () = retired;
+        self.0.released.kernel_ended();
         let (process, incoming) = match fresh {
             Ok(ready) => ready,
             Err(e) => {
@@ -522,6 +527,7 @@ impl Kernels {
             p.shutdown(self.0.config.shutdown_grace).await;
         }
         self.0.observer.kernel_ended(kernel);
+        self.0.released.kernel_ended();
         tracing::info!(kernel = %kernel.id, "kernel shut down");
     }
 

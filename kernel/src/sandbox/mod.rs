@@ -49,6 +49,10 @@ use crate::image::Image;
 pub const GUEST_THREAD_STACK: usize = 64 << 20;
 /// The epoch ticker's period: how often a running guest checks for interrupts and deadlines.
 const TICK: Duration = Duration::from_millis(10);
+/// How long the epoch ticker goes on after the last turn before it sleeps (see [`Ticker`]).
+/// Requests a few ms apart (kernels taking turns) find it awake; after a longer pause the first
+/// request wakes it, which costs that request one futex wake.
+const TICKER_LINGER: Duration = Duration::from_millis(200);
 /// Most events waiting between the guest and the kernel before the guest blocks on output.
 pub const EVENT_QUEUE: usize = 1024;
 /// argv[0] the image was built to expect.
@@ -419,8 +423,13 @@ impl Drop for Sandbox {
 /// The process's one engine. Epoch interruption drives interrupts and timeouts; the exception
 /// proposal is needed by the image.
 pub fn engine(limits: &Limits) -> Result<Engine, SandboxError> {
-    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
-    let engine = ENGINE.get_or_init(|| {
+    engine_and_ticker(limits).map(|(engine, _)| engine)
+}
+
+/// The engine and its epoch ticker, made once per process.
+fn engine_and_ticker(limits: &Limits) -> Result<(Engine, &'static Ticker), SandboxError> {
+    static ENGINE: OnceLock<Result<(Engine, &'static Ticker), String>> = OnceLock::new();
+    let made = ENGINE.get_or_init(|| {
         let mut config = Config::new();
         config
             .epoch_interruption(true)
@@ -429,20 +438,95 @@ pub fn engine(limits: &Limits) -> Result<Engine, SandboxError> {
             .async_stack_size(limits.wasm_stack_bytes + (1 << 20))
             .memory_init_cow(true);
         let engine = Engine::new(&config).map_err(|e| e.to_string())?;
-        let weak = engine.weak();
-        std::thread::Builder::new()
-            .name("epoch-ticker".into())
-            .spawn(move || {
-                while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
-                    drop(engine);
-                    std::thread::sleep(TICK);
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(engine)
+        let ticker = Ticker::start(&engine).map_err(|e| e.to_string())?;
+        Ok((engine, ticker))
     });
-    engine.clone().map_err(SandboxError::Start)
+    made.clone().map_err(SandboxError::Start)
+}
+
+/// The epoch ticker: one thread per process that advances the engine's epoch every [`TICK`]
+/// while a guest turn runs, so that a running guest checks for interrupts and its deadline (the
+/// epoch callback in [`Host::boot`]). Once no turn has begun for [`TICKER_LINGER`] it parks with
+/// no timer at all, so an idle kernel wakes no thread; the next turn to begin unparks it, and
+/// the first tick of that turn comes a full [`TICK`] after it began.
+struct Ticker {
+    /// Turns begun and turns ended, over the process's life: their difference runs now.
+    begun: AtomicU64,
+    ended: AtomicU64,
+    /// Set by the ticker before it parks; whoever swaps it back to false unparks it.
+    asleep: AtomicBool,
+    thread: OnceLock<std::thread::Thread>,
+}
+
+/// A guest turn in progress, for the [`Ticker`]: it ticks until every one is dropped.
+struct Ticking(&'static Ticker);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.ended.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Ticker {
+    /// Starts the ticker's thread, asleep until the first turn.
+    fn start(engine: &Engine) -> std::io::Result<&'static Ticker> {
+        let ticker: &'static Ticker = Box::leak(Box::new(Ticker {
+            begun: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            asleep: AtomicBool::new(true),
+            thread: OnceLock::new(),
+        }));
+        let weak = engine.weak();
+        let thread = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || ticker.run(weak))?;
+        let _ = ticker.thread.set(thread.thread().clone());
+        Ok(ticker)
+    }
+
+    /// A turn begins: the ticker ticks until the returned guard is dropped.
+    fn turn(&'static self) -> Ticking {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        if self.asleep.swap(false, Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        Ticking(self)
+    }
+
+    fn run(&self, engine: wasmtime::EngineWeak) {
+        let linger = TICKER_LINGER.as_millis() / TICK.as_millis();
+        loop {
+            // Asleep: parked, with no timer, until a turn begins.
+            while self.asleep.load(Ordering::SeqCst) {
+                std::thread::park();
+            }
+            let mut seen = self.begun.load(Ordering::SeqCst);
+            let mut quiet = 0;
+            while quiet < linger {
+                std::thread::sleep(TICK);
+                let Some(engine) = engine.upgrade() else {
+                    return;
+                };
+                engine.increment_epoch();
+                let begun = self.begun.load(Ordering::SeqCst);
+                if begun != seen || begun != self.ended.load(Ordering::SeqCst) {
+                    quiet = 0;
+                } else {
+                    quiet += 1;
+                }
+                seen = begun;
+            }
+            // Asleep from here, unless a turn began meanwhile: a turn that begins after this
+            // store finds `asleep` set and unparks the ticker; one that began before it is
+            // counted in `begun`, which is read after the store.
+            self.asleep.store(true, Ordering::SeqCst);
+            if self.begun.load(Ordering::SeqCst) != seen {
+                self.asleep.store(false, Ordering::SeqCst);
+            }
+        }
+    }
 }
 
 /// Compiles the image's wasm to native code and writes it to `out` (the slow step, about a
@@ -506,6 +590,7 @@ type Exports = (TypedFunc<i32, i32>, TypedFunc<(i32, i32), i32>);
 struct Host {
     config: SandboxConfig,
     engine: Engine,
+    ticker: &'static Ticker,
     pre: InstancePre<Guest>,
     wasi_only: door::WasiOnly,
     sink: EventSink,
@@ -527,7 +612,7 @@ impl Host {
         control: Arc<Control>,
         input: mpsc::Receiver<Option<String>>,
     ) -> Result<Host, SandboxError> {
-        let engine = engine(&config.limits)?;
+        let (engine, ticker) = engine_and_ticker(&config.limits)?;
         let module = load_module(&engine, &config.image.cwasm)?;
         let mut linker: Linker<Guest> = Linker::new(&engine);
         door::define(&mut linker).map_err(|e| SandboxError::Load {
@@ -549,6 +634,7 @@ impl Host {
         let mut host = Host {
             config,
             engine,
+            ticker,
             pre,
             wasi_only,
             sink,
@@ -669,6 +755,7 @@ impl Host {
         // while the guest waited between turns (which would also hand the kernel's tasks over
         // at the start of every turn; see `seat`).
         store.set_epoch_deadline(1);
+        let ticking = self.ticker.turn();
         let result = (|| {
             let len = i32::try_from(code.len()).map_err(|_| "turn too long".to_string())?;
             let p = alloc.call(&mut *store, len).map_err(|e| stop_reason(&e))?;
@@ -679,6 +766,7 @@ impl Host {
             turn.call(&mut *store, (p, len))
                 .map_err(|e| stop_reason(&e))
         })();
+        drop(ticking);
         door::settle(store);
         store.data_mut().door.end();
         result.map(|_| ())
