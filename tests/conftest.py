@@ -90,32 +90,50 @@ def kernels_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="session")
-def start_kernel(kernels_dir, tmp_path_factory):
-    started = []
+class KernelStarter:
+    """Starts kernels through jupyter_client from kernelspecs written per test session; `close`
+    ends the ones it started."""
 
-    def start(extra=(), env=None):
-        workspace = tmp_path_factory.mktemp("workspace")
-        name = f"sandgate-test-{len(started)}"
-        write_spec(kernels_dir, name, ["--workspace", str(workspace), *extra])
-        km = KernelManager(kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels_dir)]))
+    count = 0  # kernelspec names are unique across starters
+
+    def __init__(self, kernels_dir, tmp_path_factory):
+        self.kernels_dir, self.tmp_path_factory, self.started = kernels_dir, tmp_path_factory, []
+
+    def __call__(self, extra=(), env=None):
+        workspace = self.tmp_path_factory.mktemp("workspace")
+        KernelStarter.count += 1
+        name = f"sandgate-test-{KernelStarter.count}"
+        write_spec(self.kernels_dir, name, ["--workspace", str(workspace), *extra])
+        km = KernelManager(kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(self.kernels_dir)]))
         km.start_kernel(env={**os.environ, **(env or {})})
         k = Kernel(km, workspace)
-        started.append(k)
+        self.started.append(k)
         return k
 
-    yield start
-    for k in started:
-        try:
-            k.close()
-        except Exception:
-            pass
+    def close(self):
+        for k in self.started:
+            try:
+                k.close()
+            except Exception:
+                pass
+        self.started.clear()
+
+
+@pytest.fixture
+def start_kernel(kernels_dir, tmp_path_factory):
+    """Starts kernels for one test; they end with it (each holds a process, its memory and a
+    dozen of this process's file descriptors)."""
+    starter = KernelStarter(kernels_dir, tmp_path_factory)
+    yield starter
+    starter.close()
 
 
 @pytest.fixture(scope="session")
-def kernel(start_kernel):
+def kernel(kernels_dir, tmp_path_factory):
     """One kernel shared by the tests that keep to their own variable names."""
-    return start_kernel()
+    starter = KernelStarter(kernels_dir, tmp_path_factory)
+    yield starter()
+    starter.close()
 
 
 def of_type(outputs, msg_type):

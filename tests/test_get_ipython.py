@@ -115,3 +115,22 @@ def test_matplotlib_inline_figures_are_shown_once_with_the_shell_present(start_k
     assert of_type(out, "display_data") == []
     out = ok(k, "fig, ax = plt.subplots()\nax.bar(['a', 'b'], [1, 2])\nplt.show()\n'shown'")
     assert len(of_type(out, "display_data")) == 1 and result_text(out) == ["'shown'"]
+
+
+def test_an_interrupt_inside_an_event_callback_is_the_cells_error(start_kernel):
+    """A KeyboardInterrupt (an interrupt, a time limit) that lands while a callback runs ends
+    that cell with a proper error, published as any other, and the kernel goes on."""
+    k = start_kernel()
+    ok(k, "def stop(*args):\n    raise KeyboardInterrupt('in a callback')\n"
+          "get_ipython().events.register('pre_run_cell', stop)")
+    reply, out = k.execute("never = 'ran'")
+    assert reply["ename"] == "KeyboardInterrupt", reply
+    assert [m["content"]["ename"] for m in of_type(out, "error")] == ["KeyboardInterrupt"]
+    ok(k, "get_ipython().events.unregister('pre_run_cell', stop)\n"
+          "get_ipython().events.register('post_execute', stop)")
+    reply, out = k.execute("after = 'ran'")
+    assert reply["ename"] == "KeyboardInterrupt", reply
+    assert [m["content"]["ename"] for m in of_type(out, "error")] == ["KeyboardInterrupt"]
+    get_ipython_unregister = "get_ipython().events.unregister('post_execute', stop)\n"
+    out = ok(k, get_ipython_unregister + "'never' in globals(), after")
+    assert result_text(out) == ["(False, 'ran')"]

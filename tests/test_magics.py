@@ -550,3 +550,19 @@ def test_guest_modules_do_not_redefine_each_others_names():
         for name in top_level(path):
             assert name not in seen, f"{name} is defined in {seen.get(name)} and in {path.name}"
             seen[name] = path.name
+
+
+def test_xmode_context_survives_a_module_edited_since_it_was_imported(start_kernel):
+    """The code object and the file on disk disagree: the context lines stop at the file's end,
+    and the error is shown, not lost to an error in its formatting."""
+    k = start_kernel()
+    (k.workspace / "shrinking.py").write_text(
+        "def f():\n    x = 1\n    y = 2\n    z = 3\n    w = 1 / 0\n    v = 6\n    u = 7\n    return 8\n")
+    reply, _ = k.execute("%xmode Context")
+    assert reply["status"] == "ok", reply
+    reply, _ = k.execute("import shrinking")
+    assert reply["status"] == "ok", reply
+    (k.workspace / "shrinking.py").write_text("a = 1\nb = 2\nc = 3\nd = 4\ne = 5\n")
+    reply, out = k.execute("shrinking.f()")
+    assert reply["ename"] == "ZeroDivisionError", reply
+    assert any("shrinking.py" in line for line in reply["traceback"]), reply["traceback"]

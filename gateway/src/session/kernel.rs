@@ -11,7 +11,7 @@
 //! is answered to its session, whichever of the session's sockets it came on, even one being
 //! closed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -239,8 +239,12 @@ struct Mailbox {
     /// Messages dropped (oldest first) while no socket took them.
     dropped: u64,
     detached_at: Option<Instant>,
-    /// Told when the primary took messages, so a full queue has room again.
+    /// Told when a full queue may have room again: the primary took messages, or no socket
+    /// is primary any more (then nothing waits for room).
     space: Arc<Notify>,
+    /// Sockets removed before they ever spoke: what they took was queued again then, so what
+    /// they could not send must not be given back a second time.
+    requeued: HashSet<u64>,
 }
 
 /// Drops messages from the front of `queue` while it is over the detached limits; returns how
@@ -269,6 +273,7 @@ impl Mailbox {
             dropped: 0,
             detached_at: None,
             space: Arc::new(Notify::new()),
+            requeued: HashSet::new(),
         }
     }
 
@@ -307,6 +312,8 @@ impl Mailbox {
             true
         } else {
             self.primary = None;
+            // A sender waiting for the old primary's room can queue now.
+            self.space.notify_waiters();
             false
         }
     }
@@ -341,8 +348,8 @@ impl Mailbox {
 
     /// Puts messages a socket took but could not send back in front of the queue.
     fn give_back(&mut self, conn: u64, unsent: Vec<Outgoing>) {
-        // A socket that never spoke gives back all it took when it is removed.
-        if self.socket(conn).is_some_and(|s| !s.spoke) {
+        // A socket that never spoke gives back all it took when it is removed (or was, already).
+        if self.requeued.contains(&conn) || self.socket(conn).is_some_and(|s| !s.spoke) {
             return;
         }
         for out in unsent.into_iter().rev() {
@@ -392,6 +399,7 @@ impl Mailbox {
                 self.queue.push_front(out);
             }
             socket.provisional_bytes = 0;
+            self.requeued.insert(conn);
         }
         if self.primary == Some(conn) {
             self.primary = None;
@@ -408,6 +416,8 @@ impl Mailbox {
         if self.sockets.is_empty() {
             self.detached_at = Some(Instant::now());
         }
+        // The queue may take more now (a new primary's, or a detached one's bounds).
+        self.space.notify_waiters();
         Some(socket)
     }
 }
@@ -1284,6 +1294,39 @@ mod tests {
         m.remove(2);
         m.offer(out(5)).unwrap();
         assert_eq!(take(&mut m, 3), [5]);
+    }
+
+    #[test]
+    fn a_silent_socket_removed_then_failing_to_send_gives_nothing_back_twice() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        m.offer(out(1)).unwrap();
+        m.offer(out(2)).unwrap();
+        assert_eq!(take(&mut m, 1), [1, 2]);
+        attach(&mut m, 2);
+        m.spoke(2); // 1 is stale: what it took is queued again
+        m.give_back(1, vec![out(2)]); // its send of 2 then failed
+        assert_eq!(take(&mut m, 2), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_sender_waiting_for_a_full_primary_is_woken_when_the_primary_goes() {
+        let mut m = Mailbox::new();
+        attach(&mut m, 1);
+        m.spoke(1);
+        for n in 0..CLIENT_QUEUE as u32 {
+            m.offer(out(n)).unwrap();
+        }
+        assert!(m.offer(out(9999)).is_err());
+        let space = m.space.clone();
+        let room = space.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        m.remove(1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), room)
+            .await
+            .expect("woken at once");
+        assert!(m.offer(out(9999)).is_ok());
     }
 
     #[test]

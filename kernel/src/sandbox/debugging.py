@@ -133,7 +133,8 @@ def _context_lines(frame, lineno, verbose):
     start = max(first, lineno - (_TB_CONTEXT - 1))
     while start < lineno and not lines[start - 1].strip():
         start += 1
-    stop = min(last, lineno + _TB_CONTEXT // 2)
+    # The code object and linecache may disagree (a module edited since it was imported).
+    stop = min(last, lineno + _TB_CONTEXT // 2, len(lines))
     while stop > lineno and not lines[stop - 1].strip():
         stop -= 1
     out = []

@@ -860,9 +860,15 @@ def _error_content(e, count):
     if isinstance(e, _UsageError):
         # A misused magic is the user's line, not a failure inside: no traceback, as in IPython.
         return {"ename": name, "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
-    # `%xmode` (magics.py) puts its formatter in `_state`.
-    formatter = _state.get("format_traceback") or _format_traceback
-    return {"ename": name, "evalue": evalue, "traceback": _formatted(formatter, e)}
+    # `%xmode` (debugging.py) puts its formatter in `_state`; should it fail on some odd
+    # frame, the error still reaches the user in the default shape.
+    formatter = _state.get("format_traceback")
+    if formatter is not None:
+        try:
+            return {"ename": name, "evalue": evalue, "traceback": _formatted(formatter, e)}
+        except Exception:
+            pass
+    return {"ename": name, "evalue": evalue, "traceback": _formatted(_format_traceback, e)}
 
 
 def _user_expressions(expressions):
@@ -895,11 +901,13 @@ def _execute(req):
     shell = _shell["instance"]
     if shell is not None:
         info = ExecutionInfo(source, store, silent, cell_id=(req.get("cell_id") or None))
-        shell.events.trigger("pre_execute")
-        if not silent:
-            shell.events.trigger("pre_run_cell", info)
     value = error = None
     try:
+        if shell is not None:
+            # Inside the `try`: an interrupt or a time limit while they run is the cell's error.
+            shell.events.trigger("pre_execute")
+            if not silent:
+                shell.events.trigger("pre_run_cell", info)
         if _autoreload["mode"] and not silent:
             _autoreload_check()
         try:
@@ -950,11 +958,20 @@ def _execute(req):
                     _state["after_error"](e)
         status = dict(content, status="error")
     if shell is not None:
-        shell.events.trigger("post_execute")
-        if not silent:
-            result = ExecutionResult(info)
-            result.execution_count, result.result, result.error_in_exec = count, value, error
-            shell.events.trigger("post_run_cell", result)
+        try:
+            shell.events.trigger("post_execute")
+            if not silent:
+                result = ExecutionResult(info)
+                result.execution_count, result.result, result.error_in_exec = count, value, error
+                shell.events.trigger("post_run_cell", result)
+        except BaseException as e:
+            # An interrupt or a time limit while the callbacks ran (each callback's own errors
+            # are reported by `trigger`).
+            content = _error_content(e, count)
+            if not silent:
+                _publish("error", content)
+            if status["status"] == "ok":
+                status = dict(content, status="error")
     status["user_expressions"] = _user_expressions(req.get("user_expressions"))
     status["payload"] = _state["payload"]
     return status

@@ -39,9 +39,10 @@ class _Events:
             try:
                 function(*args, **kwargs)
             except Exception as e:
-                # As IPython: a failing callback is reported and the others still run.
+                # As IPython: a failing callback is reported and the others still run. Its
+                # traceback is cut as a cell's is (a deep recursion must not take minutes).
                 print(f"Error in callback {function!r} (for {event}):", file=sys.stderr)
-                traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+                print("\n".join(_formatted(_format_traceback, e)), file=sys.stderr)
 
 
 class _Formatter:
