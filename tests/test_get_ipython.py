@@ -121,16 +121,19 @@ def test_an_interrupt_inside_an_event_callback_is_the_cells_error(start_kernel):
     """A KeyboardInterrupt (an interrupt, a time limit) that lands while a callback runs ends
     that cell with a proper error, published as any other, and the kernel goes on."""
     k = start_kernel()
-    ok(k, "def stop(*args):\n    raise KeyboardInterrupt('in a callback')\n"
-          "get_ipython().events.register('pre_run_cell', stop)")
+    ok(k, "pre_armed, post_armed = [], []\n"
+          "def stop_pre(*args):\n    if pre_armed:\n        pre_armed.pop()\n"
+          "        raise KeyboardInterrupt('in a callback')\n"
+          "def stop_post(*args):\n    if post_armed:\n        post_armed.pop()\n"
+          "        raise KeyboardInterrupt('in a callback')\n"
+          "get_ipython().events.register('pre_run_cell', stop_pre)\n"
+          "get_ipython().events.register('post_execute', stop_post)")
+    ok(k, "pre_armed.append(1)")
     reply, out = k.execute("never = 'ran'")
     assert reply["ename"] == "KeyboardInterrupt", reply
     assert [m["content"]["ename"] for m in of_type(out, "error")] == ["KeyboardInterrupt"]
-    ok(k, "get_ipython().events.unregister('pre_run_cell', stop)\n"
-          "get_ipython().events.register('post_execute', stop)")
-    reply, out = k.execute("after = 'ran'")
+    reply, out = k.execute("post_armed.append(1)\nafter = 'ran'")
     assert reply["ename"] == "KeyboardInterrupt", reply
     assert [m["content"]["ename"] for m in of_type(out, "error")] == ["KeyboardInterrupt"]
-    get_ipython_unregister = "get_ipython().events.unregister('post_execute', stop)\n"
-    out = ok(k, get_ipython_unregister + "'never' in globals(), after")
+    out = ok(k, "'never' in globals(), after")
     assert result_text(out) == ["(False, 'ran')"]
