@@ -27,6 +27,17 @@ def get(g, path, **query):
     return g.request("GET", f"/api/contents/{path}" + (f"?{q}" if q else ""))
 
 
+def assert_a_kernel_runs(g):
+    """A new kernel of gateway `g` answers a cell."""
+    k = g.start_kernel()
+    s = KernelSocket(g, k["id"])
+    try:
+        _, out = s.execute("6 * 7")
+        assert result_text(out) == "42"
+    finally:
+        s.close()
+
+
 def result_text(out):
     return [m for m in out if m["msg_type"] == "execute_result"][0]["content"]["data"]["text/plain"]
 
@@ -389,13 +400,7 @@ def test_a_damaged_index_of_the_workspace_opened_at_start_does_not_stop_the_gate
     status, err, _ = get(g, "indexed.txt")
     assert status == 500 and f"workspaces/{index.parent.name}" in err["message"], err
     assert "backup" in err["message"] and "out of workspaces/" in err["message"], err
-    k = g.start_kernel()
-    s = KernelSocket(g, k["id"])
-    try:
-        reply, out = s.execute("6 * 7")
-        assert result_text(out) == "42"
-    finally:
-        s.close()
+    assert_a_kernel_runs(g)
     assert g.stop() == 0
     assert str(index.parent) in g.log() and "backup" in g.log()
     index.write_bytes(good)
@@ -419,13 +424,7 @@ def test_a_damaged_key_file_is_an_error_with_the_way_out(start_gateway):
             assert "keys.json" in err["message"] and "backup" in err["message"], err
             assert str(g.data_dir) not in err["message"]  # host paths stay in the log
         # Kernels still run.
-        k = g.start_kernel()
-        s = KernelSocket(g, k["id"])
-        try:
-            reply, out = s.execute("6 * 7")
-            assert result_text(out) == "42"
-        finally:
-            s.close()
+        assert_a_kernel_runs(g)
         assert g.stop() == 0
         # Logged once per run (not per request), with the way out.
         log = g.log()

@@ -611,6 +611,18 @@ def _compile_source(source, filename, want_value=True):
     return body, last
 
 
+def _compile_cell(source, filename):
+    """`_compile_source` of a cell, IPython's syntax (magics, `obj?`) included: looked for only
+    in what Python rejects, so a `%` line inside a string stays the string's."""
+    try:
+        return _compile_source(source, filename)
+    except SyntaxError:
+        transformed = _transform(source)
+        if transformed == source:
+            raise
+        return _compile_source(transformed, filename)
+
+
 def _run_compiled(compiled):
     """Runs `_compile_source`'s code objects; returns the last expression's value."""
     body, last = compiled
@@ -911,15 +923,7 @@ def _execute(req):
         if _autoreload["mode"] and not silent:
             _autoreload_check()
         try:
-            try:
-                compiled = _compile_source(source, filename)
-            except SyntaxError:
-                # IPython's syntax (magics, `obj?`) is looked for only in what Python rejects.
-                transformed = _transform(source)
-                if transformed == source:
-                    raise
-                compiled = _compile_source(transformed, filename)
-            value = _run_compiled(compiled)
+            value = _run_compiled(_compile_cell(source, filename))
         finally:
             _flush()
         if not silent:

@@ -297,13 +297,7 @@ class ZMQInteractiveShell:
         result = ExecutionResult(info)
         result.execution_count = _state["count"]
         try:
-            try:
-                compiled = _compile_source(raw_cell, "<run_cell>")
-            except SyntaxError:
-                transformed = _transform(raw_cell)
-                if transformed == raw_cell:
-                    raise
-                compiled = _compile_source(transformed, "<run_cell>")
+            compiled = _compile_cell(raw_cell, "<run_cell>")
         except SyntaxError as e:
             result.error_before_exec = e
             self.showtraceback((type(e), e, e.__traceback__))
