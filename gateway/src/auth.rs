@@ -63,7 +63,7 @@ pub fn new_token() -> String {
 }
 
 /// Compares two equal-length byte strings without an early exit.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -88,7 +88,7 @@ impl Auth {
         Auth { users: Some(users) }
     }
 
-    /// The token a request carries: `Authorization: token T` or `Bearer T`, or, when
+    /// The token a request carries: `Authorization: token T` or `Bearer T`, `X-API-Key: T`, or, when
     /// `query_allowed` (WebSocket upgrades, which browsers cannot give headers), `?token=T`.
     pub fn presented(
         headers: &HeaderMap,
@@ -105,6 +105,10 @@ impl Auth {
                     return Some(t.trim().to_owned());
                 }
             }
+        }
+        // E2B's SDKs send their API key so; a Sandgate token is the key.
+        if let Some(value) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            return Some(value.trim().to_owned());
         }
         if query_allowed {
             for (k, v) in form_pairs(query.unwrap_or_default()) {

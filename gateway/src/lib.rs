@@ -14,6 +14,10 @@
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
+//! - [`exec`]: the execution service: run code on a kernel, get typed events back (used by
+//!   `%%ask`, the E2B-compatible API and MCP).
+//! - [`e2b`]: an E2B-compatible API (control plane, code interpreter, envd) on the same
+//!   listener, so E2B's SDKs run unchanged against Sandgate.
 //! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //! - [`cgroup`]: a cgroup of its own for each kernel process (memory and CPU), where allowed.
@@ -27,6 +31,8 @@ pub mod auth;
 pub mod cgroup;
 pub mod client;
 pub mod config;
+pub mod e2b;
+pub mod exec;
 pub mod http;
 pub mod kernelspec;
 pub mod memory;
@@ -286,6 +292,7 @@ impl Gateway {
             workspaces: workspaces.clone(),
             asker,
             sessions: http::sessions::Sessions::default(),
+            e2b: e2b::sandboxes::Sandboxes::new(kernels.clone()),
             started: chrono::Utc::now(),
             loopback,
             closing: closing_rx,

@@ -318,11 +318,12 @@ impl Asker {
             if options.no_run {
                 return Ending::Ok { code };
             }
-            let run = json!({"code": generated, "silent": false, "store_history": true,
-                             "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
-            let reply = kernel
-                .execute_internal(run, Some(parent.clone()), self.run_timeout)
-                .await;
+            let run = crate::exec::Request {
+                show_under: Some(parent.clone()),
+                stop_on_error: true,
+                ..crate::exec::Request::cell(generated.clone())
+            };
+            let reply = run_to_end(kernel, run, self.run_timeout).await;
             let Some(reply) = reply else {
                 return ask_error(
                     "the kernel did not answer while running the generated code".into(),
@@ -458,12 +459,20 @@ impl Asker {
             cells: self.history.recent(kernel.id),
             ..prompt::Context::default()
         };
-        let describe = json!({"code": "", "silent": true, "store_history": false, "allow_stdin": false,
-                              "user_expressions": {"ns": "__import__('sys').modules['_sandgate'].describe()"}});
-        if let Some(reply) = kernel
-            .execute_internal(describe, None, DESCRIBE_TIMEOUT)
-            .await
-        {
+        let mut expressions = serde_json::Map::new();
+        expressions.insert(
+            "ns".into(),
+            "__import__('sys').modules['_sandgate'].describe()".into(),
+        );
+        let describe = crate::exec::Request {
+            code: String::new(),
+            silent: true,
+            store_history: false,
+            user_expressions: expressions,
+            stop_on_error: false,
+            show_under: None,
+        };
+        if let Some(reply) = run_to_end(kernel, describe, DESCRIBE_TIMEOUT).await {
             let ns = &reply["user_expressions"]["ns"]["data"]["application/json"];
             context.variables = ns["variables"].as_array().cloned().unwrap_or_default();
             context.packages = ns["packages"]
@@ -530,4 +539,19 @@ impl ShellHook for Asker {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
         Box::pin(async move { self.serve_request(kernel, request).await })
     }
+}
+
+/// Runs `request` on `kernel` and waits up to `timeout` for its reply; `None` if the kernel
+/// did not answer in time (the code is then interrupted) or went away.
+async fn run_to_end(
+    kernel: &Arc<Kernel>,
+    request: crate::exec::Request,
+    timeout: std::time::Duration,
+) -> Option<Value> {
+    let execution = crate::exec::Execution::start(kernel, request).await.ok()?;
+    tokio::time::timeout(timeout, execution.reply())
+        .await
+        .ok()?
+        .ok()
+        .flatten()
 }

@@ -44,6 +44,9 @@ use routes::{NoRoute, Route};
 /// The API version reported at `GET /api` (the Jupyter Server REST API this gateway follows).
 pub const API_VERSION: &str = "2.21.1";
 
+/// A response body: whole (the Jupyter API) or streamed (E2B's `/execute`).
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
 /// What every handler can reach.
 pub struct App {
     /// The configuration.
@@ -58,6 +61,8 @@ pub struct App {
     pub asker: Arc<crate::ask::Asker>,
     /// `/api/sessions`.
     pub sessions: sessions::Sessions,
+    /// The sandboxes of the E2B-compatible API.
+    pub e2b: crate::e2b::sandboxes::Sandboxes,
     /// When the gateway started.
     pub started: DateTime<Utc>,
     /// Whether it listens on a loopback address (the `Host` rule applies then).
@@ -92,7 +97,11 @@ pub(crate) fn empty(status: StatusCode) -> Response<Full<Bytes>> {
 pub const MAX_IN_FLIGHT: usize = 512;
 
 /// Reads a body of at most `max` bytes within `limit` (a client that trickles it is cut off).
-async fn read_body(body: Incoming, max: usize, limit: Duration) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    body: Incoming,
+    max: usize,
+    limit: Duration,
+) -> Result<Bytes, ApiError> {
     let collected = tokio::time::timeout(limit, Limited::new(body, max).collect()).await;
     let Ok(collected) = collected else {
         return Err(ApiError::SlowBody(limit.as_secs()));
@@ -138,7 +147,7 @@ struct StartKernel {
     path: Option<String>,
 }
 
-fn cors_headers(app: &App, req_headers: &http::HeaderMap, response: &mut Response<Full<Bytes>>) {
+fn cors_headers<B>(app: &App, req_headers: &http::HeaderMap, response: &mut Response<B>) {
     let Some(origin) = req_headers
         .get(header::ORIGIN)
         .and_then(|o| o.to_str().ok())
@@ -164,22 +173,24 @@ fn cors_headers(app: &App, req_headers: &http::HeaderMap, response: &mut Respons
 }
 
 /// Serves one request. Never fails: errors become JSON responses.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
     let started = std::time::Instant::now();
     let permit = app.in_flight.clone().try_acquire_owned();
     let mut response = match permit {
-        Err(_) => ApiError::Overloaded(MAX_IN_FLIGHT).response(),
+        Err(_) => ApiError::Overloaded(MAX_IN_FLIGHT)
+            .response()
+            .map(|b| b.boxed_unsync()),
         Ok(_permit) => match dispatch(&app, req).await {
             Ok(r) => r,
-            Err(e) => e.response(),
+            Err(e) => e.response().map(|b| b.boxed_unsync()),
         },
     };
     cors_headers(&app, &headers, &mut response);
     if method == Method::HEAD {
-        *response.body_mut() = Full::new(Bytes::new());
+        *response.body_mut() = Full::new(Bytes::new()).boxed_unsync();
     }
     // The path is logged, never the query (it may carry a token), and never a workspace path
     // (file names are the user's data: they stay encrypted, logs included).
@@ -199,10 +210,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Byte
     response
 }
 
-async fn dispatch(
-    app: &Arc<App>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, ApiError> {
+async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let cfg = &app.config.auth;
     crate::auth::check_host(
         req.headers(),
@@ -210,6 +218,17 @@ async fn dispatch(
         cfg.allow_remote_access,
         &cfg.local_hostnames,
     )?;
+    if let Some(route) = crate::e2b::route(req.uri().path(), req.headers()) {
+        return Ok(crate::e2b::handle(app, route, req).await);
+    }
+    jupyter(app, req).await.map(|r| r.map(|b| b.boxed_unsync()))
+}
+
+/// Serves a request of Jupyter Server's API (the `Host` rule has passed).
+async fn jupyter(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     let route = match routes::route(req.method(), req.uri().path()) {
         Ok(r) => r,
         Err(NoRoute::NotFound) => {
@@ -231,30 +250,7 @@ async fn dispatch(
     let is_ws = matches!(route, Route::Channels(_));
     let user = app.auth.check(req.headers(), req.uri().query(), is_ws)?;
     let user = user.as_str();
-    if !app.workspaces.is_unlocked()
-        && app.workspaces.key_damage().is_none()
-        && let Some(token) = crate::auth::Auth::presented(req.headers(), req.uri().query(), is_ws)
-    {
-        // The access token opens the workspace key (when no other key source was given).
-        match app
-            .workspaces
-            .unlock(crate::workspace::keys::MasterSource::Token(token))
-            .await
-        {
-            Ok(()) => match app.workspaces.space(user).await {
-                // Logged once by the workspaces, with the way out.
-                Ok(_) | Err(crate::workspace::WorkspaceError::IndexDamaged { .. }) => {}
-                Err(e) => tracing::error!(error = %e, "cannot open the workspace"),
-            },
-            // Logged once by the workspaces, with the way out.
-            Err(crate::workspace::WorkspaceError::Key(
-                crate::workspace::keys::KeyError::Damaged { .. },
-            )) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "the access token does not open the workspace key")
-            }
-        }
-    }
+    unlock_workspace(app, req.headers(), req.uri().query(), is_ws, user).await;
     let max_body = app.config.http.max_body_bytes;
     let body_timeout = Duration::from_secs(app.config.http.body_timeout_s);
     let kernels = &app.kernels;
@@ -379,6 +375,41 @@ async fn dispatch(
             let query = req.uri().query().map(str::to_owned);
             let body = read_body(req.into_body(), max_body, body_timeout).await?;
             contents::handle(space, &method, route, query.as_deref(), body).await
+        }
+    }
+}
+
+/// Opens the workspace key with the access token a request carries, when no other key source
+/// was given and the key is still closed.
+pub(crate) async fn unlock_workspace(
+    app: &App,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+    is_ws: bool,
+    user: &str,
+) {
+    if !app.workspaces.is_unlocked()
+        && app.workspaces.key_damage().is_none()
+        && let Some(token) = crate::auth::Auth::presented(headers, query, is_ws)
+    {
+        // The access token opens the workspace key (when no other key source was given).
+        match app
+            .workspaces
+            .unlock(crate::workspace::keys::MasterSource::Token(token))
+            .await
+        {
+            Ok(()) => match app.workspaces.space(user).await {
+                // Logged once by the workspaces, with the way out.
+                Ok(_) | Err(crate::workspace::WorkspaceError::IndexDamaged { .. }) => {}
+                Err(e) => tracing::error!(error = %e, "cannot open the workspace"),
+            },
+            // Logged once by the workspaces, with the way out.
+            Err(crate::workspace::WorkspaceError::Key(
+                crate::workspace::keys::KeyError::Damaged { .. },
+            )) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "the access token does not open the workspace key")
+            }
         }
     }
 }

@@ -116,13 +116,15 @@ impl Limiter {
     }
 }
 
-/// What happens to the iopub messages of a request the gateway made.
-#[derive(Clone)]
-struct Internal {
-    /// `Some(parent)`: outputs are shown under this client request instead; `None`: hidden.
-    reparent: Option<bytes::Bytes>,
-    /// Told when the request's `idle` status arrives.
-    idle: Arc<tokio::sync::Notify>,
+/// Where the messages of a request the gateway made go (see [`crate::exec`]): every message
+/// whose parent is the request, on any channel, is handed to `to`. Its iopub outputs are also
+/// shown to the kernel's clients under `show_under` (a client request's header) when set, and
+/// hidden from them otherwise; its `busy`/`idle`, `execute_input` and reply never reach clients.
+pub(crate) struct Tap {
+    /// The execution's receiving end.
+    pub(crate) to: mpsc::UnboundedSender<(Channel, Arc<RawMessage>)>,
+    /// Re-parent the outputs to this header and show them to clients.
+    pub(crate) show_under: Option<bytes::Bytes>,
 }
 
 /// A client request a [`super::ShellHook`] serves.
@@ -487,8 +489,8 @@ pub struct Kernel {
     mailboxes: Mutex<HashMap<String, Mailbox>>,
     routes: Mutex<Routes>,
     waiters: Mutex<HashMap<String, oneshot::Sender<RawMessage>>>,
-    /// The gateway's own requests whose iopub is hidden from clients or re-parented.
-    internal: Mutex<HashMap<String, Internal>>,
+    /// The gateway's own executions, by request id (see [`Tap`]).
+    taps: Mutex<HashMap<String, Tap>>,
     next_conn: AtomicU64,
     /// Client shell requests, in order, for the forwarder (see [`Kernel::start_forwarder`]).
     shell_queue: mpsc::Sender<ShellItem>,
@@ -542,7 +544,7 @@ impl Kernel {
             mailboxes: Mutex::default(),
             routes: Mutex::default(),
             waiters: Mutex::default(),
-            internal: Mutex::default(),
+            taps: Mutex::default(),
             next_conn: AtomicU64::new(1),
             shell_queue,
             shell_rx: Mutex::new(Some(shell_rx)),
@@ -593,6 +595,16 @@ impl Kernel {
     /// The process now behind this kernel, if one is running.
     pub fn process(&self) -> Option<Arc<Process>> {
         self.process.borrow().clone()
+    }
+
+    /// Watches the process behind the kernel (replaced on restart, `None` when dead).
+    pub(crate) fn process_watch(&self) -> watch::Receiver<Option<Arc<Process>>> {
+        self.process.subscribe()
+    }
+
+    /// The session id of the messages the gateway makes for this kernel.
+    pub(crate) fn own_session(&self) -> &str {
+        &self.session
     }
 
     pub(crate) fn set_process(&self, process: Option<Arc<Process>>) -> Option<Arc<Process>> {
@@ -911,92 +923,63 @@ impl Kernel {
         .await;
     }
 
-    /// Runs `content` as an `execute_request` the gateway makes. Its outputs are shown under
-    /// `reparent` (a client request's header) or hidden; its `busy`/`idle` and `execute_input`
-    /// are always hidden. Waits for the reply and for the kernel's `idle`, up to `timeout`.
-    pub async fn execute_internal(
-        &self,
-        content: Value,
-        reparent: Option<bytes::Bytes>,
-        timeout: Duration,
-    ) -> Option<Value> {
-        let process = self.process()?;
-        let header = client::header("execute_request", &self.session);
-        let id = header["msg_id"].as_str().unwrap_or_default().to_owned();
-        let idle = Arc::new(tokio::sync::Notify::new());
-        self.internal
+    /// Starts handing the messages of request `id` to `tap` (before the request is sent).
+    pub(crate) fn add_tap(&self, id: String, tap: Tap) {
+        self.taps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                id.clone(),
-                Internal {
-                    reparent,
-                    idle: idle.clone(),
-                },
-            );
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), tx);
-        let idle_seen = idle.notified();
-        tokio::pin!(idle_seen);
-        idle_seen.as_mut().enable();
-        let reply = match process
-            .send(Channel::Shell, &client::own_message(&header, &content))
-            .await
-        {
-            Ok(()) => tokio::time::timeout(timeout, async {
-                let reply = rx.await.ok();
-                idle_seen.await;
-                reply
-            })
-            .await
-            .ok()
-            .flatten(),
-            Err(_) => None,
-        };
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        self.internal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        reply.and_then(|m| serde_json::from_slice(&m.content).ok())
+            .insert(id, tap);
     }
 
-    /// Applies the rules for the gateway's own requests to a kernel message: `None` hides it.
+    /// Stops handing the messages of request `id` anywhere; later ones are dropped.
+    pub(crate) fn remove_tap(&self, id: &str) {
+        self.taps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    /// Applies the rules of the gateway's own executions to an iopub message: a tapped
+    /// request's message goes to its tap, and comes back (re-parented) only if the tap shows
+    /// outputs to clients. `None` hides it.
     pub(crate) fn rewrite(&self, channel: Channel, mut message: RawMessage) -> Option<RawMessage> {
         if channel != Channel::Iopub {
             return Some(message);
         }
         let parent = client::msg_id_of(&message.parent_header)?;
-        let rule = self
-            .internal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&parent)
-            .cloned();
-        let Some(rule) = rule else {
-            return Some(message);
+        let show_under = {
+            let taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(tap) = taps.get(&parent) else {
+                return Some(message);
+            };
+            // The message's parts are reference-counted: this copies no payload.
+            let _ = tap.to.send((channel, Arc::new(message.clone())));
+            tap.show_under.clone()
         };
         let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
-        if msg_type == "status" {
-            let idle = serde_json::from_slice::<Value>(&message.content)
-                .is_ok_and(|c| c["execution_state"] == "idle");
-            if idle {
-                rule.idle.notify_one();
-            }
-            return None;
-        }
-        match rule.reparent {
-            Some(target) if msg_type != "execute_input" => {
+        match show_under {
+            Some(target) if msg_type != "status" && msg_type != "execute_input" => {
                 message.parent_header = target;
                 Some(message)
             }
             _ => None,
+        }
+    }
+
+    /// Hands a reply (shell, control or stdin) to the tap of its request, if it has one.
+    fn tapped_reply(
+        &self,
+        parent: &str,
+        channel: Channel,
+        message: RawMessage,
+    ) -> Option<RawMessage> {
+        let taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
+        match taps.get(parent) {
+            Some(tap) => {
+                let _ = tap.to.send((channel, Arc::new(message)));
+                None
+            }
+            None => Some(message),
         }
     }
 
@@ -1118,6 +1101,13 @@ impl Kernel {
             self.last_count.store(n, Ordering::Relaxed);
         }
         let parent = client::msg_id_of(&message.parent_header);
+        let message = match &parent {
+            Some(parent) => match self.tapped_reply(parent, channel, message) {
+                Some(message) => message,
+                None => return,
+            },
+            None => message,
+        };
         if let Some(parent) = &parent {
             let waiter = self
                 .waiters
