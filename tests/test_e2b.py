@@ -263,3 +263,31 @@ def test_the_async_sdk(sdk_env):
             assert await sbx.kill()
 
     asyncio.run(main())
+
+
+def test_debug_ports_serve_older_sdks_one_sandbox_on_loopback(start_gateway, monkeypatch):
+    """`E2B_DEBUG=true` (every SDK version, 1.x included) talks to localhost:49983/49999 with no
+    key and no tokens; the opt-in debug ports serve one implicit sandbox there."""
+    import socket
+    import urllib.error
+    import urllib.request
+    g = start_gateway(["--pool-size", "1", "--e2b-debug-ports"])
+    for var in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    sbx = e2b_ci.Sandbox.create()
+    assert sbx.sandbox_id == "debug_sandbox_id"
+    assert sbx.run_code("kept = 7").error is None
+    assert e2b_ci.Sandbox.create().run_code("kept * 6").text == "42"  # one sandbox per host
+    assert sbx.is_running()
+    # Only the data plane is there: not Jupyter's API, which needs a token on the main port.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen("http://127.0.0.1:49999/api/kernels", timeout=30)
+    assert e.value.code == 404
+    # Loopback only: the ports are not bound on another address of this machine.
+    others = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for addr in sorted(others)[:2]:
+        with socket.socket() as s:
+            s.settimeout(5)
+            assert s.connect_ex((addr, 49999)) != 0
+    g.stop()
