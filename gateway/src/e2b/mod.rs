@@ -305,7 +305,15 @@ async fn body_json<T: for<'de> Deserialize<'de>>(
         Duration::from_secs(app.config.http.body_timeout_s),
     )
     .await?;
-    Ok(crate::http::parse_json(&bytes)?)
+    // An object, not any JSON serde could map onto the struct (it takes arrays as structs).
+    let value: Value = crate::http::parse_json(&bytes)?;
+    if !value.is_object() {
+        return Err(E2bError::BadRequest(
+            "invalid JSON body: expected an object".into(),
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| E2bError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 async fn control(
