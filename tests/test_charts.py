@@ -346,23 +346,31 @@ def test_a_dataframe_too_large_for_the_output_budget_is_left_out(kernel):
     assert "1100000 cells" in metadata["e2b/data"]["omitted"]
 
 
-def test_without_the_request_metadata_nothing_changes(kernel):
-    """Jupyter's clients never ask: their bundles are what they were, and nbformat takes them
-    (it refuses the dict `e2b/chart` holds, which would fail nbclient and papermill)."""
+def test_jupyter_clients_get_the_chart_as_a_json_mime_type_nbformat_accepts(kernel):
+    """Jupyter's clients never ask for E2B's keys: a figure's chart comes to them as
+    `application/vnd.e2b.chart+json` (a JSON MIME type, which nbformat takes as a dict; it
+    refuses the dict `e2b/chart` holds, which would fail nbclient and papermill), and a
+    DataFrame has no `e2b/data`. Everything else is byte for byte what the E2B request gets."""
     code = DATAFRAME + "import matplotlib.pyplot as plt\nfig, ax = plt.subplots(); _ = ax.plot([1, 2], [3, 4])\ndisplay(fig)\ndf\n"
     _, without = run(kernel, code, metadata={})
     _, with_e2b = run(kernel, code)
     b_without, b_with = bundles(without), bundles(with_e2b)
     assert len(b_without) == len(b_with) == 2
-    for (d0, m0), (d1, m1) in zip(b_without, b_with):
-        assert not any(k.startswith("e2b/") for k in list(d0) + list(m0))
-        assert {"e2b/chart", "e2b/data"} & set(d1)
-        # text/plain, image/png and text/html byte for byte as without.
-        assert {k: v for k, v in d1.items() if not k.startswith("e2b/")} == d0
-        assert m1 == m0
+    (fig0, figm0), (df0, dfm0) = b_without
+    (fig1, _), (df1, dfm1) = b_with
+    assert not any(k.startswith("e2b/") for k in list(fig0) + list(figm0) + list(df0) + list(dfm0))
+    assert fig0["application/vnd.e2b.chart+json"] == fig1["e2b/chart"]
+    assert fig0["application/vnd.e2b.chart+json"]["type"] == "line"
+    assert "application/vnd.e2b.chart+json" not in fig1 and "e2b/data" in df1
+    # text/plain, image/png and text/html byte for byte as for the E2B request.
+    assert {k: v for k, v in fig1.items() if not k.startswith("e2b/")} == \
+        {k: v for k, v in fig0.items() if not k.startswith("application/vnd.e2b")}
+    assert {k: v for k, v in df1.items() if not k.startswith("e2b/")} == df0
+    assert dfm1 == dfm0
     for m in without:
         if m["msg_type"] in ("display_data", "execute_result"):
-            nbformat.v4.output_from_msg(m)
+            nbformat.validate(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+                outputs=[nbformat.v4.output_from_msg(m)])]))
     with pytest.raises(Exception, match="e2b/chart"):
         nbformat.v4.output_from_msg(next(m for m in with_e2b if m["msg_type"] == "display_data"))
 

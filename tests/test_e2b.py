@@ -291,3 +291,27 @@ def test_debug_ports_serve_older_sdks_one_sandbox_on_loopback(start_gateway, mon
             s.settimeout(5)
             assert s.connect_ex((addr, 49999)) != 0
     g.stop()
+
+
+def test_charts_and_dataframes_come_back_structured(sdk_env):
+    from e2b_code_interpreter.charts import BarChart, LineChart, SuperChart
+    with e2b_ci.Sandbox.create() as sbx:
+        ex = sbx.run_code(
+            "import matplotlib.pyplot as plt\n"
+            "fig, ax = plt.subplots()\nax.plot([1, 2, 3], [2, 4, 1], label='sales')\n"
+            "ax.set_title('Sales'); ax.set_ylabel('Revenue (USD)')\nplt.show()")
+        (fig,) = ex.results
+        assert fig.png and fig.text.startswith("<Figure")
+        assert isinstance(fig.chart, LineChart)
+        assert fig.chart.title == "Sales" and fig.chart.y_unit == "USD"
+        assert [tuple(p) for p in fig.chart.elements[0].points] == [(1.0, 2.0), (2.0, 4.0), (3.0, 1.0)]
+        ex = sbx.run_code(
+            "fig, (a, b) = plt.subplots(1, 2)\na.bar(['x', 'y'], [3, 5])\nb.plot([0, 1], [1, 0])\n"
+            "fig.suptitle('Two')\nfig")
+        chart = ex.results[0].chart
+        assert isinstance(chart, SuperChart) and chart.title == "Two"
+        assert [type(c) for c in chart.elements] == [BarChart, LineChart]
+        ex = sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', None]})")
+        (df,) = ex.results
+        assert df.is_main_result and df.html and "<table" in df.html
+        assert df.data == {"a": [1, 2], "b": ["x", None]}

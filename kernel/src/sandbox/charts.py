@@ -27,11 +27,18 @@ _E2B_POINT_BYTES, _E2B_CELL_BYTES = 6, 2
 _E2B_UNIT = re.compile(r"\s\((.*?)\)|\[(.*?)\]")
 
 
-def _e2b_add(obj, data, metadata, include=None, exclude=None):
-    """Adds `e2b/chart` (a figure with data) or `e2b/data` (a DataFrame) to `data`. Never
-    raises an Exception: an extraction that fails or is too large leaves the key out and says
-    why in `metadata[mime]`."""
-    for mime, make in (("e2b/chart", _e2b_chart_entry), ("e2b/data", _e2b_data_entry)):
+# The chart offered to Jupyter's clients: a JSON MIME type, which nbformat accepts as a dict.
+JUPYTER_CHART_MIME = "application/vnd.e2b.chart+json"
+
+
+def _e2b_add(obj, data, metadata, include=None, exclude=None, jupyter=False):
+    """Adds `e2b/chart` (a figure with data) or `e2b/data` (a DataFrame) to `data`; for
+    Jupyter's clients (`jupyter`), only the chart, as JUPYTER_CHART_MIME. Never raises an
+    Exception: an extraction that fails or is too large leaves the key out and says why in
+    `metadata[mime]`."""
+    kinds = ((JUPYTER_CHART_MIME, _e2b_chart_entry),) if jupyter else (
+        ("e2b/chart", _e2b_chart_entry), ("e2b/data", _e2b_data_entry))
+    for mime, make in kinds:
         if include and mime not in include or exclude and mime in exclude:
             continue
         try:
