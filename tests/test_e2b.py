@@ -315,3 +315,24 @@ def test_charts_and_dataframes_come_back_structured(sdk_env):
         (df,) = ex.results
         assert df.is_main_result and df.html and "<table" in df.html
         assert df.data == {"a": [1, 2], "b": ["x", None]}
+
+
+def test_the_idle_culler_leaves_sandboxes_to_their_own_timeout(start_gateway, monkeypatch):
+    g = start_gateway(["--pool-size", "1", "--cull-idle-timeout", "1", "--cull-interval", "1"])
+    monkeypatch.setenv("E2B_API_URL", g.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", g.url)
+    monkeypatch.setenv("E2B_API_KEY", TOKEN)
+    sbx = e2b_ci.Sandbox.create(timeout=120)
+    sbx.run_code("kept = 1")
+    ctx = sbx.create_code_context()
+    notebook = g.start_kernel()["id"]
+    # A notebook's kernel idle as long is culled...
+    deadline = time.monotonic() + 60
+    while any(k["id"] == notebook for k in g.request("GET", "/api/kernels")[1]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(k["id"] != notebook for k in g.request("GET", "/api/kernels")[1])
+    # ...the sandbox's kernels are not: it ends at its own deadline.
+    assert sbx.run_code("kept").text == "1"
+    assert sbx.run_code("1", context=ctx).text == "1"
+    sbx.kill()
+    g.stop()

@@ -169,6 +169,7 @@ pub async fn create_context(
         .kernels()
         .start(&sandbox.owner, &sandbox.kernelspec)
         .await?;
+    kernel.set_managed();
     let context = Context {
         id: kernel.id.to_string(),
         language: "python".into(),

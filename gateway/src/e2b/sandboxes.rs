@@ -264,6 +264,7 @@ impl Sandboxes {
         let kernelspec = kernelspec_of(&new.template)
             .ok_or_else(|| SandboxError::NoSuchTemplate(new.template.clone()))?;
         let kernel = self.kernels.start(owner, kernelspec).await?;
+        kernel.set_managed();
         let now = Utc::now();
         let (end, _) = watch::channel(now + timeout(new.timeout_s));
         let sandbox = Arc::new(Sandbox {

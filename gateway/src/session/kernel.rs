@@ -506,6 +506,8 @@ pub struct Kernel {
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
     /// The session id of messages the gateway makes up (status on restart).
     session: String,
+    /// Its life is managed elsewhere (an E2B sandbox's deadline): the idle culler leaves it.
+    managed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -560,6 +562,7 @@ impl Kernel {
             }),
             lifecycle: tokio::sync::Mutex::new(()),
             session: uuid::Uuid::new_v4().to_string(),
+            managed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -595,6 +598,17 @@ impl Kernel {
     /// The process now behind this kernel, if one is running.
     pub fn process(&self) -> Option<Arc<Process>> {
         self.process.borrow().clone()
+    }
+
+    /// Marks the kernel's life as managed by its owner (an E2B sandbox, which ends at its own
+    /// deadline): the idle culler leaves it alone.
+    pub fn set_managed(&self) {
+        self.managed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Kernel::set_managed`] was called.
+    pub fn is_managed(&self) -> bool {
+        self.managed.load(Ordering::Relaxed)
     }
 
     /// Watches the process behind the kernel (replaced on restart, `None` when dead).
