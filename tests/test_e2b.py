@@ -336,3 +336,11 @@ def test_the_idle_culler_leaves_sandboxes_to_their_own_timeout(start_gateway, mo
     assert sbx.run_code("1", context=ctx).text == "1"
     sbx.kill()
     g.stop()
+
+
+def test_internet_access_is_refused_not_faked(sdk_env):
+    with pytest.raises(Exception, match="no network"):
+        e2b_ci.Sandbox.create(allow_internet_access=True)
+    with e2b_ci.Sandbox.create(allow_internet_access=False) as sbx:
+        ex = sbx.run_code("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)")
+        assert ex.error is not None

@@ -242,6 +242,10 @@ struct CreateBody {
     volume_mounts: Option<Vec<Value>>,
     #[serde(default)]
     mcp: Option<Value>,
+    #[serde(default, rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    #[serde(default)]
+    network: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -348,6 +352,16 @@ async fn control(
                 return Err(E2bError::NotImplemented(
                     "volumeMounts are not supported: every Sandgate sandbox has the user's \
                      encrypted workspace at /workspace"
+                        .into(),
+                ));
+            }
+            if body.allow_internet_access == Some(true)
+                || body.network.as_ref().is_some_and(|n| !n.is_null())
+            {
+                return Err(E2bError::NotImplemented(
+                    "a Sandgate sandbox has no network at all: allow_internet_access=True and \
+                     network rules are not supported (create the sandbox without them; code \
+                     that opens a socket gets an error)"
                         .into(),
                 ));
             }
