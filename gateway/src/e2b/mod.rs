@@ -335,8 +335,8 @@ async fn control(
                     },
                 )
                 .await?;
-            if !sandbox.env_vars.is_empty()
-                && let Some(context) = sandbox.default_context()
+            // Its environment, and its working directory: the sandbox's home.
+            if let Some(context) = sandbox.default_context()
                 && let Err(e) = interpreter::set_up(&sandbox, &context).await
             {
                 let _ = sandboxes.kill(&user, &sandbox.id).await;
