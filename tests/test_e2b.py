@@ -6,9 +6,11 @@ Sandgate's E2B-compatible API, configured only by environment variables:
 
 import asyncio
 import hashlib
+import io
 import os
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -263,3 +265,191 @@ def test_the_async_sdk(sdk_env):
             assert await sbx.kill()
 
     asyncio.run(main())
+
+
+# --- envd: a sandbox's files, its home, and commands ---------------------------------------------
+
+ENVD = "49983"
+
+
+def envd_headers(sbx):
+    """What the SDK sends on its envd calls: the sandbox id and its access token."""
+    return {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": ENVD, "X-Access-Token": sbx._envd_access_token}
+
+
+def host_home(gw, sbx):
+    """The host folder that is the sandbox's /home/user, found by a marker file."""
+    marker = f".marker-{uuid.uuid4().hex}"
+    sbx.files.write(f"/home/user/{marker}", b"")
+    found = list((gw.data_dir / "homes").glob(f"*/*/{marker}"))
+    assert len(found) == 1, found
+    (found[0]).unlink()
+    return found[0].parent
+
+
+def test_files_round_trip_str_bytes_and_10_mb(sdk_env):
+    big = os.urandom(10 << 20)
+    with e2b_ci.Sandbox.create() as sbx:
+        info = sbx.files.write("/home/user/hello.txt", "héllo\n")
+        assert (info.name, info.path, info.type) == ("hello.txt", "/home/user/hello.txt", e2b.FileType.FILE)
+        assert sbx.files.read("/home/user/hello.txt") == "héllo\n"
+        # A relative path is in the home folder, as envd has it.
+        sbx.files.write("rel/b.bin", b"\x00\xffbytes")
+        assert sbx.files.read("/home/user/rel/b.bin", format="bytes") == bytearray(b"\x00\xffbytes")
+        sbx.files.write("/home/user/big.bin", big)
+        assert bytes(sbx.files.read("/home/user/big.bin", format="bytes")) == big
+        streamed = b"".join(sbx.files.read("/home/user/big.bin", format="stream"))
+        assert hashlib.sha256(streamed).digest() == hashlib.sha256(big).digest()
+        # File-like data goes as a raw octet-stream body; gzip too.
+        sbx.files.write("/home/user/stream.bin", io.BytesIO(big[:3 << 20]))
+        assert bytes(sbx.files.read("/home/user/stream.bin", format="bytes")) == big[:3 << 20]
+        sbx.files.write("/home/user/zipped.txt", "z" * 100_000, gzip=True)
+        assert sbx.files.read("/home/user/zipped.txt") == "z" * 100_000
+        # Several files at once, in one multipart body.
+        infos = sbx.files.write_files([{"path": "/home/user/m1.txt", "data": "one"},
+                                       {"path": "/workspace/" + (ws := f"m2-{uuid.uuid4().hex}.txt"), "data": b"two"}])
+        assert [i.path for i in infos] == ["/home/user/m1.txt", f"/workspace/{ws}"]
+        assert sbx.files.read("/home/user/m1.txt") == "one" and sbx.files.read(f"/workspace/{ws}") == "two"
+        # The file the code sees is the one written.
+        assert sbx.run_code("import hashlib\nhashlib.sha256(open('/home/user/big.bin','rb').read()).hexdigest()").text \
+            == hashlib.sha256(big).hexdigest()
+        with pytest.raises(e2b.FileNotFoundException):
+            sbx.files.read("/home/user/missing.txt")
+
+
+def test_the_async_sdk_reads_and_writes_files(sdk_env):
+    big = os.urandom(10 << 20)
+
+    async def main():
+        sbx = await e2b_ci.AsyncSandbox.create()
+        try:
+            await sbx.files.write("/home/user/a.txt", "async text")
+            assert await sbx.files.read("/home/user/a.txt") == "async text"
+            await sbx.files.write("/home/user/big.bin", big)
+            assert bytes(await sbx.files.read("/home/user/big.bin", format="bytes")) == big
+            assert await sbx.files.exists("/home/user/a.txt")
+            assert [e.name for e in await sbx.files.list("/home/user")] == ["a.txt", "big.bin"]
+            with pytest.raises(e2b.SandboxException, match="no shell"):
+                await sbx.commands.run("ls")
+        finally:
+            await sbx.kill()
+
+    asyncio.run(main())
+
+
+def test_code_and_files_share_the_home_folder_and_workspace(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        # Contexts start in the home folder, which is $HOME.
+        ex = sbx.run_code("import os\nopen('made.txt', 'w').write('by code')\n[os.getcwd(), os.environ['HOME']]")
+        assert ex.text == "['/home/user', '/home/user']", ex
+        assert sbx.files.read("/home/user/made.txt") == "by code"
+        sbx.files.write("/home/user/given.txt", "by files")
+        assert sbx.run_code("open('given.txt').read()").text == "by files"
+        name = f"shared-{uuid.uuid4().hex}.txt"
+        sbx.run_code(f"open('/workspace/{name}', 'w').write('ws by code')")
+        assert sbx.files.read(f"/workspace/{name}") == "ws by code"
+        sbx.files.write(f"/workspace/{name}", "ws by files")
+        assert sbx.run_code(f"open('/workspace/{name}').read()").text == "ws by files"
+
+
+def test_workspace_files_outlive_the_sandbox_and_home_files_do_not(sdk_env):
+    name = f"keep-{uuid.uuid4().hex}.txt"
+    with e2b_ci.Sandbox.create() as sbx:
+        sbx.files.write(f"/workspace/{name}", "kept")
+        sbx.files.write("/home/user/gone.txt", "gone")
+        # In the encrypted store before the write answered: the Contents API reads the store.
+        status, model, _ = sdk_env.request("GET", f"/api/contents/{name}?content=1")
+        assert status == 200 and model["content"] == "kept", model
+    with e2b_ci.Sandbox.create() as fresh:
+        assert fresh.files.read(f"/workspace/{name}") == "kept"
+        assert not fresh.files.exists("/home/user/gone.txt")
+        assert fresh.files.list("/home/user") == []
+        fresh.files.remove(f"/workspace/{name}")
+    # Removed from the store too.
+    status, _, _ = sdk_env.request("GET", f"/api/contents/{name}")
+    assert status == 404
+
+
+def test_the_home_folder_is_removed_when_the_sandbox_ends(sdk_env):
+    sbx = e2b_ci.Sandbox.create()
+    home = host_home(sdk_env, sbx)
+    sbx.files.write("/home/user/x.txt", "x")
+    assert (home / "x.txt").read_text() == "x"
+    assert oct(home.stat().st_mode & 0o777) == "0o700"
+    sbx.kill()
+    deadline = time.monotonic() + 30
+    while home.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not home.exists()
+
+
+def test_list_exists_info_make_dir_remove_rename(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        assert sbx.files.make_dir("/home/user/d/e")
+        assert not sbx.files.make_dir("/home/user/d")  # exists already
+        sbx.files.write("/home/user/d/e/f.txt", "12345")
+        sbx.files.write("/home/user/d/g.txt", "")
+        top = sbx.files.list("/home/user/d")
+        assert [(e.name, e.type) for e in top] == [("e", e2b.FileType.DIR), ("g.txt", e2b.FileType.FILE)]
+        deep = sbx.files.list("/home/user/d", depth=2)
+        assert [e.path for e in deep] == ["/home/user/d/e", "/home/user/d/e/f.txt", "/home/user/d/g.txt"]
+        info = sbx.files.get_info("/home/user/d/e/f.txt")
+        assert (info.name, info.size, info.type, info.path) == ("f.txt", 5, e2b.FileType.FILE, "/home/user/d/e/f.txt")
+        assert info.permissions.startswith("-rw") and info.owner == "user"
+        assert abs((info.modified_time.timestamp() - time.time())) < 600
+        assert sbx.files.get_info("/home/user").type == e2b.FileType.DIR
+        assert sbx.files.exists("/home/user/d/g.txt") and not sbx.files.exists("/home/user/nope")
+        moved = sbx.files.rename("/home/user/d/e/f.txt", "/home/user/moved/f2.txt")
+        assert moved.path == "/home/user/moved/f2.txt"
+        assert sbx.files.read("/home/user/moved/f2.txt") == "12345"
+        sbx.files.remove("/home/user/d")
+        assert not sbx.files.exists("/home/user/d/g.txt")
+        with pytest.raises(e2b.FileNotFoundException):
+            sbx.files.remove("/home/user/d")
+        with pytest.raises(e2b.FileNotFoundException):
+            sbx.files.list("/home/user/nope")
+        # The same in the workspace, saved to the store.
+        folder = f"dir-{uuid.uuid4().hex}"
+        assert sbx.files.make_dir(f"/workspace/{folder}/sub")
+        sbx.files.write(f"/workspace/{folder}/sub/a.txt", "a")
+        sbx.files.rename(f"/workspace/{folder}/sub/a.txt", f"/workspace/{folder}/b.txt")
+        status, model, _ = sdk_env.request("GET", f"/api/contents/{folder}/b.txt?content=1")
+        assert status == 200 and model["content"] == "a"
+        assert sbx.run_code(f"open('/workspace/{folder}/b.txt').read()").text == "a"
+        sbx.files.remove(f"/workspace/{folder}")
+        assert sdk_env.request("GET", f"/api/contents/{folder}")[0] == 404
+        # Moving between the two places is refused with a reason.
+        with pytest.raises(e2b.InvalidArgumentException, match="different places"):
+            sbx.files.rename("/home/user/moved/f2.txt", "/workspace/f2.txt")
+
+
+def test_contexts_share_the_home_folder_until_the_sandbox_ends(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        home = host_home(sdk_env, sbx)
+        ctx = sbx.create_code_context()
+        assert ctx.cwd == "/home/user"
+        assert sbx.run_code("import os\nopen('from-ctx.txt', 'w').write('c')\nos.getcwd()", context=ctx).text == "/home/user"
+        assert sbx.run_code("open('/home/user/from-ctx.txt').read()").text == "c"
+        assert sbx.files.read("/home/user/from-ctx.txt") == "c"
+        # Restarts keep the home; a context's end does not remove it.
+        sbx.restart_code_context(ctx)
+        assert sbx.run_code("open('from-ctx.txt').read()", context=ctx).text == "c"
+        sbx.remove_code_context(ctx)
+        default = sbx.list_code_contexts()[0]
+        sbx.restart_code_context(default)
+        assert sbx.run_code("import os\n(os.getcwd(), open('from-ctx.txt').read())").text == "('/home/user', 'c')"
+        assert (home / "from-ctx.txt").exists()
+
+
+def test_commands_run_raises_a_clear_error(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        with pytest.raises(e2b.SandboxException) as raised:
+            sbx.commands.run("ls -la")
+        message = str(raised.value)
+        assert "no shell" in message and "Linux sandbox tier with Bash" in message, message
+        with pytest.raises(e2b.SandboxException, match="no shell"):
+            sbx.commands.run("sleep 10", background=True)
+        with pytest.raises(e2b.SandboxException, match="no shell"):
+            sbx.commands.list()
+        # The sandbox goes on.
+        assert sbx.run_code("1 + 1").text == "2"

@@ -11,7 +11,9 @@
 //!
 //! - [`sandboxes`]: the registry: ids, tokens, contexts, deadlines.
 //! - [`interpreter`]: `/execute` as NDJSON while the code runs, and contexts.
+//! - [`envd`]: a sandbox's files (`/files`, the `filesystem` RPCs) and the `process` RPCs.
 
+pub mod envd;
 pub mod interpreter;
 pub mod sandboxes;
 
@@ -559,10 +561,7 @@ async fn data(
             interpreter::restart_context(&app.e2b, &sandbox, &id).await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        Route::Envd => Err(E2bError::NotImplemented(format!(
-            "{} is not available yet in Sandgate's E2B-compatible API",
-            req.uri().path()
-        ))),
+        Route::Envd => Ok(envd::handle(app, &sandbox, req).await),
         _ => Err(E2bError::BadRequest(format!(
             "{method} is not accepted on {}",
             req.uri().path()
