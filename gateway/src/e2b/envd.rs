@@ -721,13 +721,19 @@ fn uint32(v: Option<&Value>) -> Result<u32, ConnectError> {
     }
 }
 
+/// A request message: a JSON object (proto3 JSON; unknown fields are ignored).
 fn parse_message<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ConnectError> {
-    serde_json::from_slice(body).map_err(|e| {
+    let bad = |why: String| {
         ConnectError::new(
             Code::InvalidArgument,
-            format!("the request is not a valid JSON message: {e}"),
+            format!("the request is not a valid JSON message: {why}"),
         )
-    })
+    };
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => serde_json::from_value(v).map_err(|e| bad(e.to_string())),
+        Ok(_) => Err(bad("a message is a JSON object".into())),
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 /// The body of a Connect request (at most `max_body_bytes`; 413 past it).
@@ -929,6 +935,15 @@ mod tests {
             json!(1u64 << 40),
         ] {
             assert!(uint32(Some(&bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn messages_are_json_objects() {
+        let r: PathRequest = parse_message(br#"{"path": "/home/user/a", "extra": 1}"#).unwrap();
+        assert_eq!(r.path, "/home/user/a");
+        for bad in [&b"[]"[..], b"\"x\"", b"{nope", b"", br#"{"path": 5}"#] {
+            assert!(parse_message::<PathRequest>(bad).is_err(), "{bad:?}");
         }
     }
 
