@@ -238,7 +238,8 @@ class Gateway:
                 status, payload, rh = r.status, r.read(), r.headers
         except urllib.error.HTTPError as e:
             status, payload, rh = e.code, e.read(), e.headers
-        if "json" in rh.get("Content-Type", "") and payload:
+        content_type = rh.get("Content-Type", "")
+        if "json" in content_type and "ndjson" not in content_type and payload:
             payload = json.loads(payload)
         return status, payload, rh
 

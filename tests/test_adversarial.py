@@ -265,3 +265,77 @@ def test_each_kernel_process_has_a_cgroup_of_its_own(gw, k):
         elif controllers == "":
             limit = pathlib.Path(f"/sys/fs/cgroup{path}/memory.max").read_text().strip()
             assert int(limit) == (512 + 1024) << 20
+
+
+# The E2B-compatible API (issue 14): hostile requests on its two planes.
+
+def e2b_sandbox(gw):
+    """A sandbox made over raw HTTP: (id, data-plane headers for the code interpreter)."""
+    status, made, _ = gw.request("POST", "/v2/sandboxes", {"templateID": "code-interpreter-v1", "timeout": 60},
+                                 headers={"X-API-Key": gw.token}, token=None)
+    assert status == 201, made
+    return made["sandboxID"], {"E2b-Sandbox-Id": made["sandboxID"], "E2b-Sandbox-Port": "49999",
+                               "X-Access-Token": made["envdAccessToken"],
+                               "E2B-Traffic-Access-Token": made["trafficAccessToken"]}
+
+
+def test_e2b_malformed_requests_get_clear_errors_and_lose_nothing(gw):
+    sid, headers = e2b_sandbox(gw)
+    try:
+        assert gw.request("POST", "/execute", {"code": "kept = 5"}, headers=headers, token=None)[0] == 200
+        cases = [
+            ("POST", "/execute", b"{not json", 400, "invalid JSON"),
+            ("POST", "/execute", b'{"code": 5}', 400, "invalid JSON"),
+            ("POST", "/execute", b'["code"]', 400, "invalid JSON"),
+            ("POST", "/execute", b'{"code": "1", "context_id": "c", "language": "python"}', 400, "not both"),
+            ("POST", "/execute", b'{"code": "1", "context_id": "../../etc"}', 404, "not found"),
+            ("POST", "/execute", b'{"code": "1", "env_vars": {"A": 1}}', 200, None),
+            ("POST", "/contexts", b'{"language": "cobol"}', 400, "unknown language"),
+            ("DELETE", "/contexts/nope", b"", 404, "not found"),
+        ]
+        for method, path, raw, want, says in cases:
+            status, body, _ = gw.request(method, path, raw=raw, headers=headers, token=None)
+            assert status == want, (path, raw, status, body)
+            if says:
+                assert says in body["message"], (raw, body)
+            if want == 200:
+                # A bad environment is an error line in the stream, not a run.
+                assert b'"type":"error"' in body and b"must be a string" in body, body
+        for raw in (b"{", b'{"templateID": 5}', b'{"timeout": -1}', b'{"envVars": {"A": 1}}'):
+            status, body, _ = gw.request("POST", "/v2/sandboxes", raw=raw, headers={"X-API-Key": gw.token},
+                                         token=None)
+            assert status == 400 and body["code"] == 400 and body["message"], (raw, body)
+        status, body, _ = gw.request("POST", "/execute", raw=b'{"code": "' + b"x" * (17 << 20) + b'"}',
+                                     headers=headers, token=None)
+        assert status == 413, status
+        # Nothing was lost: the sandbox still has its state.
+        status, body, _ = gw.request("POST", "/execute", {"code": "kept"}, headers=headers, token=None)
+        assert b'"text":"5"' in body, body
+    finally:
+        gw.request("DELETE", f"/sandboxes/{sid}", headers={"X-API-Key": gw.token}, token=None)
+
+
+def test_e2b_tokens_are_required_and_never_logged(gw):
+    sid, headers = e2b_sandbox(gw)
+    try:
+        for drop in ("X-Access-Token", "E2B-Traffic-Access-Token"):
+            partial = {k: v for k, v in headers.items() if k != drop}
+            status, body, _ = gw.request("POST", "/execute", {"code": "1"}, headers=partial, token=None)
+            assert status == 401, (drop, body)
+        good = headers["E2B-Traffic-Access-Token"]
+        wrong = {**headers, "E2B-Traffic-Access-Token": good[:-1] + ("1" if good[-1] == "0" else "0")}
+        assert gw.request("GET", "/contexts", headers=wrong, token=None)[0] == 401
+        # The main token is not a sandbox token.
+        assert gw.request("GET", "/contexts", headers={**headers, "E2B-Traffic-Access-Token": gw.token},
+                          token=None)[0] == 401
+        # A sandbox id that does not exist is a 404, whatever the tokens.
+        other = {**headers, "E2b-Sandbox-Id": "sg" + "0" * 32}
+        assert gw.request("POST", "/execute", {"code": "1"}, headers=other, token=None)[0] == 404
+        assert gw.request("GET", "/v2/sandboxes", headers={"X-API-Key": "wrong"}, token=None)[0] == 401
+        status, body, _ = gw.request("POST", "/execute", {"code": "1+1"}, headers=headers, token=None)
+        assert b'"text":"2"' in body
+    finally:
+        gw.request("DELETE", f"/sandboxes/{sid}", headers={"X-API-Key": gw.token}, token=None)
+    log = gw.log()
+    for secret in (gw.token, headers["X-Access-Token"], headers["E2B-Traffic-Access-Token"]):
+        assert secret not in log

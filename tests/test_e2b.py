@@ -690,3 +690,76 @@ def test_envd_uploads_past_the_disk_quota_get_413_or_507(start_gateway, tmp_path
                              "application/connect+json")
         assert status == 413 and reply["code"] == "resource_exhausted", reply
         assert sbx.run_code("1 + 1").text == "2"
+
+
+def test_debug_ports_serve_older_sdks_one_sandbox_on_loopback(start_gateway, monkeypatch):
+    """`E2B_DEBUG=true` (every SDK version, 1.x included) talks to localhost:49983/49999 with no
+    key and no tokens; the opt-in debug ports serve one implicit sandbox there."""
+    import socket
+    import urllib.error
+    import urllib.request
+    g = start_gateway(["--pool-size", "1", "--e2b-debug-ports"])
+    for var in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY", "E2B_DOMAIN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("E2B_DEBUG", "true")
+    sbx = e2b_ci.Sandbox.create()
+    assert sbx.sandbox_id == "debug_sandbox_id"
+    assert sbx.run_code("kept = 7").error is None
+    assert e2b_ci.Sandbox.create().run_code("kept * 6").text == "42"  # one sandbox per host
+    assert sbx.is_running()
+    # Only the data plane is there: not Jupyter's API, which needs a token on the main port.
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen("http://127.0.0.1:49999/api/kernels", timeout=30)
+    assert e.value.code == 404
+    # Loopback only: the ports are not bound on another address of this machine.
+    others = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+    for addr in sorted(others)[:2]:
+        with socket.socket() as s:
+            s.settimeout(5)
+            assert s.connect_ex((addr, 49999)) != 0
+    g.stop()
+
+
+def test_charts_and_dataframes_come_back_structured(sdk_env):
+    from e2b_code_interpreter.charts import BarChart, LineChart, SuperChart
+    with e2b_ci.Sandbox.create() as sbx:
+        ex = sbx.run_code(
+            "import matplotlib.pyplot as plt\n"
+            "fig, ax = plt.subplots()\nax.plot([1, 2, 3], [2, 4, 1], label='sales')\n"
+            "ax.set_title('Sales'); ax.set_ylabel('Revenue (USD)')\nplt.show()")
+        (fig,) = ex.results
+        assert fig.png and fig.text.startswith("<Figure")
+        assert isinstance(fig.chart, LineChart)
+        assert fig.chart.title == "Sales" and fig.chart.y_unit == "USD"
+        assert [tuple(p) for p in fig.chart.elements[0].points] == [(1.0, 2.0), (2.0, 4.0), (3.0, 1.0)]
+        ex = sbx.run_code(
+            "fig, (a, b) = plt.subplots(1, 2)\na.bar(['x', 'y'], [3, 5])\nb.plot([0, 1], [1, 0])\n"
+            "fig.suptitle('Two')\nfig")
+        chart = ex.results[0].chart
+        assert isinstance(chart, SuperChart) and chart.title == "Two"
+        assert [type(c) for c in chart.elements] == [BarChart, LineChart]
+        ex = sbx.run_code("import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', None]})")
+        (df,) = ex.results
+        assert df.is_main_result and df.html and "<table" in df.html
+        assert df.data == {"a": [1, 2], "b": ["x", None]}
+
+
+def test_the_idle_culler_leaves_sandboxes_to_their_own_timeout(start_gateway, monkeypatch):
+    g = start_gateway(["--pool-size", "1", "--cull-idle-timeout", "1", "--cull-interval", "1"])
+    monkeypatch.setenv("E2B_API_URL", g.url)
+    monkeypatch.setenv("E2B_SANDBOX_URL", g.url)
+    monkeypatch.setenv("E2B_API_KEY", TOKEN)
+    sbx = e2b_ci.Sandbox.create(timeout=120)
+    sbx.run_code("kept = 1")
+    ctx = sbx.create_code_context()
+    notebook = g.start_kernel()["id"]
+    # A notebook's kernel idle as long is culled...
+    deadline = time.monotonic() + 60
+    while any(k["id"] == notebook for k in g.request("GET", "/api/kernels")[1]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(k["id"] != notebook for k in g.request("GET", "/api/kernels")[1])
+    # ...the sandbox's kernels are not: it ends at its own deadline.
+    assert sbx.run_code("kept").text == "1"
+    assert sbx.run_code("1", context=ctx).text == "1"
+    sbx.kill()
+    g.stop()

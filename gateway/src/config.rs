@@ -65,6 +65,19 @@ pub struct Config {
     pub workspace: WorkspaceSettings,
     /// The `%%ask` magic and its model providers.
     pub ask: AskConfig,
+    /// The E2B-compatible API.
+    pub e2b: E2bConfig,
+}
+
+/// The E2B-compatible API (always served on the main listener).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct E2bConfig {
+    /// Also serve E2B's debug ports, 127.0.0.1:49983 (envd) and 127.0.0.1:49999 (code
+    /// interpreter), as one implicit sandbox with no tokens, for SDKs run with
+    /// `E2B_DEBUG=true` (every SDK version, including 1.x). Loopback only; the main token's
+    /// user owns the sandbox. Default false.
+    pub debug_ports: bool,
 }
 
 impl Default for Config {
@@ -81,6 +94,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             workspace: WorkspaceSettings::default(),
             ask: AskConfig::default(),
+            e2b: E2bConfig::default(),
         }
     }
 }

@@ -70,6 +70,39 @@ pub struct Runtime {
     pub users: Vec<([u8; 32], String)>,
 }
 
+/// E2B's debug ports on loopback, served until the main listener closes. A port that cannot be
+/// bound is logged and skipped.
+async fn serve_e2b_debug_ports(app: &Arc<http::App>) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut servers = Vec::new();
+    for port in [49983u16, 49999] {
+        let listener = match TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(port, error = %e, "cannot serve an E2B debug port");
+                continue;
+            }
+        };
+        tracing::info!(
+            port,
+            "serving an E2B debug port on 127.0.0.1 (one implicit sandbox, no tokens)"
+        );
+        let app = app.clone();
+        servers.push(tokio::spawn(async move {
+            let mut closing = app.closing.clone();
+            let (own_closing, _) = tokio::sync::watch::channel(false);
+            http::serve_surface(
+                listener,
+                app,
+                http::Surface::E2bDebug,
+                own_closing,
+                async move { until_true(&mut closing).await },
+            )
+            .await;
+        }));
+    }
+    servers
+}
+
 /// Errors that stop the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -308,7 +341,15 @@ impl Gateway {
             in_flight: Arc::new(tokio::sync::Semaphore::new(http::MAX_IN_FLIGHT)),
             config,
         });
+        let debug_servers = if app.config.e2b.debug_ports {
+            serve_e2b_debug_ports(&app).await
+        } else {
+            Vec::new()
+        };
         http::serve(listener, app, closing_tx, shutdown).await;
+        for server in debug_servers {
+            let _ = server.await;
+        }
         tracing::info!("shutting down every kernel");
         kernels.shutdown_all().await;
         // The sandboxes' home folders go with them.

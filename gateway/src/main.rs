@@ -96,6 +96,9 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, env = "SANDGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Also serve E2B's debug ports 49983 and 49999 on 127.0.0.1 (for `E2B_DEBUG=true`).
+    #[arg(long, env = "SANDGATE_E2B_DEBUG_PORTS")]
+    e2b_debug_ports: bool,
     /// The sandgate-kernel binary [default: next to this one].
     #[arg(long, env = "SANDGATE_KERNEL")]
     kernel_binary: Option<PathBuf>,
@@ -136,6 +139,9 @@ fn load_config(args: &ServeArgs, data_dir: &Path) -> Result<Config> {
     }
     if let Some(port) = args.port {
         config.port = port;
+    }
+    if args.e2b_debug_ports {
+        config.e2b.debug_ports = true;
     }
     if let Some(n) = args.pool_size {
         config.kernels.pool_size = n;

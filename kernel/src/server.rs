@@ -815,6 +815,9 @@ impl Executor {
             "user_expressions": msg.content.get("user_expressions").cloned().unwrap_or(json!({})),
             "allow_stdin": msg.content.get("allow_stdin").and_then(Value::as_bool).unwrap_or(false),
             "execution_count": count,
+            // E2B's structured results (`e2b/chart`, `e2b/data`) in this request's displays:
+            // asked for in the request's metadata by the gateway's E2B-compatible API.
+            "e2b": msg.metadata.get(wire::E2B_METADATA_KEY).and_then(Value::as_bool).unwrap_or(false),
         });
         let outcome = self.run_in_sandbox(request, true, Some((msg, count))).await;
         let mut reply = match outcome {

@@ -470,6 +470,7 @@ impl Asker {
             store_history: false,
             user_expressions: expressions,
             stop_on_error: false,
+            metadata: serde_json::Map::new(),
             show_under: None,
         };
         if let Some(reply) = run_to_end(kernel, describe, DESCRIBE_TIMEOUT).await {

@@ -121,6 +121,7 @@ async fn run_hidden(kernel: &Arc<crate::session::Kernel>, code: String) -> Resul
         store_history: false,
         user_expressions: Map::new(),
         stop_on_error: false,
+        metadata: Map::new(),
         show_under: None,
     };
     let execution = Execution::start(kernel, request)
@@ -171,6 +172,7 @@ pub async fn create_context(
         .kernels()
         .start_with_home(&sandbox.owner, &sandbox.kernelspec, sandbox.home.clone())
         .await?;
+    kernel.set_managed();
     let context = Context {
         id: kernel.id.to_string(),
         language: "python".into(),
@@ -389,7 +391,12 @@ pub async fn execute(
 }
 
 async fn stream(context: &Context, code: String, out: &Lines) {
-    let mut execution = match Execution::start(&context.kernel, Request::cell(code)).await {
+    let mut request = Request::cell(code);
+    // E2B's result types: `e2b/chart` for figures, `e2b/data` for DataFrames.
+    request
+        .metadata
+        .insert(sandgate_wire::E2B_METADATA_KEY.into(), Value::Bool(true));
+    let mut execution = match Execution::start(&context.kernel, request).await {
         Ok(e) => e,
         Err(e) => {
             let _ = out.send(kernel_error(&e)).await;

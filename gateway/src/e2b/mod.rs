@@ -180,6 +180,8 @@ pub enum Route {
     OtherControl,
     /// `GET /health` of a sandbox.
     Health,
+    /// `GET /health` of a sandbox's code interpreter (`E2b-Sandbox-Port: 49999`).
+    InterpreterHealth,
     /// `POST /execute`.
     Execute,
     /// `GET` / `POST /contexts`.
@@ -265,6 +267,36 @@ pub async fn handle(app: &Arc<App>, route: Route, req: Request<Incoming>) -> Res
     result.unwrap_or_else(|e| e.response())
 }
 
+/// Serves a request on E2B's debug ports: the data plane of the one implicit sandbox
+/// ([`sandboxes::DEBUG_ID`], the main token's user's), with no tokens, as E2B's SDKs expect
+/// with `E2B_DEBUG=true`. The listener is on loopback only.
+pub async fn handle_debug(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let result = async {
+        let route = route(req.uri().path(), req.headers())
+            .or_else(|| (req.uri().path() == "/health").then_some(Route::Health));
+        let route = match route {
+            Some(
+                r @ (Route::Health
+                | Route::Execute
+                | Route::Contexts
+                | Route::Context(_)
+                | Route::RestartContext(_)
+                | Route::Envd),
+            ) => r,
+            _ => {
+                return Err(E2bError::NotFound(format!(
+                    "the E2B debug ports serve one sandbox's data plane; {} is not part of it",
+                    req.uri().path()
+                )));
+            }
+        };
+        let sandbox = app.e2b.debug_sandbox().await?;
+        data_for(app, sandbox, route, req).await
+    }
+    .await;
+    result.unwrap_or_else(|e| e.response())
+}
+
 async fn body_json<T: for<'de> Deserialize<'de>>(
     app: &App,
     req: Request<Incoming>,
@@ -275,7 +307,15 @@ async fn body_json<T: for<'de> Deserialize<'de>>(
         Duration::from_secs(app.config.http.body_timeout_s),
     )
     .await?;
-    Ok(crate::http::parse_json(&bytes)?)
+    // An object, not any JSON serde could map onto the struct (it takes arrays as structs).
+    let value: Value = crate::http::parse_json(&bytes)?;
+    if !value.is_object() {
+        return Err(E2bError::BadRequest(
+            "invalid JSON body: expected an object".into(),
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| E2bError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 async fn control(
@@ -508,6 +548,10 @@ async fn data(
     let interpreter = headers
         .get(SANDBOX_PORT)
         .is_some_and(|p| p.as_bytes() == INTERPRETER_PORT.as_bytes());
+    let route = match route {
+        Route::Health if interpreter => Route::InterpreterHealth,
+        other => other,
+    };
     let authorised = match route {
         Route::Execute => {
             token_matches(headers, ACCESS_TOKEN, &sandbox.envd_token)
@@ -516,9 +560,7 @@ async fn data(
         Route::Contexts | Route::Context(_) | Route::RestartContext(_) => {
             token_matches(headers, TRAFFIC_TOKEN, &sandbox.traffic_token)
         }
-        Route::Health if interpreter => {
-            token_matches(headers, TRAFFIC_TOKEN, &sandbox.traffic_token)
-        }
+        Route::InterpreterHealth => token_matches(headers, TRAFFIC_TOKEN, &sandbox.traffic_token),
         _ => token_matches(headers, ACCESS_TOKEN, &sandbox.envd_token),
     };
     if !authorised {
@@ -526,9 +568,19 @@ async fn data(
             "missing or wrong sandbox access token".into(),
         ));
     }
+    data_for(app, sandbox, route, req).await
+}
+
+/// Serves a data-plane request of `sandbox` (authenticated).
+async fn data_for(
+    app: &Arc<App>,
+    sandbox: Arc<sandboxes::Sandbox>,
+    route: Route,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, E2bError> {
     let method = req.method().clone();
     match route {
-        Route::Health if interpreter => Ok(json(StatusCode::OK, &json!("OK"))),
+        Route::InterpreterHealth => Ok(json(StatusCode::OK, &json!("OK"))),
         Route::Health => Ok(empty(StatusCode::NO_CONTENT)),
         Route::Execute if method == Method::POST => {
             let body: interpreter::ExecuteBody = body_json(app, req).await?;

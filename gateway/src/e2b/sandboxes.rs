@@ -29,6 +29,9 @@ pub const DEFAULT_CWD: &str = "/home/user";
 /// The longest lifetime one call may ask for, seconds (E2B's limit for its paid tier).
 pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
 
+/// The id of the one sandbox of E2B's debug ports (what the SDK uses with `E2B_DEBUG=true`).
+pub const DEBUG_ID: &str = "debug_sandbox_id";
+
 /// E2B template names and the kernelspec each runs.
 pub const TEMPLATES: &[(&str, &str)] = &[
     ("code-interpreter-v1", crate::kernelspec::NAME),
@@ -193,6 +196,8 @@ pub struct NewSandbox {
 pub struct Sandboxes {
     map: Arc<Mutex<HashMap<String, Arc<Sandbox>>>>,
     kernels: Kernels,
+    /// Serialises the making of the debug ports' sandbox.
+    debug: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why a sandbox call failed.
@@ -225,6 +230,7 @@ impl Sandboxes {
         Sandboxes {
             map: Arc::default(),
             kernels,
+            debug: Arc::default(),
         }
     }
 
@@ -236,9 +242,38 @@ impl Sandboxes {
     /// Makes a sandbox for `owner`: its default context's kernel (from the warm pool when one
     /// is ready), its tokens, and the timer that kills it at its deadline.
     pub async fn create(&self, owner: &str, new: NewSandbox) -> Result<Arc<Sandbox>, SandboxError> {
+        self.create_as(format!("sg{}", random_hex(16)), owner, new)
+            .await
+    }
+
+    /// The sandbox of E2B's debug ports, made on first use (and again after it timed out); each
+    /// use keeps it alive for [`MAX_TIMEOUT_S`] more.
+    pub async fn debug_sandbox(&self) -> Result<Arc<Sandbox>, SandboxError> {
+        let _one_at_a_time = self.debug.lock().await;
+        if let Some(sandbox) = self.find(DEBUG_ID) {
+            self.set_timeout(&sandbox, MAX_TIMEOUT_S);
+            return Ok(sandbox);
+        }
+        let new = NewSandbox {
+            template: "code-interpreter-v1".into(),
+            timeout_s: MAX_TIMEOUT_S,
+            metadata: Map::new(),
+            env_vars: Map::new(),
+        };
+        self.create_as(DEBUG_ID.to_owned(), crate::auth::DEFAULT_USER, new)
+            .await
+    }
+
+    async fn create_as(
+        &self,
+        id: String,
+        owner: &str,
+        new: NewSandbox,
+    ) -> Result<Arc<Sandbox>, SandboxError> {
         let kernelspec = kernelspec_of(&new.template)
             .ok_or_else(|| SandboxError::NoSuchTemplate(new.template.clone()))?;
         let kernel = self.kernels.start(owner, kernelspec).await?;
+        kernel.set_managed();
         // Its home is the sandbox's: kept across restarts, shared with later contexts.
         let Some(home) = self.kernels.pin_home(&kernel) else {
             let _ = self.kernels.shutdown(owner, &kernel.id.to_string()).await;
@@ -249,7 +284,7 @@ impl Sandboxes {
         let now = Utc::now();
         let (end, _) = watch::channel(now + timeout(new.timeout_s));
         let sandbox = Arc::new(Sandbox {
-            id: format!("sg{}", random_hex(16)),
+            id,
             owner: owner.to_owned(),
             template: new.template,
             kernelspec: kernelspec.to_owned(),

@@ -184,6 +184,9 @@ pub struct Request {
     /// `stop_on_error`). Off for independent runs: one agent's error (or an interrupt after its
     /// client went away) must not cancel another's code.
     pub stop_on_error: bool,
+    /// The request's metadata (the E2B API asks for E2B's result types with
+    /// [`sandgate_wire::E2B_METADATA_KEY`]).
+    pub metadata: Map<String, Value>,
     /// Show the outputs to the kernel's Jupyter clients under this request header (`%%ask`
     /// shows the generated code's outputs under its cell); `None` hides them.
     pub show_under: Option<bytes::Bytes>,
@@ -198,6 +201,7 @@ impl Request {
             store_history: true,
             user_expressions: Map::new(),
             stop_on_error: false,
+            metadata: Map::new(),
             show_under: None,
         }
     }
@@ -262,8 +266,14 @@ impl Execution {
             progress: Progress::default(),
             ended: false,
         };
+        let mut message = client::own_message(&header, &content);
+        if !request.metadata.is_empty() {
+            message.metadata = bytes::Bytes::from(
+                serde_json::to_vec(&request.metadata).unwrap_or_else(|_| b"{}".to_vec()),
+            );
+        }
         process
-            .send(Channel::Shell, &client::own_message(&header, &content))
+            .send(Channel::Shell, &message)
             .await
             .map_err(|e| ExecError::Send(e.to_string()))?;
         Ok(execution)

@@ -172,8 +172,22 @@ fn cors_headers<B>(app: &App, req_headers: &http::HeaderMap, response: &mut Resp
     );
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// Everything: Jupyter's API, the E2B-compatible API.
+    Main,
+    /// E2B's debug ports: one implicit sandbox's data plane, without tokens (loopback only).
+    E2bDebug,
+}
+
 /// Serves one request. Never fails: errors become JSON responses.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    handle_on(app, Surface::Main, req).await
+}
+
+/// Serves one request that came on a listener of `surface`.
+pub async fn handle_on(app: Arc<App>, surface: Surface, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let headers = req.headers().clone();
@@ -183,7 +197,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Err(_) => ApiError::Overloaded(MAX_IN_FLIGHT)
             .response()
             .map(|b| b.boxed_unsync()),
-        Ok(_permit) => match dispatch(&app, req).await {
+        Ok(_permit) => match dispatch(&app, surface, req).await {
             Ok(r) => r,
             Err(e) => e.response().map(|b| b.boxed_unsync()),
         },
@@ -210,7 +224,11 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn dispatch(
+    app: &Arc<App>,
+    surface: Surface,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
     let cfg = &app.config.auth;
     crate::auth::check_host(
         req.headers(),
@@ -218,6 +236,9 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Response<Bod
         cfg.allow_remote_access,
         &cfg.local_hostnames,
     )?;
+    if surface == Surface::E2bDebug {
+        return Ok(crate::e2b::handle_debug(app, req).await);
+    }
     if let Some(route) = crate::e2b::route(req.uri().path(), req.headers()) {
         return Ok(crate::e2b::handle(app, route, req).await);
     }
@@ -429,6 +450,17 @@ pub async fn serve(
     closing: watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_surface(listener, app, Surface::Main, closing, shutdown).await
+}
+
+/// As [`serve`], for a listener of `surface`.
+pub async fn serve_surface(
+    listener: TcpListener,
+    app: Arc<App>,
+    surface: Surface,
+    closing: watch::Sender<bool>,
+    shutdown: impl Future<Output = ()>,
+) {
     let header_timeout = Duration::from_secs(app.config.http.header_timeout_s);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -449,7 +481,7 @@ pub async fn serve(
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(handle(app, req).await) }
+                async move { Ok::<_, Infallible>(handle_on(app, surface, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -508,6 +508,8 @@ pub struct Kernel {
     session: String,
     /// A home folder its restarts keep (an E2B sandbox's); `None`: each process has its own.
     pinned_home: Mutex<Option<Arc<crate::home::Home>>>,
+    /// Its life is managed elsewhere (an E2B sandbox's deadline): the idle culler leaves it.
+    managed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -563,6 +565,7 @@ impl Kernel {
             lifecycle: tokio::sync::Mutex::new(()),
             session: uuid::Uuid::new_v4().to_string(),
             pinned_home: Mutex::new(None),
+            managed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -611,6 +614,17 @@ impl Kernel {
     /// Pins `home`: the processes that replace this one on restarts get it too.
     pub(crate) fn set_pinned_home(&self, home: Arc<crate::home::Home>) {
         *self.pinned_home.lock().unwrap_or_else(|e| e.into_inner()) = Some(home);
+    }
+
+    /// Marks the kernel's life as managed by its owner (an E2B sandbox, which ends at its own
+    /// deadline): the idle culler leaves it alone.
+    pub fn set_managed(&self) {
+        self.managed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Kernel::set_managed`] was called.
+    pub fn is_managed(&self) -> bool {
+        self.managed.load(Ordering::Relaxed)
     }
 
     /// Watches the process behind the kernel (replaced on restart, `None` when dead).

@@ -599,6 +599,9 @@ impl Kernels {
             let Some(timeout) = self.0.config.cull_idle_timeout else {
                 continue;
             };
+            if kernel.is_managed() {
+                continue;
+            }
             let (idle_for, state, connections) = {
                 let s = kernel.lock();
                 let idle = (Utc::now() - s.last_activity).to_std().unwrap_or_default();

@@ -203,7 +203,29 @@ def format_bundle(obj, include=None, exclude=None):
         data = {k: v for k, v in data.items() if k in include}
     if exclude:
         data = {k: v for k, v in data.items() if k not in exclude}
+    _e2b(obj, data, metadata, include, exclude)
     return data, metadata
+
+
+def _e2b(obj, data, metadata, include=None, exclude=None):
+    """E2B's structured results, `e2b/chart` for a figure and `e2b/data` for a DataFrame (see
+    charts.py), added to `data` when the request asks for them: the gateway's E2B-compatible
+    API sets `sandgate_e2b` in its execute_request's metadata. Jupyter's clients get a
+    figure's chart as `application/vnd.e2b.chart+json` instead (nbformat refuses a dict under
+    a MIME type that is not JSON's, so nbclient and papermill would fail on every figure with
+    `e2b/chart`), and no DataFrame data (it would double the size of every table shown)."""
+    request = _state["request"]
+    if not request or not request.get("e2b"):
+        if _is_figure(obj):
+            _load("charts")
+            _e2b_add(obj, data, metadata, include, exclude, jupyter=True)
+        return
+    pandas = sys.modules.get("pandas")
+    if not (_is_figure(obj) or pandas is not None and isinstance(obj, pandas.DataFrame)
+            or _method(obj, "_repr_e2b_chart_") or _method(obj, "_repr_e2b_data_")):
+        return
+    _load("charts")
+    _e2b_add(obj, data, metadata, include, exclude)
 
 
 def display(*objs, include=None, exclude=None, metadata=None, transient=None,
@@ -271,6 +293,7 @@ def _flush_figures():
             text = f"<Figure size {size[0]:g}x{size[1]:g} with {len(fig.axes)} Axes>"
             data, metadata = _figure_bundle(fig)
             data["text/plain"] = text
+            _e2b(fig, data, metadata)
             _publish("display_data", {"data": data, "metadata": metadata, "transient": {}})
     finally:
         plt.close("all")

@@ -94,12 +94,14 @@ const DRIVER: &str = include_str!("driver.py");
 /// - `magics`: IPython's magics (`%config`, `%autoreload`, `%%capture`, ...);
 /// - `ipython`: the shell `get_ipython()` returns;
 /// - `shell`: the shell commands `!cmd` runs inside the sandbox (`ls`, `head`, `wc`, ...);
-/// - `debugging`: `%xmode`, `%prun`, `%debug` and `%pdb`.
+/// - `debugging`: `%xmode`, `%prun`, `%debug` and `%pdb`;
+/// - `charts`: E2B's `e2b/chart` and `e2b/data` entries, for requests that ask for them.
 const GUEST_MODULES: &[(&str, &str)] = &[
     ("magics", include_str!("magics.py")),
     ("ipython", include_str!("ipython.py")),
     ("shell", include_str!("shell.py")),
     ("debugging", include_str!("debugging.py")),
+    ("charts", include_str!("charts.py")),
 ];
 
 /// The source of the guest module `name` (see [`GUEST_MODULES`]).

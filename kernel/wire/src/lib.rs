@@ -18,6 +18,12 @@ pub const DELIMITER: &[u8] = b"<IDS|MSG>";
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
 /// Most frames accepted in one message (identities and buffers included).
 pub const MAX_FRAMES: usize = 1024;
+/// The `execute_request` metadata key (value `true`) that asks the kernel for E2B's structured
+/// results: an `e2b/chart` entry (the figure's data) in each matplotlib figure's bundle and an
+/// `e2b/data` entry (its columns) in each pandas DataFrame's. The gateway's E2B-compatible API
+/// sets it; other requests leave it out, so Jupyter's clients never get those entries (a dict
+/// under a MIME type that is not JSON's fails nbformat's validation, in nbclient and papermill).
+pub const E2B_METADATA_KEY: &str = "sandgate_e2b";
 
 /// Why a message was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
