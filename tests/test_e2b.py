@@ -707,6 +707,10 @@ def test_debug_ports_serve_older_sdks_one_sandbox_on_loopback(start_gateway, mon
     assert sbx.run_code("kept = 7").error is None
     assert e2b_ci.Sandbox.create().run_code("kept * 6").text == "42"  # one sandbox per host
     assert sbx.is_running()
+    # Its files and its home, as a created sandbox's.
+    sbx.files.write("/home/user/debug.txt", "debug files")
+    assert sbx.run_code("import os\n(os.getcwd(), open('debug.txt').read())").text == "('/home/user', 'debug files')"
+    assert [e.name for e in sbx.files.list("~")] == ["debug.txt"]
     # Only the data plane is there: not Jupyter's API, which needs a token on the main port.
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen("http://127.0.0.1:49999/api/kernels", timeout=30)

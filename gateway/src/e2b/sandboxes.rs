@@ -260,8 +260,17 @@ impl Sandboxes {
             metadata: Map::new(),
             env_vars: Map::new(),
         };
-        self.create_as(DEBUG_ID.to_owned(), crate::auth::DEFAULT_USER, new)
-            .await
+        let sandbox = self
+            .create_as(DEBUG_ID.to_owned(), crate::auth::DEFAULT_USER, new)
+            .await?;
+        // As a created one: its contexts start in its home.
+        if let Some(context) = sandbox.default_context()
+            && let Err(e) = super::interpreter::set_up(&sandbox, &context).await
+        {
+            tracing::warn!(error = %e, "the debug sandbox's set-up failed; its default context \
+                           starts in /workspace");
+        }
+        Ok(sandbox)
     }
 
     async fn create_as(
