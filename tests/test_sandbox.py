@@ -82,6 +82,34 @@ def test_workspace_files_are_real_and_stay_inside(kernel):
     assert (kernel.workspace / "made_inside.txt").read_text() == "hello from the sandbox"
 
 
+def test_a_home_folder_is_home_and_counts_in_the_disk_limit(start_kernel, tmp_path):
+    """Expected: `--home-dir` is /home/user, the guest's $HOME and a real host folder; the
+    kernel never removes it; writes there count in the disk limit (ENOSPC past it) and deleting
+    gives the room back."""
+    home = tmp_path / "home"
+    home.mkdir()
+    k = start_kernel(["--home-dir", str(home), "--disk-mb", "16"])
+    reply, out = k.execute("import os\nopen(os.path.expanduser('~/note.txt'), 'w').write('hi')\n"
+                           "[os.environ['HOME'], os.listdir('/home'), os.path.exists('/tmp/home/note.txt')]")
+    assert result(out) == "['/home/user', ['user'], False]", out
+    assert (home / "note.txt").read_text() == "hi"
+    reply, _ = k.execute("f = open('/home/user/fill.bin', 'wb')\nchunk = b'x' * (1 << 20)\n"
+                         "for i in range(64):\n    f.write(chunk)\n    f.flush()")
+    assert reply["status"] == "error" and "No space left" in reply["evalue"], reply
+    reply, _ = k.execute("f.close()\nos.remove('/home/user/fill.bin')\n"
+                         "open('/home/user/after.bin', 'wb').write(b'y' * (1 << 20))")
+    assert reply["status"] == "ok", reply
+    # Matplotlib's cache stays out of the user's home.
+    assert not (home / ".matplotlib").exists()
+    k.close()
+    assert (home / "note.txt").exists()
+
+
+def test_without_a_home_folder_home_is_in_the_private_root(kernel):
+    reply, out = kernel.execute("import os\n[os.environ['HOME'], os.path.isdir('/tmp/home'), os.path.exists('/home/user')]")
+    assert result(out) == "['/tmp/home', True, False]", out
+
+
 # --- limits ----------------------------------------------------------------------------------
 
 def test_memory_cap_raises_memory_error_and_the_kernel_survives(start_kernel):

@@ -99,9 +99,28 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// Its home folder could not be made.
+    #[error("cannot make a home folder for the kernel in {path}: {source}")]
+    Home {
+        /// Where homes are made.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The process is gone.
     #[error("the kernel process is gone")]
     Gone,
+}
+
+impl LaunchSpec {
+    /// A fresh home folder for a launch.
+    pub fn new_home(&self) -> Result<std::sync::Arc<crate::home::Home>, ClientError> {
+        self.homes.create().map_err(|source| ClientError::Home {
+            path: self.homes.dir().to_owned(),
+            source,
+        })
+    }
 }
 
 /// How to start kernel processes.
@@ -113,6 +132,8 @@ pub struct LaunchSpec {
     pub args: Vec<OsString>,
     /// Where connection files are written (mode 0600; they hold the key).
     pub runtime_dir: PathBuf,
+    /// Where kernels' home folders are made (each launch is given one, see [`Process::launch`]).
+    pub homes: std::sync::Arc<crate::home::Homes>,
     /// How long a start may take before it is abandoned.
     pub startup_timeout: Duration,
     /// Interval between heartbeats.
@@ -155,6 +176,8 @@ pub struct Process {
     conn_file: PathBuf,
     /// The session id the gateway's own requests (kernel_info, interrupt) carry.
     session: String,
+    /// Its home folder (`/home/user` in the guest), kept while the process lives.
+    home: std::sync::Arc<crate::home::Home>,
 }
 
 impl std::fmt::Debug for Process {
@@ -581,12 +604,19 @@ fn request_status(msg: &RawMessage) -> Option<(String, String)> {
 }
 
 impl Process {
-    /// Starts a kernel process for kernel `id`, waits until it serves requests, and returns it
-    /// with the stream of what it sends.
+    /// Its home folder.
+    pub fn home(&self) -> &std::sync::Arc<crate::home::Home> {
+        &self.home
+    }
+
+    /// Starts a kernel process for kernel `id` with `workspace` at `/workspace` and `home` at
+    /// `/home/user`, waits until it serves requests, and returns it with the stream of what it
+    /// sends.
     pub async fn launch(
         spec: &LaunchSpec,
         id: uuid::Uuid,
         workspace: &Path,
+        home: std::sync::Arc<crate::home::Home>,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
         let started = std::time::Instant::now();
         let key = new_key();
@@ -608,7 +638,16 @@ impl Process {
                 source,
             },
         )?;
-        let result = Self::start(spec, id, key, endpoints.clone(), &conn_file, workspace).await;
+        let result = Self::start(
+            spec,
+            id,
+            key,
+            endpoints.clone(),
+            &conn_file,
+            workspace,
+            home,
+        )
+        .await;
         match &result {
             Ok(_) => tracing::info!(
                 kernel = %id,
@@ -630,12 +669,15 @@ impl Process {
         endpoints: Endpoints,
         conn_file: &Path,
         workspace: &Path,
+        home: std::sync::Arc<crate::home::Home>,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
         let mut command = tokio::process::Command::new(&spec.binary);
         command
             .args(&spec.args)
             .arg("--workspace")
             .arg(workspace)
+            .arg("--home-dir")
+            .arg(home.path())
             .arg("--notify-ready")
             .arg("-f")
             .arg(conn_file)
@@ -833,6 +875,7 @@ impl Process {
             exited: exited_rx,
             conn_file: conn_file.to_owned(),
             session: uuid::Uuid::new_v4().to_string(),
+            home,
         };
         let mut rx = rx;
         process.nudge(&mut rx, spec.startup_timeout).await?;

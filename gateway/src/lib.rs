@@ -13,6 +13,7 @@
 //! - [`session`]: kernel lifecycle: warm pool, restart, automatic restart, culling, limits,
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
+//! - [`home`]: kernels' home folders (`/home/user` in the guest), removed with their holder.
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
 //! - [`exec`]: the execution service: run code on a kernel, get typed events back (used by
 //!   `%%ask`, the E2B-compatible API and MCP).
@@ -33,6 +34,7 @@ pub mod client;
 pub mod config;
 pub mod e2b;
 pub mod exec;
+pub mod home;
 pub mod http;
 pub mod kernelspec;
 pub mod memory;
@@ -144,6 +146,11 @@ pub fn launch_spec(
     rt: &Runtime,
 ) -> Result<client::LaunchSpec, GatewayError> {
     let runtime_dir = private_dir(rt.data_dir.join("runtime"))?;
+    let homes_dir = rt.data_dir.join("homes");
+    let homes = home::Homes::open(&homes_dir).map_err(|source| GatewayError::Folder {
+        path: homes_dir.clone(),
+        source,
+    })?;
     let s = &config.sandbox;
     let args: Vec<std::ffi::OsString> = vec![
         "--home".into(),
@@ -173,6 +180,7 @@ pub fn launch_spec(
         binary: rt.kernel_binary.clone(),
         args,
         runtime_dir,
+        homes: Arc::new(homes),
         startup_timeout: Duration::from_secs(k.startup_timeout_s),
         heartbeat_interval: Duration::from_secs(k.heartbeat_interval_s),
         heartbeat_misses: k.heartbeat_misses,
@@ -311,6 +319,7 @@ impl Gateway {
             .local_addr()
             .map(|a| a.ip().is_loopback())
             .unwrap_or(true);
+        let sandboxes = e2b::sandboxes::Sandboxes::new(kernels.clone());
         let app = Arc::new(http::App {
             auth: if rt.users.is_empty() {
                 auth::Auth::new(rt.token_hash)
@@ -325,7 +334,7 @@ impl Gateway {
             workspaces: workspaces.clone(),
             asker,
             sessions: http::sessions::Sessions::default(),
-            e2b: e2b::sandboxes::Sandboxes::new(kernels.clone()),
+            e2b: sandboxes.clone(),
             started: chrono::Utc::now(),
             loopback,
             closing: closing_rx,
@@ -343,6 +352,8 @@ impl Gateway {
         }
         tracing::info!("shutting down every kernel");
         kernels.shutdown_all().await;
+        // The sandboxes' home folders go with them.
+        sandboxes.forget_all();
         syncer.abort();
         observer.flush().await;
         workspaces.close().await;

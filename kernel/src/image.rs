@@ -437,6 +437,7 @@ pub fn compile_image(home: &Path, limits: &Limits) -> Result<(), ImageError> {
     let config = sandbox::SandboxConfig {
         image,
         workspace: workspace.clone(),
+        home: None,
         limits: limits.clone(),
     };
     let flags = match sandbox::probe_interrupt(config, &dir.join("python-snapshot.wasm")) {

@@ -42,6 +42,13 @@ struct RunArgs {
     #[arg(long, env = "SANDGATE_WORKSPACE")]
     workspace: Option<PathBuf>,
 
+    /// Host folder the guest sees, writable, at /home/user, which becomes its $HOME (without
+    /// it, $HOME is a folder of the private root that ends with the kernel). Counted in the disk
+    /// limits like /tmp and /workspace. The launcher owns it: the kernel never removes it (the
+    /// gateway gives each E2B sandbox one, shared by its contexts).
+    #[arg(long)]
+    home_dir: Option<PathBuf>,
+
     /// The guest's memory cap, in MiB (past it: MemoryError).
     #[arg(long, default_value_t = 2048)]
     memory_mb: u64,
@@ -190,6 +197,17 @@ fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
+/// The `--home-dir` folder, checked: an existing folder (made by the launcher, which owns it).
+fn home_folder(dir: &Path) -> Result<PathBuf> {
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("the home folder {} cannot be opened", dir.display()))?;
+    if !dir.is_dir() {
+        bail!("the home folder {} is not a folder", dir.display());
+    }
+    Ok(dir)
+}
+
 fn progress(message: &str) {
     eprintln!("sandgate-kernel: {message}");
 }
@@ -300,12 +318,17 @@ fn main() -> Result<()> {
                 &cwd,
                 &workspace::Protected::from_env(&home),
             )?;
+            let home_dir = match &cli.run.home_dir {
+                Some(dir) => Some(home_folder(dir)?),
+                None => None,
+            };
             let image = image::prepare(&home, &limits, fetch, &progress)?;
             let config = server::KernelConfig {
                 connection,
                 sandbox: SandboxConfig {
                     image,
                     workspace,
+                    home: home_dir,
                     limits,
                 },
             };

@@ -51,7 +51,7 @@ pub struct ContextBody {
     /// The language; Python when missing.
     #[serde(default)]
     pub language: Option<String>,
-    /// The working directory; `/workspace` when missing.
+    /// The working directory; the sandbox's home (`/home/user`) when missing.
     #[serde(default)]
     pub cwd: Option<String>,
 }
@@ -164,10 +164,13 @@ pub async fn create_context(
     body: ContextBody,
 ) -> Result<Value, E2bError> {
     check_language(body.language.as_deref())?;
-    let cwd = body.cwd.unwrap_or_else(|| "/workspace".into());
+    let cwd = body
+        .cwd
+        .unwrap_or_else(|| super::sandboxes::DEFAULT_CWD.into());
+    // A fresh kernel that shares the sandbox's home folder.
     let kernel = sandboxes
         .kernels()
-        .start(&sandbox.owner, &sandbox.kernelspec)
+        .start_with_home(&sandbox.owner, &sandbox.kernelspec, sandbox.home.clone())
         .await?;
     kernel.set_managed();
     let context = Context {

@@ -11,7 +11,9 @@
 //!
 //! - [`sandboxes`]: the registry: ids, tokens, contexts, deadlines.
 //! - [`interpreter`]: `/execute` as NDJSON while the code runs, and contexts.
+//! - [`envd`]: a sandbox's files (`/files`, the `filesystem` RPCs) and the `process` RPCs.
 
+pub mod envd;
 pub mod interpreter;
 pub mod sandboxes;
 
@@ -389,8 +391,8 @@ async fn control(
                     },
                 )
                 .await?;
-            if !sandbox.env_vars.is_empty()
-                && let Some(context) = sandbox.default_context()
+            // Its environment, and its working directory: the sandbox's home.
+            if let Some(context) = sandbox.default_context()
                 && let Err(e) = interpreter::set_up(&sandbox, &context).await
             {
                 let _ = sandboxes.kill(&user, &sandbox.id).await;
@@ -625,10 +627,7 @@ async fn data_for(
             interpreter::restart_context(&app.e2b, &sandbox, &id).await?;
             Ok(empty(StatusCode::NO_CONTENT))
         }
-        Route::Envd => Err(E2bError::NotImplemented(format!(
-            "{} is not available yet in Sandgate's E2B-compatible API",
-            req.uri().path()
-        ))),
+        Route::Envd => Ok(envd::handle(app, &sandbox, req).await),
         _ => Err(E2bError::BadRequest(format!(
             "{method} is not accepted on {}",
             req.uri().path()

@@ -1,6 +1,10 @@
 //! The sandboxes of the E2B-compatible API: each is one or more Sandgate kernels (its code
 //! contexts, the first one the default) of one user, with the tokens its data plane requires,
 //! the caller's metadata and environment, and a deadline after which it is killed.
+//!
+//! A sandbox's files are its home folder, `/home/user` in every one of its contexts (the
+//! default context's, shared by the others, and removed when the sandbox ends), and the user's
+//! encrypted workspace at `/workspace`, which outlives it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -10,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
+use crate::home::Home;
 use crate::session::{Kernel, Kernels, SessionError};
 
 /// The version of E2B's in-sandbox daemon (envd) this API speaks. The SDK gates features on
@@ -19,6 +24,8 @@ pub const ENVD_VERSION: &str = "0.5.7";
 pub const CLIENT_ID: &str = "sandgate";
 /// E2B's default lifetime of a sandbox, seconds.
 pub const DEFAULT_TIMEOUT_S: u64 = 300;
+/// The working directory of contexts, unless the caller names another: the sandbox's home.
+pub const DEFAULT_CWD: &str = "/home/user";
 /// The longest lifetime one call may ask for, seconds (E2B's limit for its paid tier).
 pub const MAX_TIMEOUT_S: u64 = 24 * 3600;
 
@@ -91,6 +98,8 @@ pub struct Sandbox {
     pub env_vars: Map<String, Value>,
     /// When it was made.
     pub started: DateTime<Utc>,
+    /// Its home folder (`/home/user` of every context), removed when the sandbox is dropped.
+    pub home: Arc<Home>,
     /// When it will be killed unless extended.
     end: watch::Sender<DateTime<Utc>>,
     /// Its contexts, the default first.
@@ -251,8 +260,17 @@ impl Sandboxes {
             metadata: Map::new(),
             env_vars: Map::new(),
         };
-        self.create_as(DEBUG_ID.to_owned(), crate::auth::DEFAULT_USER, new)
-            .await
+        let sandbox = self
+            .create_as(DEBUG_ID.to_owned(), crate::auth::DEFAULT_USER, new)
+            .await?;
+        // As a created one: its contexts start in its home.
+        if let Some(context) = sandbox.default_context()
+            && let Err(e) = super::interpreter::set_up(&sandbox, &context).await
+        {
+            tracing::warn!(error = %e, "the debug sandbox's set-up failed; its default context \
+                           starts in /workspace");
+        }
+        Ok(sandbox)
     }
 
     async fn create_as(
@@ -265,6 +283,13 @@ impl Sandboxes {
             .ok_or_else(|| SandboxError::NoSuchTemplate(new.template.clone()))?;
         let kernel = self.kernels.start(owner, kernelspec).await?;
         kernel.set_managed();
+        // Its home is the sandbox's: kept across restarts, shared with later contexts.
+        let Some(home) = self.kernels.pin_home(&kernel) else {
+            let _ = self.kernels.shutdown(owner, &kernel.id.to_string()).await;
+            return Err(SandboxError::Session(SessionError::NotFound(
+                kernel.id.to_string(),
+            )));
+        };
         let now = Utc::now();
         let (end, _) = watch::channel(now + timeout(new.timeout_s));
         let sandbox = Arc::new(Sandbox {
@@ -277,11 +302,12 @@ impl Sandboxes {
             metadata: new.metadata,
             env_vars: new.env_vars,
             started: now,
+            home,
             end,
             contexts: Mutex::new(vec![Context {
                 id: kernel.id.to_string(),
                 language: "python".into(),
-                cwd: "/workspace".into(),
+                cwd: DEFAULT_CWD.into(),
                 kernel,
             }]),
         });

@@ -506,6 +506,8 @@ pub struct Kernel {
     pub(crate) lifecycle: tokio::sync::Mutex<()>,
     /// The session id of messages the gateway makes up (status on restart).
     session: String,
+    /// A home folder its restarts keep (an E2B sandbox's); `None`: each process has its own.
+    pinned_home: Mutex<Option<Arc<crate::home::Home>>>,
     /// Its life is managed elsewhere (an E2B sandbox's deadline): the idle culler leaves it.
     managed: std::sync::atomic::AtomicBool,
 }
@@ -562,6 +564,7 @@ impl Kernel {
             }),
             lifecycle: tokio::sync::Mutex::new(()),
             session: uuid::Uuid::new_v4().to_string(),
+            pinned_home: Mutex::new(None),
             managed: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -598,6 +601,19 @@ impl Kernel {
     /// The process now behind this kernel, if one is running.
     pub fn process(&self) -> Option<Arc<Process>> {
         self.process.borrow().clone()
+    }
+
+    /// The home folder its restarts keep, if one was pinned.
+    pub fn pinned_home(&self) -> Option<Arc<crate::home::Home>> {
+        self.pinned_home
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Pins `home`: the processes that replace this one on restarts get it too.
+    pub(crate) fn set_pinned_home(&self, home: Arc<crate::home::Home>) {
+        *self.pinned_home.lock().unwrap_or_else(|e| e.into_inner()) = Some(home);
     }
 
     /// Marks the kernel's life as managed by its owner (an E2B sandbox, which ends at its own

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::client::{Channel, ClientError, Incoming, LaunchSpec, Process};
+use crate::home::Home;
 use kernel::Expect;
 pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Kick, Outgoing, RateLimit};
 
@@ -234,8 +235,39 @@ impl Kernels {
             .ok_or_else(not_found)
     }
 
-    /// Starts a kernel for `owner`, from the pool when one is ready.
+    /// Starts a kernel for `owner`, from the pool when one is ready. It has a home folder of
+    /// its own.
     pub async fn start(&self, owner: &str, name: &str) -> Result<Arc<Kernel>, SessionError> {
+        self.start_inner(owner, name, None).await
+    }
+
+    /// Starts a kernel for `owner` whose guest sees `home` at `/home/user`: a fresh launch
+    /// (never from the pool, whose kernels have homes of their own), and its restarts keep
+    /// that home (see [`Kernels::pin_home`]).
+    pub async fn start_with_home(
+        &self,
+        owner: &str,
+        name: &str,
+        home: Arc<Home>,
+    ) -> Result<Arc<Kernel>, SessionError> {
+        self.start_inner(owner, name, Some(home)).await
+    }
+
+    /// Keeps `kernel`'s current home folder across its restarts (a restart otherwise gets a
+    /// fresh one, with a fresh process from the pool), and returns it; `None` if the kernel
+    /// has no process.
+    pub fn pin_home(&self, kernel: &Kernel) -> Option<Arc<Home>> {
+        let home = kernel.process()?.home().clone();
+        kernel.set_pinned_home(home.clone());
+        Some(home)
+    }
+
+    async fn start_inner(
+        &self,
+        owner: &str,
+        name: &str,
+        home: Option<Arc<Home>>,
+    ) -> Result<Arc<Kernel>, SessionError> {
         if crate::kernelspec::display_name(name).is_none() {
             return Err(SessionError::NoSuchKernelSpec(name.to_owned()));
         }
@@ -249,7 +281,7 @@ impl Kernels {
             self.start_ended();
             return Err(SessionError::Limit { running, max });
         }
-        let result = self.take_process(owner, None).await;
+        let result = self.take_process(owner, None, home.clone()).await;
         let (process, incoming) = match result {
             Ok(ready) => ready,
             Err(e) => {
@@ -271,6 +303,9 @@ impl Kernels {
             self.0.hook.clone(),
             self.0.config.iopub_rate,
         ));
+        if let Some(home) = home {
+            kernel.set_pinned_home(home);
+        }
         kernel.start_forwarder(self.0.launch.startup_timeout);
         kernel.set_state(ExecutionState::Idle);
         let process = Arc::new(process);
@@ -288,15 +323,17 @@ impl Kernels {
         self.0.launch_ended.notify_waiters();
     }
 
-    /// A ready process for `owner`: from the pool if it has a live one (the pool's kernels
-    /// see the default user's workspace), else a fresh launch with `owner`'s workspace (with a
-    /// new id unless `id` is given).
+    /// A ready process for `owner`: with `home`, a fresh launch with that home folder;
+    /// without, from the pool if it has a live one (the pool's kernels see the default user's
+    /// workspace), else a fresh launch with a new home. A fresh launch has `owner`'s workspace
+    /// and a new id unless `id` is given.
     async fn take_process(
         &self,
         owner: &str,
         id: Option<uuid::Uuid>,
+        home: Option<Arc<Home>>,
     ) -> Result<Ready, ClientError> {
-        if owner == crate::auth::DEFAULT_USER {
+        if home.is_none() && owner == crate::auth::DEFAULT_USER {
             loop {
                 let pooled = self.0.pool.lock().await.pop_front();
                 self.0.pool_changed.notify_one();
@@ -308,7 +345,11 @@ impl Kernels {
             }
         }
         let id = id.unwrap_or_else(uuid::Uuid::new_v4);
-        Process::launch(&self.0.launch, id, &(self.0.live_dir)(owner)).await
+        let home = match home {
+            Some(home) => home,
+            None => self.0.launch.new_home()?,
+        };
+        Process::launch(&self.0.launch, id, &(self.0.live_dir)(owner), home).await
     }
 
     async fn fill_pool(&self) {
@@ -321,8 +362,13 @@ impl Kernels {
             if want > have && !self.0.closing.load(Ordering::SeqCst) {
                 self.0.filling.fetch_add(1, Ordering::SeqCst);
                 let workspace = (self.0.live_dir)(crate::auth::DEFAULT_USER);
-                let launched =
-                    Process::launch(&self.0.launch, uuid::Uuid::new_v4(), &workspace).await;
+                let launched = match self.0.launch.new_home() {
+                    Ok(home) => {
+                        Process::launch(&self.0.launch, uuid::Uuid::new_v4(), &workspace, home)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 // The launch counts as in flight until its process is pooled or, if the gateway
                 // began shutting down meanwhile, shut down: `shutdown_all` waits for that.
                 let failed = match launched {
@@ -468,8 +514,10 @@ impl Kernels {
                 }
             }
         };
-        let (retired, fresh) =
-            tokio::join!(retire, self.take_process(&kernel.owner, Some(kernel.id)));
+        let (retired, fresh) = tokio::join!(
+            retire,
+            self.take_process(&kernel.owner, Some(kernel.id), kernel.pinned_home())
+        );
         let () = retired;
         self.0.released.kernel_ended();
         let (process, incoming) = match fresh {

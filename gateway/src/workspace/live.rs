@@ -17,7 +17,7 @@ use super::path::WsPath;
 use super::store::{Kind, Store, StoreError};
 
 /// The suffix of the gateway's own temporary files in a live folder (never saved).
-const TEMP_SUFFIX: &str = ".sandgate-partial";
+pub const TEMP_SUFFIX: &str = ".sandgate-partial";
 
 /// Most entries a scan looks at (a flood of files stops the scan, it does not stall it).
 pub const MAX_SCAN: usize = 50_000;

@@ -85,6 +85,8 @@ pub(crate) struct DoorState {
     open_files: HashSet<u32>,
     max_open_files: u32,
     disk: DiskBudget,
+    /// The guest's environment, handed to the driver at boot (the `env` op).
+    env: Vec<(&'static str, &'static str)>,
 }
 
 /// Bytes written to files between two measurements of the guest's folders.
@@ -194,6 +196,7 @@ impl DoorState {
         max_open_files: u32,
         flags: Option<InterruptFlags>,
         disk: DiskBudget,
+        env: Vec<(&'static str, &'static str)>,
     ) -> Self {
         DoorState {
             sink,
@@ -216,6 +219,7 @@ impl DoorState {
             open_files: HashSet::new(),
             max_open_files,
             disk,
+            env,
         }
     }
 
@@ -570,6 +574,16 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
                 Some(source) => source.as_bytes().to_vec(),
                 None => error_answer(&format!("no guest module named {name:?}")),
             }
+        }
+        // The guest's environment, for the driver to set at boot (the snapshot's `os.environ`
+        // is the one the image was taken with).
+        "env" => {
+            let env: serde_json::Map<String, Value> = door
+                .env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+                .collect();
+            Value::Object(env).to_string().into_bytes()
         }
         "request" => door
             .request

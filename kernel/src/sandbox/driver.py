@@ -36,14 +36,9 @@ _inputs, _outputs = [""], {}
 _ns["In"], _ns["Out"] = _inputs, _outputs
 
 # The guest's environment, set again here because a snapshot's os.environ is the one it was
-# taken with.
-for _k, _v in (
-    ("HOME", "/tmp/home"),
-    ("TMPDIR", "/tmp"),
-    ("MPLCONFIGDIR", "/tmp/home/.matplotlib"),
-    ("MPLBACKEND", "module://_sandgate_inline"),
-):
-    os.environ[_k] = _v
+# taken with: the kernel hands over the one it gave this instance (`HOME` is /home/user when
+# its launcher gave it a home folder).
+os.environ.update(json.loads(_host.call(b'{"op":"env"}')))
 for _d in ("/tmp/home/.matplotlib",):
     try:
         os.makedirs(_d, exist_ok=True)

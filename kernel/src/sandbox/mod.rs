@@ -3,8 +3,10 @@
 //!
 //! What the guest gets, and nothing else (deny by default):
 //! - read-only: the image's standard library zip at `/usr/local/lib` and matplotlib's data;
-//! - read-write: a private root `/` (holding `/tmp` and `$HOME`) that is removed when the
-//!   kernel ends, and the kernel's working directory at `/workspace`;
+//! - read-write: a private root `/` (holding `/tmp`, and `$HOME` unless a home folder is given)
+//!   that is removed when the kernel ends, the kernel's working directory at `/workspace`, and,
+//!   when its launcher gives one ([`SandboxConfig::home`]), a home folder at [`GUEST_HOME`]
+//!   (then `$HOME`);
 //! - an environment of its own (see [`GUEST_ENV`]); no host variables;
 //! - no sockets (WASI preview 1 can only use sockets handed to it, and none are), stdin closed;
 //! - the limits in [`Limits`];
@@ -57,8 +59,11 @@ const TICKER_LINGER: Duration = Duration::from_millis(200);
 pub const EVENT_QUEUE: usize = 1024;
 /// argv[0] the image was built to expect.
 const ARGV0: &str = "/usr/local/bin/python.wasm";
-/// The guest's whole environment. `MPLBACKEND` selects the kernel's inline backend, which shows
-/// figures as PNG at the end of each cell.
+/// Where a home folder given by the launcher appears in the guest (E2B's `/home/user`).
+pub const GUEST_HOME: &str = "/home/user";
+/// The guest's whole environment (without a home folder of its own; with one, `HOME` is
+/// [`GUEST_HOME`]: see [`guest_env`]). `MPLBACKEND` selects the kernel's inline backend, which
+/// shows figures as PNG at the end of each cell.
 pub const GUEST_ENV: &[(&str, &str)] = &[
     ("HOME", "/tmp/home"),
     ("TMPDIR", "/tmp"),
@@ -68,6 +73,19 @@ pub const GUEST_ENV: &[(&str, &str)] = &[
     ("PYTHONUNBUFFERED", "1"),
     ("LANG", "C.UTF-8"),
 ];
+/// The guest's environment: [`GUEST_ENV`], with `HOME` at [`GUEST_HOME`] when the kernel was
+/// given a home folder. The driver sets it again at boot (the door's `env` op), because the
+/// snapshot's `os.environ` is the one the image was taken with.
+pub fn guest_env(has_home: bool) -> Vec<(&'static str, &'static str)> {
+    GUEST_ENV
+        .iter()
+        .map(|&(k, v)| match k {
+            "HOME" if has_home => (k, GUEST_HOME),
+            _ => (k, v),
+        })
+        .collect()
+}
+
 /// The kernel's guest-side driver: formats results, catches errors, runs matplotlib's inline
 /// backend. It is sent through the door when an interpreter starts.
 const DRIVER: &str = include_str!("driver.py");
@@ -289,6 +307,10 @@ pub struct SandboxConfig {
     pub image: Image,
     /// The host directory the guest sees at `/workspace`.
     pub workspace: PathBuf,
+    /// A host directory the guest sees, writable, at [`GUEST_HOME`] (and as `$HOME`); counted
+    /// in the disk limits like its other writable folders. `None`: `$HOME` stays in the private
+    /// root.
+    pub home: Option<PathBuf>,
     /// The limits.
     pub limits: Limits,
 }
@@ -633,6 +655,11 @@ impl Host {
         })?;
         let budget = Arc::new(OutputBudget::new(config.limits.output_bytes));
         let root = tempdir::TempRoot::new().map_err(|e| SandboxError::Start(e.to_string()))?;
+        if config.home.is_some() {
+            // The mount point, so `/home` lists `user`.
+            let point = root.path().join(GUEST_HOME.trim_start_matches('/'));
+            std::fs::create_dir_all(&point).map_err(|e| SandboxError::Start(e.to_string()))?;
+        }
         let mut host = Host {
             config,
             engine,
@@ -659,9 +686,10 @@ impl Host {
         self.turn = None;
         let start = |e: wasmtime::Error| SandboxError::Start(format!("{e:#}"));
         let limits = &self.config.limits;
+        let env = guest_env(self.config.home.is_some());
         let mut wasi = WasiCtxBuilder::new();
         wasi.arg(ARGV0)
-            .envs(GUEST_ENV)
+            .envs(&env)
             .stdout(GuestOutput::new(
                 StreamName::Stdout,
                 self.sink.clone(),
@@ -686,6 +714,11 @@ impl Host {
             .map_err(start)?;
         wasi.preopened_dir(&self.config.workspace, "/workspace", rw)
             .map_err(start)?;
+        let mut writable = vec![self.root.path().to_owned(), self.config.workspace.clone()];
+        if let Some(home) = &self.config.home {
+            wasi.preopened_dir(home, GUEST_HOME, rw).map_err(start)?;
+            writable.push(home.clone());
+        }
         let guest = Guest {
             wasi: wasi.build_p1(),
             limits: StoreLimitsBuilder::new()
@@ -704,11 +737,8 @@ impl Host {
                 limits.hard_stop_grace,
                 limits.open_files,
                 self.config.image.interrupt.clone(),
-                door::DiskBudget::new(
-                    vec![self.root.path().to_owned(), self.config.workspace.clone()],
-                    limits.disk_bytes,
-                    limits.disk_files,
-                ),
+                door::DiskBudget::new(writable, limits.disk_bytes, limits.disk_files),
+                env,
             ),
             memory: None,
             forward: door::Forwards::default(),
