@@ -19,6 +19,8 @@
 //!   `%%ask`, the E2B-compatible API and MCP).
 //! - [`e2b`]: an E2B-compatible API (control plane, code interpreter, envd) on the same
 //!   listener, so E2B's SDKs run unchanged against Sandgate.
+//! - [`mcp`]: an MCP server at `/mcp` (Streamable HTTP) and `sandgate mcp` (stdio), whose tools
+//!   run code in the E2B API's sandboxes and reach the encrypted workspace.
 //! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //! - [`cgroup`]: a cgroup of its own for each kernel process (memory and CPU), where allowed.
@@ -37,6 +39,7 @@ pub mod exec;
 pub mod home;
 pub mod http;
 pub mod kernelspec;
+pub mod mcp;
 pub mod memory;
 pub mod session;
 pub mod workspace;
@@ -335,6 +338,7 @@ impl Gateway {
             asker,
             sessions: http::sessions::Sessions::default(),
             e2b: sandboxes.clone(),
+            mcp: mcp::Sessions::default(),
             started: chrono::Utc::now(),
             loopback,
             closing: closing_rx,

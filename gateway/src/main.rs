@@ -52,6 +52,21 @@ enum Cmd {
         #[command(flatten)]
         args: ServeArgs,
     },
+    /// Serve MCP over stdio (for Claude Desktop and Claude Code), proxying to a running
+    /// gateway's /mcp endpoint: sandboxes and sessions live in the gateway. Only protocol goes
+    /// to stdout; messages go to stderr. The token comes from SANDGATE_TOKEN or --token-file.
+    Mcp {
+        /// The gateway's MCP endpoint (a bare gateway URL gets /mcp).
+        #[arg(
+            long,
+            env = "SANDGATE_MCP_URL",
+            default_value = "http://127.0.0.1:8888/mcp"
+        )]
+        url: String,
+        /// A file holding the access token (else SANDGATE_TOKEN is used).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Fetch, verify and compile the sandbox image, then exit.
     Prepare {
         /// The data folder.
@@ -344,6 +359,48 @@ fn raise_open_files_limit() {
     }
 }
 
+/// `sandgate mcp`: MCP over stdio, proxied to a gateway's `/mcp`.
+fn mcp_stdio(url: &str, token_file: Option<&Path>) -> Result<()> {
+    // stdout carries the protocol only: every message of this process goes to stderr.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+    let endpoint = sandgate::mcp::stdio::endpoint(url)?;
+    let token = match token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read the token file {}", f.display()))?;
+            Some(t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .with_context(|| format!("the token file {} is empty", f.display()))?
+        }
+        None => match std::env::var("SANDGATE_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+        {
+            Some(t) => t,
+            None => bail!(
+                "no access token: set SANDGATE_TOKEN or pass --token-file (the gateway's token, \
+                 as for its other APIs)"
+            ),
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(sandgate::mcp::stdio::run(
+        endpoint,
+        Some(token),
+        tokio::io::BufReader::new(tokio::io::stdin()),
+        tokio::io::stdout(),
+    ))?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let args = match cli.command {
@@ -374,6 +431,7 @@ fn main() -> Result<()> {
             );
             return Ok(());
         }
+        Some(Cmd::Mcp { url, token_file }) => return mcp_stdio(&url, token_file.as_deref()),
         Some(Cmd::Prepare { data_dir }) => {
             let dir = resolve_data_dir(data_dir.as_deref())?;
             let config = Config {

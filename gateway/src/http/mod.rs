@@ -63,6 +63,8 @@ pub struct App {
     pub sessions: sessions::Sessions,
     /// The sandboxes of the E2B-compatible API.
     pub e2b: crate::e2b::sandboxes::Sandboxes,
+    /// The sessions of the MCP endpoint.
+    pub mcp: crate::mcp::Sessions,
     /// When the gateway started.
     pub started: DateTime<Utc>,
     /// Whether it listens on a loopback address (the `Host` rule applies then).
@@ -238,6 +240,9 @@ async fn dispatch(
     )?;
     if surface == Surface::E2bDebug {
         return Ok(crate::e2b::handle_debug(app, req).await);
+    }
+    if crate::mcp::is_mcp(req.uri().path()) {
+        return Ok(crate::mcp::handle(app, req).await);
     }
     if let Some(route) = crate::e2b::route(req.uri().path(), req.headers()) {
         return Ok(crate::e2b::handle(app, route, req).await);
