@@ -209,6 +209,14 @@ fn empty(status: StatusCode) -> Response<Body> {
     r
 }
 
+/// A refusal sent before the request's body was read: the connection closes after it, so the
+/// client does not send its next request on a connection the server is about to drop.
+fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// A transport-level refusal: HTTP status and a JSON-RPC error without an id.
 fn refuse(status: StatusCode, code: i64, message: impl Into<String>) -> Response<Body> {
     json_response(status, &rpc_error(&Value::Null, code, message))
@@ -235,19 +243,27 @@ fn accepts_json(headers: &HeaderMap) -> bool {
 pub async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let headers = req.headers();
     if let Err(e) = crate::auth::check_origin(headers, &app.config.auth.allow_origins) {
-        return refuse(StatusCode::FORBIDDEN, code::UNAUTHORIZED, e.to_string());
+        return closing(refuse(
+            StatusCode::FORBIDDEN,
+            code::UNAUTHORIZED,
+            e.to_string(),
+        ));
     }
     let user = match app.auth.check(headers, None, false) {
         Ok(user) => user,
         Err(e) => {
-            let mut r = refuse(
-                StatusCode::UNAUTHORIZED,
-                code::UNAUTHORIZED,
-                format!("{e} (or `Authorization: Bearer <token>`)"),
-            );
+            let message = match e {
+                crate::auth::AuthError::Missing => {
+                    "this endpoint needs the gateway's access token: send `Authorization: \
+                     Bearer <token>`"
+                        .to_owned()
+                }
+                other => format!("{other}: send the gateway's access token"),
+            };
+            let mut r = refuse(StatusCode::UNAUTHORIZED, code::UNAUTHORIZED, message);
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            return r;
+            return closing(r);
         }
     };
     crate::http::unlock_workspace(app, headers, None, false, &user).await;
@@ -396,21 +412,21 @@ fn kind_of(v: &Value) -> &'static str {
 async fn post(app: &Arc<App>, user: &str, req: Request<Incoming>) -> Response<Body> {
     let headers = req.headers().clone();
     if !accepts_json(&headers) {
-        return refuse(
+        return closing(refuse(
             StatusCode::NOT_ACCEPTABLE,
             code::INVALID_REQUEST,
             "this server answers with application/json: accept it (Accept: application/json, \
              text/event-stream)",
-        );
+        ));
     }
     if let Some(ct) = header_str(&headers, header::CONTENT_TYPE.as_str()) {
         let essence = ct.split(';').next().unwrap_or_default().trim();
         if !essence.eq_ignore_ascii_case("application/json") {
-            return refuse(
+            return closing(refuse(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 code::INVALID_REQUEST,
                 format!("send JSON-RPC as application/json, not {essence}"),
-            );
+            ));
         }
     }
     let body = match crate::http::read_body(
@@ -423,7 +439,7 @@ async fn post(app: &Arc<App>, user: &str, req: Request<Incoming>) -> Response<Bo
         Ok(b) => b,
         Err(e) => {
             let status = e.status();
-            return refuse(status, code::INVALID_REQUEST, e.to_string());
+            return closing(refuse(status, code::INVALID_REQUEST, e.to_string()));
         }
     };
     let message = match parse(&body) {
