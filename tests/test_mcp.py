@@ -433,3 +433,21 @@ def test_a_cancelled_call_is_interrupted(gw):
     assert time.monotonic() - started < 60
     status, body, _ = call(3, "state")
     assert "kept" in json.dumps(body["result"]["content"]), body
+
+
+def test_the_stdio_proxy_replaces_a_lost_session(gw):
+    """When the gateway no longer has the proxy's session (here: displaced by newer ones of the
+    same user), the call that finds out gets an error saying so, and the next call works."""
+
+    async def main():
+        async with connect(gw, "stdio", token=BOB) as c:
+            await c.call_tool("run_code", {"code": "v = 1"})
+            sessions = [initialize(gw, token=BOB) for _ in range(64)]
+            with pytest.raises(MCPError) as e:
+                await c.call_tool("run_code", {"code": "v"})
+            assert "no longer had this MCP session" in str(e.value) and "run the call again" in str(e.value)
+            r = await c.call_tool("run_code", {"code": "'again'"})
+            assert not r.is_error and "again" in texts(r)
+            for s in sessions:
+                rpc(gw, None, token=BOB, session=s, method="DELETE")
+    run(main())

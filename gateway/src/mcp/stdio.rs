@@ -9,6 +9,9 @@
 //! run concurrently, so a `notifications/cancelled` or a `ping` reaches the gateway while a
 //! long `run_code` is still running. A request the gateway cannot answer (it is down, the
 //! token is refused and the body is not JSON-RPC) still gets a JSON-RPC error with its id.
+//! When the gateway no longer has the session (it restarted, or the session expired), the proxy
+//! starts a new one with the client's own `initialize` and answers the call that found it lost
+//! with an error saying the sandbox state is gone and to run the call again.
 //! Nothing but protocol goes to stdout; diagnostics go to stderr.
 
 use std::sync::{Arc, Mutex};
@@ -67,6 +70,10 @@ struct Proxy {
     token: Option<String>,
     client: crate::ask::provider::HttpsClient,
     state: Mutex<State>,
+    /// The client's `initialize`, replayed when the gateway lost the session.
+    init: Mutex<Option<String>>,
+    /// Held while a new session replaces a lost one.
+    renewing: tokio::sync::Mutex<()>,
     out: mpsc::UnboundedSender<String>,
 }
 
@@ -97,10 +104,29 @@ fn classify(text: String) -> Line {
     }
 }
 
+/// The gateway's answer to one POST.
+struct Answer {
+    status: StatusCode,
+    /// Its `Mcp-Session-Id`.
+    session: Option<String>,
+    /// The JSON-RPC messages in it.
+    messages: Vec<Value>,
+    /// The start of the body, for errors.
+    head: String,
+}
+
 impl Proxy {
-    fn request(&self, method: Method, body: Option<String>) -> Request<Full<Bytes>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        body: Option<String>,
+        session: Option<&str>,
+    ) -> Request<Full<Bytes>> {
         let mut b = Request::builder().method(method).uri(self.url.clone());
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let h = b.headers_mut().expect("a valid builder");
         h.insert(
             header::ACCEPT,
@@ -117,21 +143,18 @@ impl Proxy {
         {
             h.insert(header::AUTHORIZATION, v);
         }
-        if let Some(s) = state
-            .session
-            .as_deref()
-            .and_then(|s| HeaderValue::from_str(s).ok())
-        {
+        if let Some(s) = session.and_then(|s| HeaderValue::from_str(s).ok()) {
             h.insert(SESSION_HEADER, s);
         }
-        if let Some(v) = state
-            .version
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok())
+        if session.is_some()
+            && let Some(v) = self
+                .lock()
+                .version
+                .as_deref()
+                .and_then(|v| HeaderValue::from_str(v).ok())
         {
             h.insert(VERSION_HEADER, v);
         }
-        drop(state);
         b.body(Full::new(Bytes::from(body.unwrap_or_default())))
             .expect("a valid request")
     }
@@ -148,18 +171,14 @@ impl Proxy {
         }
     }
 
-    /// Sends one line and writes what comes back.
-    async fn forward(&self, line: Line) {
-        let request = self.request(Method::POST, Some(line.text.clone()));
-        let response = match self.client.request(request).await {
-            Ok(r) => r,
-            Err(e) => {
-                return self.fail(
-                    &line,
-                    format!("cannot reach the Sandgate gateway at {}: {e}", self.url),
-                );
-            }
-        };
+    /// POSTs one message.
+    async fn post(&self, text: String, session: Option<&str>) -> Result<Answer, String> {
+        let request = self.request(Method::POST, Some(text), session);
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| format!("cannot reach the Sandgate gateway at {}: {e}", self.url))?;
         let status = response.status();
         let session = response
             .headers()
@@ -171,22 +190,12 @@ impl Proxy {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|c| c.starts_with("text/event-stream"));
-        if status == StatusCode::ACCEPTED {
-            return;
-        }
-        let body = match Limited::new(response.into_body(), MAX_ANSWER)
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
-        {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                return self.fail(
-                    &line,
-                    format!("the gateway's answer could not be read: {e}"),
-                );
-            }
-        };
-        let messages: Vec<Value> = if sse {
+            .map_err(|e| format!("the gateway's answer could not be read: {e}"))?
+            .to_bytes();
+        let parsed: Vec<Value> = if sse {
             sse_data(&body)
                 .iter()
                 .filter_map(|d| serde_json::from_str(d).ok())
@@ -197,33 +206,72 @@ impl Proxy {
                 .into_iter()
                 .collect()
         };
-        let jsonrpc: Vec<&Value> = messages
-            .iter()
-            .filter(|m| m.get("jsonrpc").is_some())
-            .collect();
-        if jsonrpc.is_empty() {
-            let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        Ok(Answer {
+            status,
+            session,
+            messages: parsed
+                .into_iter()
+                .filter(|m| m.get("jsonrpc").is_some())
+                .collect(),
+            head: String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+        })
+    }
+
+    /// Sends one line and writes what comes back.
+    async fn forward(&self, line: Line) {
+        let sent_with = if line.is_initialize {
+            *self.init.lock().unwrap_or_else(|e| e.into_inner()) = Some(line.text.clone());
+            None
+        } else {
+            self.lock().session.clone()
+        };
+        let answer = match self.post(line.text.clone(), sent_with.as_deref()).await {
+            Ok(a) => a,
+            Err(message) => return self.fail(&line, message),
+        };
+        let status = answer.status;
+        if status == StatusCode::ACCEPTED {
+            return;
+        }
+        if status == StatusCode::NOT_FOUND
+            && let Some(stale) = &sent_with
+        {
+            // The gateway lost the session (it restarted, or the session expired or was
+            // displaced by newer ones): start a new one, and tell the client its call did
+            // not run.
+            let renewed = self.renew(stale).await;
             return self.fail(
                 &line,
-                format!("the gateway answered HTTP {status} without a JSON-RPC message: {text}"),
+                format!(
+                    "the gateway no longer had this MCP session (it restarted, or the session \
+                     was idle too long), so its sandbox and variables are gone; {}",
+                    if renewed {
+                        "a new session was started: run the call again"
+                    } else {
+                        "a new session could not be started (see the proxy's messages)"
+                    }
+                ),
             );
         }
-        if status == StatusCode::NOT_FOUND {
-            // The session is gone (expired, or the gateway restarted): the client must start
-            // a new one, which the next `initialize` does.
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.session = None;
+        if answer.messages.is_empty() {
+            return self.fail(
+                &line,
+                format!(
+                    "the gateway answered HTTP {status} without a JSON-RPC message: {}",
+                    answer.head
+                ),
+            );
         }
         if line.is_initialize && status.is_success() {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.session = session;
-            state.version = jsonrpc
+            let mut state = self.lock();
+            state.session = answer.session;
+            state.version = answer
+                .messages
                 .iter()
                 .find_map(|m| m["result"]["protocolVersion"].as_str())
                 .map(str::to_owned);
         }
-        for m in jsonrpc {
-            let mut m = m.clone();
+        for mut m in answer.messages {
             // A transport-level refusal has no id; give it the request's, so the client can
             // match it.
             if m.get("error").is_some()
@@ -236,18 +284,48 @@ impl Proxy {
         }
     }
 
+    /// Replaces the lost session `stale` with a new one, made with the client's own
+    /// `initialize` (once, however many calls found it lost). Whether there is a session now.
+    async fn renew(&self, stale: &str) -> bool {
+        let _one_at_a_time = self.renewing.lock().await;
+        {
+            let state = self.lock();
+            if state.session.as_deref() != Some(stale) {
+                return state.session.is_some();
+            }
+        }
+        let Some(init) = self.init.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return false;
+        };
+        let made = match self.post(init, None).await {
+            Ok(a) if a.status.is_success() && a.session.is_some() => a,
+            Ok(a) => {
+                tracing::warn!(status = %a.status, answer = a.head, "a new MCP session was refused");
+                self.lock().session = None;
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!("a new MCP session could not be made: {e}");
+                self.lock().session = None;
+                return false;
+            }
+        };
+        let session = made.session.clone();
+        self.lock().session = session.clone();
+        let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+        if let Err(e) = self.post(initialized.to_string(), session.as_deref()).await {
+            tracing::warn!("the new MCP session was not confirmed: {e}");
+        }
+        tracing::warn!("the gateway had lost the MCP session; a new one was started");
+        true
+    }
+
     /// Ends the session at the gateway.
     async fn close(&self) {
-        if self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .session
-            .is_none()
-        {
+        let Some(session) = self.lock().session.clone() else {
             return;
-        }
-        let request = self.request(Method::DELETE, None);
+        };
+        let request = self.request(Method::DELETE, None, Some(&session));
         match self.client.request(request).await {
             Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {}
             Ok(r) => {
@@ -343,6 +421,8 @@ where
         token,
         client: crate::ask::provider::http_client(),
         state: Mutex::default(),
+        init: Mutex::default(),
+        renewing: tokio::sync::Mutex::new(()),
         out,
     });
     let mut tasks = tokio::task::JoinSet::new();
