@@ -28,9 +28,9 @@
 //! HTTP-level errors are plain text (a malformed body is a `415` "fail to deserialize"), its
 //! sessions are not bound to a user (any valid token holding a session id could use or delete
 //! it), it answers 2026-07-28's sessionless `server/discover` unless narrowed, and the stdio
-//! mode still needs a client (its HTTP client is `reqwest`). It also adds about 20 crates
-//! (schemars and darling proc-macros, a second `sha2`/`digest`/`base64`); see the commit for
-//! the build-time measurement.
+//! mode still needs a client (its HTTP client is `reqwest`). It also adds about 25 crates
+//! (schemars and darling proc-macros, a second `sha2`/`digest`/`base64`): in a release build
+//! on this project's 2-core machine they took 66 s of compile time, rmcp itself 33 s.
 
 pub mod stdio;
 pub mod tools;
