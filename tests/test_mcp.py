@@ -129,6 +129,8 @@ def test_run_code_keeps_state_and_returns_figures(gw, transport):
             assert "hello\n" in texts(r) and "42" in texts(r)
             r = await c.call_tool("run_code", {"code": "import sys\nprint('warn', file=sys.stderr)\nx"})
             assert "41" in texts(r) and "[stderr]\nwarn" in texts(r)
+            # Contexts start in the sandbox's home, as the E2B API's do.
+            assert "'/home/user'" in texts(await c.call_tool("run_code", {"code": "import os\nos.getcwd()"}))
             r = await c.call_tool("run_code", {"code": (
                 "import matplotlib.pyplot as plt\nplt.plot([1, 4, 9])\nplt.title('mcp')\nplt.show()\nprint('drawn')")})
             assert not r.is_error, texts(r)

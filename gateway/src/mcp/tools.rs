@@ -23,7 +23,7 @@ use base64::Engine;
 use serde_json::{Map, Value, json};
 
 use super::Session;
-use crate::e2b::interpreter::{check_language, reply_error, strip_ansi};
+use crate::e2b::interpreter::{check_language, reply_error, set_up, strip_ansi};
 use crate::e2b::sandboxes::{self, NewSandbox, Sandbox, SandboxError};
 use crate::exec::{Event, ExecError, Execution, Request, StreamName};
 use crate::http::{ApiError, App};
@@ -76,9 +76,10 @@ pub fn definitions() -> Value {
                 (IPython syntax: `!` and `%` magics work, the last expression is shown). Without \
                 sandbox_id it runs in this MCP session's own sandbox, made on first use: \
                 variables, imports and open files carry over from one call to the next until \
-                the session ends. The working directory is /workspace, the user's encrypted \
-                workspace: files written there outlive the sandbox (see read_file, list_files). \
-                Only Python is available. Exceptions come back as an error result with the \
+                the session ends. The working directory is the sandbox's home, /home/user, \
+                which ends with the sandbox; /workspace is the user's encrypted workspace: save \
+                files there to keep them or to read them with read_file. Only Python is \
+                available. Exceptions come back as an error result with the \
                 traceback; fix the code and call again.",
             "inputSchema": {
                 "type": "object",
@@ -313,8 +314,10 @@ fn sandbox_error(e: SandboxError) -> String {
     }
 }
 
+/// A new sandbox, set up as the E2B API sets up its own (its contexts start in its home).
 async fn new_sandbox(app: &App, user: &str, timeout_s: u64) -> Result<Arc<Sandbox>, String> {
-    app.e2b
+    let sandbox = app
+        .e2b
         .create(
             user,
             NewSandbox {
@@ -325,7 +328,14 @@ async fn new_sandbox(app: &App, user: &str, timeout_s: u64) -> Result<Arc<Sandbo
             },
         )
         .await
-        .map_err(sandbox_error)
+        .map_err(sandbox_error)?;
+    if let Some(context) = sandbox.default_context()
+        && let Err(e) = set_up(&sandbox, &context).await
+    {
+        let _ = app.e2b.kill(user, &sandbox.id).await;
+        return Err(format!("the sandbox could not be set up: {e}"));
+    }
+    Ok(sandbox)
 }
 
 async fn run_code(
