@@ -253,7 +253,8 @@ def test_twenty_sandboxes_in_parallel_keep_their_own_state(sdk_env):
     assert not errors, errors
     for i, (text, out) in enumerate(results):
         assert text == str(i * 2)
-        assert out == [f"{i} {k}\n" for k in range(3)]
+        # The kernel may batch lines printed close together into one stream message.
+        assert "".join(out) == "".join(f"{i} {k}\n" for k in range(3))
 
 
 def test_the_async_sdk(sdk_env):

@@ -154,7 +154,8 @@ def test_capture_keeps_a_cells_output_and_shows_it_on_request(kernel):
     assert stdout_text(out) == "quiet please\n" and stdout_text(out, "stderr") == "err\n"
     shown = of_type(out, "display_data")
     assert [sorted(m["content"]["data"]) for m in shown] == [
-        ["text/html", "text/plain"], ["text/plain"], ["image/png", "text/plain"]]
+        ["text/html", "text/plain"], ["text/plain"],
+        ["application/vnd.e2b.chart+json", "image/png", "text/plain"]]
     assert shown[1]["content"]["data"]["text/plain"] == "42"
 
     _, out = kernel.execute("%%capture --no-stdout\nprint('still shown')")
