@@ -776,3 +776,18 @@ def test_internet_access_is_refused_not_faked(sdk_env):
     with e2b_ci.Sandbox.create(allow_internet_access=False) as sbx:
         ex = sbx.run_code("import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)")
         assert ex.error is not None
+
+
+def test_a_running_execution_shows_its_kernel_busy(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        (kernel,) = [c.id for c in sbx.list_code_contexts()]
+        started = threading.Event()
+        runner = threading.Thread(target=lambda: sbx.run_code(
+            "print('go', flush=True)\nimport time\ntime.sleep(3)", on_stdout=lambda m: started.set()))
+        runner.start()
+        assert started.wait(60)
+        status, model, _ = sdk_env.request("GET", f"/api/kernels/{kernel}")
+        assert status == 200 and model["execution_state"] == "busy", model
+        runner.join(60)
+        status, model, _ = sdk_env.request("GET", f"/api/kernels/{kernel}")
+        assert model["execution_state"] == "idle", model

@@ -111,10 +111,17 @@ impl E2bError {
             }
             other => other.to_string(),
         };
-        json(
+        let mut response = json(
             status,
             &json!({"code": status.as_u16(), "message": message}),
-        )
+        );
+        if matches!(self, E2bError::Unauthorized(_)) {
+            // Refused before its body was read: the connection cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 

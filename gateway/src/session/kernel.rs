@@ -987,6 +987,9 @@ impl Kernel {
             tap.show_under.clone()
         };
         let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
+        // The gateway's own executions count too: the REST model shows the kernel busy while
+        // they run, and the culler sees them as activity.
+        self.note_activity(&msg_type, &message);
         match show_under {
             Some(target) if msg_type != "status" && msg_type != "execute_input" => {
                 message.parent_header = target;
@@ -994,6 +997,25 @@ impl Kernel {
             }
             _ => None,
         }
+    }
+
+    /// Follows the kernel's execution state and last activity from an iopub message.
+    fn note_activity(&self, msg_type: &str, message: &RawMessage) {
+        if msg_type != "status" {
+            self.touch();
+            return;
+        }
+        let state = serde_json::from_slice::<Value>(&message.content)
+            .ok()
+            .and_then(|c| c["execution_state"].as_str().map(str::to_owned));
+        let mut s = self.lock();
+        match state.as_deref() {
+            Some("busy") => s.execution_state = ExecutionState::Busy,
+            Some("idle") => s.execution_state = ExecutionState::Idle,
+            Some("starting") => s.execution_state = ExecutionState::Starting,
+            _ => {}
+        }
+        s.last_activity = Utc::now();
     }
 
     /// Hands a reply (shell, control or stdin) to the tap of its request, if it has one.
@@ -1075,21 +1097,7 @@ impl Kernel {
     pub(crate) async fn dispatch(&self, channel: Channel, message: RawMessage) {
         let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
         if channel == Channel::Iopub {
-            if msg_type == "status" {
-                let state = serde_json::from_slice::<Value>(&message.content)
-                    .ok()
-                    .and_then(|c| c["execution_state"].as_str().map(str::to_owned));
-                let mut s = self.lock();
-                match state.as_deref() {
-                    Some("busy") => s.execution_state = ExecutionState::Busy,
-                    Some("idle") => s.execution_state = ExecutionState::Idle,
-                    Some("starting") => s.execution_state = ExecutionState::Starting,
-                    _ => {}
-                }
-                s.last_activity = Utc::now();
-            } else {
-                self.touch();
-            }
+            self.note_activity(&msg_type, &message);
             if matches!(
                 msg_type.as_str(),
                 "stream" | "display_data" | "update_display_data" | "execute_result"
