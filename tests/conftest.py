@@ -263,6 +263,16 @@ class Gateway:
         return self.proc.returncode
 
 
+def start_multiuser_gateway(start_gateway, config, users, settings=""):
+    """A gateway with more users ({name: token}) besides the main token's, `settings` (TOML) in
+    its config file at `config`, and an explicit workspace key (which more users need)."""
+    import hashlib
+    entries = "".join(f'[[auth.users]]\nname = "{name}"\ntoken_sha256 = "{hashlib.sha256(token.encode()).hexdigest()}"\n'
+                      for name, token in users.items())
+    config.write_text(settings + entries)
+    return start_gateway(["--config", str(config)], env={"SANDGATE_MASTER_KEY": os.urandom(32).hex()})
+
+
 @pytest.fixture(scope="session")
 def start_gateway(tmp_path_factory):
     """Starts gateways; every one is stopped at the end of the session."""

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from conftest import TOKEN
+from conftest import TOKEN, start_multiuser_gateway
 
 e2b_ci = pytest.importorskip("e2b_code_interpreter")
 import e2b  # noqa: E402
@@ -31,12 +31,8 @@ BOB = "bob-" + "b2" * 16
 @pytest.fixture(scope="module")
 def gw(start_gateway, tmp_path_factory):
     """A gateway with two users besides the main token's, and a warm pool."""
-    config = tmp_path_factory.mktemp("e2b-users") / "users.toml"
-    config.write_text(
-        "[kernels]\npool_size = 2\n"
-        f'[[auth.users]]\nname = "alice"\ntoken_sha256 = "{hashlib.sha256(ALICE.encode()).hexdigest()}"\n'
-        f'[[auth.users]]\nname = "bob"\ntoken_sha256 = "{hashlib.sha256(BOB.encode()).hexdigest()}"\n')
-    return start_gateway(["--config", str(config)], env={"SANDGATE_MASTER_KEY": os.urandom(32).hex()})
+    return start_multiuser_gateway(start_gateway, tmp_path_factory.mktemp("e2b-users") / "users.toml",
+                                   {"alice": ALICE, "bob": BOB}, "[kernels]\npool_size = 2\n")
 
 
 @pytest.fixture
@@ -791,3 +787,24 @@ def test_a_running_execution_shows_its_kernel_busy(sdk_env):
         runner.join(60)
         status, model, _ = sdk_env.request("GET", f"/api/kernels/{kernel}")
         assert model["execution_state"] == "idle", model
+
+
+def test_a_silent_cell_streams_keepalives(sdk_env):
+    """E2B's server sends a keepalive line every 5 s without output; the SDK skips them, and they
+    let the gateway notice a client that went away."""
+    import json
+    import urllib.request
+    info = sdk_env.request("POST", "/v2/sandboxes", {"templateID": "code-interpreter-v1"},
+                           headers={"X-API-Key": TOKEN}, token=None)[1]
+    try:
+        headers = {"E2b-Sandbox-Id": info["sandboxID"], "E2b-Sandbox-Port": "49999",
+                   "X-Access-Token": info["envdAccessToken"],
+                   "E2B-Traffic-Access-Token": info["trafficAccessToken"], "Content-Type": "application/json"}
+        req = urllib.request.Request(sdk_env.url + "/execute", method="POST", headers=headers,
+                                     data=b'{"code": "import time; time.sleep(6); 1"}')
+        with urllib.request.urlopen(req, timeout=60) as r:
+            kinds = [json.loads(line)["type"] for line in r.read().splitlines()]
+        assert kinds[0] == "number_of_executions" and kinds[-1] == "end_of_execution", kinds
+        assert "keepalive" in kinds and kinds.index("keepalive") < kinds.index("result"), kinds
+    finally:
+        sdk_env.request("DELETE", f"/sandboxes/{info['sandboxID']}", headers={"X-API-Key": TOKEN}, token=None)

@@ -8,7 +8,6 @@ users' sessions and sandboxes."""
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import GATEWAY, TIMEOUT, TOKEN
+from conftest import GATEWAY, TIMEOUT, TOKEN, start_multiuser_gateway
 
 pytest.importorskip("mcp")
 from mcp import Client, StdioServerParameters  # noqa: E402
@@ -35,12 +34,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def gw(start_gateway, tmp_path_factory):
     """A gateway with two users besides the main token's, a small body limit, a warm pool."""
-    config = tmp_path_factory.mktemp("mcp-users") / "users.toml"
-    config.write_text(
-        f"[kernels]\npool_size = 2\n[http]\nmax_body_bytes = {MAX_BODY}\n"
-        f'[[auth.users]]\nname = "alice"\ntoken_sha256 = "{hashlib.sha256(ALICE.encode()).hexdigest()}"\n'
-        f'[[auth.users]]\nname = "bob"\ntoken_sha256 = "{hashlib.sha256(BOB.encode()).hexdigest()}"\n')
-    return start_gateway(["--config", str(config)], env={"SANDGATE_MASTER_KEY": os.urandom(32).hex()})
+    return start_multiuser_gateway(start_gateway, tmp_path_factory.mktemp("mcp-users") / "users.toml",
+                                   {"alice": ALICE, "bob": BOB},
+                                   f"[kernels]\npool_size = 2\n[http]\nmax_body_bytes = {MAX_BODY}\n")
 
 
 @contextlib.asynccontextmanager

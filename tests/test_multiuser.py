@@ -8,19 +8,15 @@ import os
 import pytest
 import websocket
 
-from conftest import KernelSocket
+from conftest import KernelSocket, start_multiuser_gateway
 
 ALICE, BOB = "alice-" + os.urandom(8).hex(), "bob-" + os.urandom(8).hex()
 
 
 @pytest.fixture(scope="module")
 def gw(start_gateway, tmp_path_factory):
-    config = tmp_path_factory.mktemp("users") / "users.toml"
-    config.write_text(
-        "[kernels]\npool_size = 1\n"
-        f'[[auth.users]]\nname = "alice"\ntoken_sha256 = "{hashlib.sha256(ALICE.encode()).hexdigest()}"\n'
-        f'[[auth.users]]\nname = "bob"\ntoken_sha256 = "{hashlib.sha256(BOB.encode()).hexdigest()}"\n')
-    return start_gateway(["--config", str(config)], env={"SANDGATE_MASTER_KEY": os.urandom(32).hex()})
+    return start_multiuser_gateway(start_gateway, tmp_path_factory.mktemp("users") / "users.toml",
+                                   {"alice": ALICE, "bob": BOB}, "[kernels]\npool_size = 1\n")
 
 
 def as_user(g, token, method, path, body=None):
@@ -88,12 +84,8 @@ def workspace_dir(g, user):
 
 
 def test_a_damaged_index_costs_that_workspace_only(start_gateway, tmp_path):
-    config = tmp_path / "users.toml"
-    config.write_text(
-        "[kernels]\npool_size = 0\n"
-        f'[[auth.users]]\nname = "alice"\ntoken_sha256 = "{hashlib.sha256(ALICE.encode()).hexdigest()}"\n'
-        f'[[auth.users]]\nname = "bob"\ntoken_sha256 = "{hashlib.sha256(BOB.encode()).hexdigest()}"\n')
-    g = start_gateway(["--config", str(config)], env={"SANDGATE_MASTER_KEY": os.urandom(32).hex()})
+    g = start_multiuser_gateway(start_gateway, tmp_path / "users.toml", {"alice": ALICE, "bob": BOB},
+                                "[kernels]\npool_size = 0\n")
     for token, name in ((ALICE, "alice"), (BOB, "bob")):
         status, _, _ = as_user(g, token, "PUT", f"/api/contents/{name}.txt",
                                {"type": "file", "format": "text", "content": f"{name}'s file"})
