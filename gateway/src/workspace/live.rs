@@ -170,7 +170,10 @@ fn sync(dir: &Dir, store: &Store, previous: &Snapshot, deletions: bool) -> (Snap
         refused: skipped,
         ..SyncReport::default()
     };
-    let (_, _, quota) = store.usage();
+    // The quota is a setting, not the index's usage: reading it takes no lock, so a sync with
+    // nothing to save never waits for a store write in progress (the history notebook's, say,
+    // whose index commit holds the lock through its fsyncs).
+    let quota = store.quota();
     let mut next = Snapshot::new();
     let mut paths: Vec<&WsPath> = now.keys().collect();
     // Folders before what is in them.
@@ -375,6 +378,26 @@ mod tests {
         std::fs::remove_file(base.join("live/out/r.csv")).unwrap();
         let (_, report) = sync_to_store(&live, &store, &snap);
         assert_eq!(report.removed, vec![WsPath::parse("out/r.csv").unwrap()]);
+    }
+
+    #[test]
+    fn a_sync_with_nothing_to_save_does_not_wait_for_a_store_write() {
+        let (scratch, live, store) = setup();
+        std::fs::write(scratch.path().join("live/a.txt"), b"a").unwrap();
+        let (snap, _) = sync_to_store(&live, &store, &Snapshot::new());
+        // A write in progress elsewhere (the history notebook's) holds the index lock through
+        // its fsyncs; the sync before a cell's reply must not queue behind it.
+        let held = store.hold_index();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(sync_to_store(&live, &store, &snap).1);
+            });
+            let report = rx.recv_timeout(std::time::Duration::from_secs(10));
+            drop(held);
+            let report = report.expect("the sync finished while the store was locked");
+            assert!(report.saved.is_empty() && report.refused.is_empty());
+        });
     }
 
     #[test]
