@@ -13,6 +13,8 @@
 //! - [`session`]: kernel lifecycle: warm pool, restart, automatic restart, culling, limits,
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
+//! - [`envelope`]: a kernel message's ids, types and parent, parsed once when it arrives and
+//!   carried beside its frames through the relay.
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
 //! - [`exec`]: the execution service: run code on a kernel, get typed events back (used by
 //!   `%%ask`, the E2B-compatible API and MCP).
@@ -32,6 +34,7 @@ pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod e2b;
+pub mod envelope;
 pub mod exec;
 pub mod http;
 pub mod kernelspec;
