@@ -23,6 +23,8 @@ use crate::session::{Before, Kernel, Observer};
 pub const HISTORY_CELLS: usize = 500;
 /// Output bytes one recorded cell keeps (the rest is noted as cut).
 pub const CELL_OUTPUT_BYTES: usize = 4 << 20;
+/// The least time between two writes of one kernel's history notebook (see `spawn_append`).
+pub const HISTORY_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Default)]
 struct Cell {
@@ -209,33 +211,40 @@ impl HistoryObserver {
                 else {
                     continue;
                 };
-                let read = {
-                    let p = path.clone();
-                    space
-                        .read(move |s| {
-                            if s.exists(&p) {
-                                s.read(&p).map(|(_, d)| Some(d))
-                            } else {
-                                Ok(None)
-                            }
-                        })
-                        .await
+                // The notebook is read, extended and serialised on a blocking thread: a long
+                // history is milliseconds of JSON, which must not hold up a runtime worker (the
+                // relay's tasks run there).
+                let p = path.clone();
+                let body = space
+                    .read(move |s| {
+                        let existing = if s.exists(&p) {
+                            s.read(&p).ok().map(|(_, d)| d)
+                        } else {
+                            None
+                        };
+                        let mut nb = existing
+                            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                            .unwrap_or_else(empty_notebook);
+                        if let Some(cells) = nb["cells"].as_array_mut() {
+                            cells.extend(batch);
+                            let extra = cells.len().saturating_sub(HISTORY_CELLS);
+                            cells.drain(..extra);
+                        }
+                        Ok(serde_json::to_vec_pretty(&nb).expect("JSON"))
+                    })
+                    .await;
+                let written = match body {
+                    Ok(body) => space.write_stored(path, body).await.map(|_| ()),
+                    Err(e) => Err(e),
                 };
-                let mut nb = match read {
-                    Ok(Some(bytes)) => {
-                        serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| empty_notebook())
-                    }
-                    _ => empty_notebook(),
-                };
-                if let Some(cells) = nb["cells"].as_array_mut() {
-                    cells.extend(batch);
-                    let extra = cells.len().saturating_sub(HISTORY_CELLS);
-                    cells.drain(..extra);
-                }
-                let body = serde_json::to_vec_pretty(&nb).expect("JSON");
-                if let Err(e) = space.write_stored(path, body).await {
+                if let Err(e) = written {
                     tracing::warn!(error = %e, file = %name, "cannot append to a history notebook");
                 }
+                // Each write rewrites the whole notebook: cells that end during it or during
+                // this pause join the next one, so cells run in a row (a notebook's Run All, an
+                // agent's loop) cost one write per pause, not one each. A lone cell is written
+                // at once.
+                tokio::time::sleep(HISTORY_WRITE_PAUSE).await;
             }
         });
     }
