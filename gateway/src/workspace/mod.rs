@@ -109,6 +109,17 @@ impl Space {
     /// Syncs the live folder into the store (serialised per workspace).
     pub async fn sync(self: &Arc<Self>) -> live::SyncReport {
         let mut snapshot = self.snapshot.lock().await;
+        // A small folder that nothing changed (a cell that wrote no file) is told here, by a
+        // scan of a few entries: the reply it comes before waits for no thread hop.
+        if let Some(refused) = live::unchanged_since(&self.live, &snapshot) {
+            for (_, why) in &refused {
+                tracing::warn!(user = %self.user, %why, "a workspace file was not saved");
+            }
+            return live::SyncReport {
+                refused,
+                ..live::SyncReport::default()
+            };
+        }
         let me = self.clone();
         let previous = Arc::clone(&snapshot);
         let done = tokio::task::spawn_blocking(move || {
