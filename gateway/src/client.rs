@@ -18,12 +18,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sandgate_wire::{RawMessage, Signer};
-
-use crate::envelope::{ExecState, KernelMessage};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::envelope::{ExecState, KernelMessage};
 
 pub use crate::envelope::Channel;
 

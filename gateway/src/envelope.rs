@@ -82,7 +82,7 @@ pub enum MsgType {
     ShutdownRequest,
     /// `interrupt_request`.
     InterruptRequest,
-    /// Any other type, as named (empty when the header has none).
+    /// Any other type, as named.
     Other(String),
     /// No type at all (the header is not JSON, or has no string `msg_type`).
     #[default]
@@ -90,7 +90,7 @@ pub enum MsgType {
 }
 
 impl MsgType {
-    /// The type named `name`.
+    /// The type named `name` (an empty name is `Other("")`, as the header says).
     pub fn parse(name: &str) -> MsgType {
         match name {
             "status" => MsgType::Status,
