@@ -6,7 +6,7 @@ Run it from the repository root with the project's virtualenv (it needs websocke
 jupyter_kernel_gateway) after `cargo build --release` and `sandgate-kernel install`:
 
     .venv/bin/python gateway/benches/bench_gateway.py [--runs N] [--rtt-runs M] [--kernels K]
-        [--capacity C] [--capacity-only] [--json out.json]
+        [--capacity C] [--capacity-only] [--rtt-only] [--json out.json]
 
 The gateways:
 
@@ -726,6 +726,8 @@ def main():
     parser.add_argument("--capacity", type=int, default=1000,
                         help="kernels alive at once in the capacity phase (default 1000; 0 skips it)")
     parser.add_argument("--capacity-only", action="store_true", help="run only the capacity phase")
+    parser.add_argument("--rtt-only", action="store_true",
+                        help="run only the round-trip phase (Sandgate with its warm pool against the reference)")
     parser.add_argument("--min-available-mib", type=int, default=4096,
                         help="capacity: stop starting kernels below this MemAvailable (default 4096)")
     parser.add_argument("--capacity-minutes", type=float, default=30,
@@ -742,6 +744,8 @@ def main():
     args = parser.parse_args()
     # `timeout` and `kill` send SIGTERM: end through the clean-up below, not at once.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.rtt_only and args.capacity_only:
+        parser.error("--rtt-only and --capacity-only exclude each other")
     if args.pool_size < 1:
         parser.error("--pool-size must be at least 1 (the pool-empty case is measured anyway)")
     if not args.gateway.exists():
@@ -765,7 +769,17 @@ def main():
     starts = retries = rtts = None
     memory, capacity = {}, {}
     try:
-        if not args.capacity_only:
+        if args.rtt_only:
+            warm = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-pool", args.pool_size,
+                          max_kernels)
+            kg = launch(start_kernel_gateway, tmp, "kernel-gateway")
+            for gw in (warm, kg):
+                gw.settle()
+            progress("round trips")
+            rtts = measure_roundtrips([warm, kg], args.warmup, args.rtt_runs)
+            for gw in (warm, kg):
+                gw.stop()
+        elif not args.capacity_only:
             warm = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-pool", args.pool_size,
                           max_kernels)
             empty = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-nopool", 0, max_kernels)
@@ -783,7 +797,7 @@ def main():
             progress(f"memory: {args.kernels} kernels on {gw.label}")
             memory["reference"] = measure_memory(gw, args.kernels)
             gw.stop()
-        if args.capacity:
+        if args.capacity and not args.rtt_only:
             # The default pool, and the limit raised to fit the kernels, the probes and the pool.
             gw = launch(start_sandgate, args.gateway, args.home, tmp, "sandgate-capacity", CAPACITY_POOL,
                         args.capacity + CAPACITY_POOL + 8)
@@ -808,17 +822,10 @@ def main():
     idle_target = (f"<= {TARGET_IDLE_CPU_MS} ms/s", lambda s, r: s <= TARGET_IDLE_CPU_MS)
     metrics = []
     summary = []
-    if not args.capacity_only:
-        sg_mem, kg_mem = memory["sandgate"], memory["reference"]
-        w, e, k = starts[warm.label], starts[empty.label], starts[kg.label]
+    rtt_metrics = []
+    if rtts:
         sg_rtt, kg_rtt = rtts[warm.label], rtts[kg.label]
-        metrics += [
-            metric("start_warm_median", "start to idle, pool warm (median)", "ms", statistics.median(w),
-                   statistics.median(k), warm_target, chart=("start", "gateway, pool warm")),
-            metric("start_warm_p95", "start to idle, pool warm (p95)", "ms", p95(w), p95(k)),
-            metric("start_empty_median", "start to idle, pool empty (median)", "ms", statistics.median(e),
-                   statistics.median(k), chart=("start", "gateway, pool empty")),
-            metric("start_empty_p95", "start to idle, pool empty (p95)", "ms", p95(e), p95(k)),
+        rtt_metrics = [
             metric("rtt_median", "WebSocket `1+1` round trip (median)", "ms", statistics.median(sg_rtt["default"]),
                    statistics.median(kg_rtt["default"]), not_slower, chart=("roundtrip", "gateway, taking turns")),
             metric("rtt_p95", "WebSocket `1+1` round trip (p95)", "ms", p95(sg_rtt["default"]),
@@ -833,6 +840,22 @@ def main():
                    chart=("roundtrip", "gateway, in a row")),
             metric("rtt_in_a_row_p95", "WebSocket `1+1` round trip, cells in a row (p95)", "ms",
                    p95(sg_rtt["in_a_row"]), p95(kg_rtt["in_a_row"])),
+        ]
+    if args.rtt_only:
+        metrics += rtt_metrics
+        summary.append(f"round trips only: {args.rtt_runs} each after {args.warmup} warm-up (Sandgate --pool-size "
+                       f"{args.pool_size})")
+    elif not args.capacity_only:
+        sg_mem, kg_mem = memory["sandgate"], memory["reference"]
+        w, e, k = starts[warm.label], starts[empty.label], starts[kg.label]
+        metrics += [
+            metric("start_warm_median", "start to idle, pool warm (median)", "ms", statistics.median(w),
+                   statistics.median(k), warm_target, chart=("start", "gateway, pool warm")),
+            metric("start_warm_p95", "start to idle, pool warm (p95)", "ms", p95(w), p95(k)),
+            metric("start_empty_median", "start to idle, pool empty (median)", "ms", statistics.median(e),
+                   statistics.median(k), chart=("start", "gateway, pool empty")),
+            metric("start_empty_p95", "start to idle, pool empty (p95)", "ms", p95(e), p95(k)),
+        ] + rtt_metrics + [
             metric("memory_per_kernel", f"PSS per idle kernel ({args.kernels} kernels, total / {args.kernels})",
                    "MiB", sg_mem["per_kernel_mib"], kg_mem["per_kernel_mib"], third,
                    chart=("memory", f"gateway, {args.kernels} kernels")),
@@ -899,12 +922,13 @@ def main():
             },
             "runs": {"starts": args.runs, "round_trips": args.rtt_runs, "warmup": args.warmup,
                      "pool_size": args.pool_size, "memory_kernels": args.kernels, "capacity": args.capacity,
-                     "capacity_only": args.capacity_only},
+                     "capacity_only": args.capacity_only, "rtt_only": args.rtt_only},
             "metrics": metrics,
             "memory": memory,
             "capacity": capacity,
             "samples_ms": None if args.capacity_only else {
-                "start": {"sandgate_pool_warm": w, "sandgate_pool_empty": e, "reference": k},
+                "start": None if args.rtt_only else {"sandgate_pool_warm": w, "sandgate_pool_empty": e,
+                                                     "reference": k},
                 "round_trip": {"sandgate": sg_rtt, "reference": kg_rtt}},
             "kernel_info_retries": retries,
         }, indent=2))

@@ -23,41 +23,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-/// The kernel's channels that carry messages (the heartbeat is the client's own business).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Channel {
-    /// Requests and replies.
-    Shell,
-    /// Interrupt, shutdown and other requests that must not wait behind a cell.
-    Control,
-    /// `input_request` / `input_reply`.
-    Stdin,
-    /// Broadcast output and status.
-    Iopub,
-}
+use crate::envelope::{ExecState, KernelMessage};
 
-impl Channel {
-    /// The name Jupyter's WebSocket protocols use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Channel::Shell => "shell",
-            Channel::Control => "control",
-            Channel::Stdin => "stdin",
-            Channel::Iopub => "iopub",
-        }
-    }
-
-    /// Parses a channel name; `None` for anything else.
-    pub fn parse(name: &str) -> Option<Channel> {
-        Some(match name {
-            "shell" => Channel::Shell,
-            "control" => Channel::Control,
-            "stdin" => Channel::Stdin,
-            "iopub" => Channel::Iopub,
-            _ => return None,
-        })
-    }
-}
+pub use crate::envelope::Channel;
 
 /// Errors of launching or talking to a kernel process.
 #[derive(Debug, thiserror::Error)]
@@ -152,9 +120,12 @@ pub struct LaunchSpec {
 
 /// Something the kernel process sent or did.
 #[derive(Debug)]
+// Nearly every value is a message: boxing it would cost an allocation per message to save
+// space only in the rare `Died`.
+#[allow(clippy::large_enum_variant)]
 pub enum Incoming {
-    /// A message, authenticated, on `channel`.
-    Message(Channel, RawMessage),
+    /// A message, authenticated, with its envelope read.
+    Message(KernelMessage),
     /// The process ended (exit status in words), or stopped answering heartbeats.
     Died(String),
 }
@@ -327,26 +298,6 @@ pub fn own_message(header: &Value, content: &Value) -> RawMessage {
     }
 }
 
-/// The `msg_id` inside a header (or parent header) frame, if it has one.
-pub fn msg_id_of(header: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Ids {
-        #[serde(default)]
-        msg_id: Option<String>,
-    }
-    serde_json::from_slice::<Ids>(header).ok()?.msg_id
-}
-
-/// The `msg_type` inside a header frame.
-pub fn msg_type_of(header: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Types {
-        #[serde(default)]
-        msg_type: Option<String>,
-    }
-    serde_json::from_slice::<Types>(header).ok()?.msg_type
-}
-
 async fn connect<S: Socket>(
     mut socket: S,
     endpoint: &str,
@@ -400,8 +351,7 @@ const FOLLOWED: usize = 1024;
 /// A reply or an `idle` status waiting for the other (see [`spawn_receiver`]).
 struct Held {
     parent: String,
-    channel: Channel,
-    msg: RawMessage,
+    msg: KernelMessage,
     until: tokio::time::Instant,
 }
 
@@ -477,9 +427,9 @@ fn spawn_receiver(
                         due.extend(held_idle.take());
                     }
                     for h in due {
-                        tracing::debug!(%kernel, parent = %h.parent, channel = h.channel.as_str(),
+                        tracing::debug!(%kernel, parent = %h.parent, channel = h.msg.channel.as_str(),
                                         "a reply or idle went without the other");
-                        if tx.send(Incoming::Message(h.channel, h.msg)).await.is_err() {
+                        if tx.send(Incoming::Message(h.msg)).await.is_err() {
                             return;
                         }
                     }
@@ -487,14 +437,15 @@ fn spawn_receiver(
                 }
                 () = crate::until_true(&mut exited) => {
                     for h in held_replies.into_iter().chain(held_idle) {
-                        let _ = tx.send(Incoming::Message(h.channel, h.msg)).await;
+                        let _ = tx.send(Incoming::Message(h.msg)).await;
                     }
                     return;
                 }
             };
             let msg = match received {
                 Ok(m) => match sandgate_wire::parse_raw(m.into_vec(), &signer) {
-                    Ok(msg) => msg,
+                    // The envelope is read here, once; every later step uses it.
+                    Ok(raw) => KernelMessage::parse(channel, raw),
                     Err(e) => {
                         tracing::warn!(%kernel, channel = channel.as_str(), error = %e,
                                        "dropped a message from the kernel");
@@ -512,16 +463,19 @@ fn spawn_receiver(
             };
             let now = tokio::time::Instant::now();
             // What goes out now, in order.
-            let mut out: Vec<(Channel, RawMessage)> = Vec::with_capacity(2);
+            let mut out: Vec<KernelMessage> = Vec::with_capacity(2);
             if channel != Channel::Iopub {
-                match msg_type_of(&msg.header)
-                    .filter(|t| t.ends_with("_reply"))
-                    .and_then(|_| msg_id_of(&msg.parent_header))
+                let envelope = &msg.envelope;
+                match envelope
+                    .parent
+                    .msg_id
+                    .clone()
+                    .filter(|_| envelope.msg_type.is_reply())
                 {
                     Some(parent) if held_idle.as_ref().is_some_and(|h| h.parent == parent) => {
-                        out.extend(held_replies.drain(..).map(|h| (h.channel, h.msg)));
-                        out.push((channel, msg));
-                        out.extend(held_idle.take().map(|h| (h.channel, h.msg)));
+                        out.extend(held_replies.drain(..).map(|h| h.msg));
+                        out.push(msg);
+                        out.extend(held_idle.take().map(|h| h.msg));
                     }
                     Some(parent) => {
                         let wait = if busy.contains(&parent) {
@@ -531,76 +485,52 @@ fn spawn_receiver(
                         };
                         held_replies.push(Held {
                             parent,
-                            channel,
                             msg,
                             until: now + wait,
                         });
                     }
-                    None => out.push((channel, msg)),
+                    None => out.push(msg),
                 }
             } else {
-                match request_status(&msg) {
-                    Some((state, parent)) if state == "busy" => {
+                match msg.envelope.request_status() {
+                    Some((ExecState::Busy, parent)) => {
                         // A reply that came first now waits for the idle.
                         for h in held_replies.iter_mut().filter(|h| h.parent == parent) {
                             h.until = now + PAIR_WAIT;
                         }
-                        remember(&mut busy, parent);
-                        out.push((channel, msg));
+                        remember(&mut busy, parent.to_owned());
+                        out.push(msg);
                     }
-                    Some((state, parent)) if state == "idle" => {
+                    Some((ExecState::Idle, parent)) => {
+                        let parent = parent.to_owned();
                         let followed = busy.iter().position(|p| *p == parent);
                         if let Some(i) = followed {
                             busy.remove(i);
                         }
                         if let Some(i) = held_replies.iter().position(|h| h.parent == parent) {
                             // Replies held before this one answer earlier requests: they go first.
-                            out.extend(held_replies.drain(..=i).map(|h| (h.channel, h.msg)));
-                            out.push((channel, msg));
+                            out.extend(held_replies.drain(..=i).map(|h| h.msg));
+                            out.push(msg);
                         } else if followed.is_some() && !alone.contains(&parent) {
                             held_idle = Some(Held {
                                 parent,
-                                channel,
                                 msg,
                                 until: now + CATCH_UP,
                             });
                         } else {
-                            out.push((channel, msg));
+                            out.push(msg);
                         }
                     }
-                    _ => out.push((channel, msg)),
+                    _ => out.push(msg),
                 }
             }
-            for (channel, msg) in out {
-                if tx.send(Incoming::Message(channel, msg)).await.is_err() {
+            for msg in out {
+                if tx.send(Incoming::Message(msg)).await.is_err() {
                     return;
                 }
             }
         }
     });
-}
-
-/// The execution state and request id of a `status` message about a request (its parent's
-/// type ends in `_request`: a request that gets a reply).
-fn request_status(msg: &RawMessage) -> Option<(String, String)> {
-    #[derive(serde::Deserialize)]
-    struct Parent {
-        msg_id: String,
-        msg_type: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Status {
-        execution_state: String,
-    }
-    if msg_type_of(&msg.header).as_deref() != Some("status") {
-        return None;
-    }
-    let parent = serde_json::from_slice::<Parent>(&msg.parent_header).ok()?;
-    if !parent.msg_type.ends_with("_request") {
-        return None;
-    }
-    let status = serde_json::from_slice::<Status>(&msg.content).ok()?;
-    Some((status.execution_state, parent.msg_id))
 }
 
 impl Process {
@@ -902,9 +832,9 @@ impl Process {
             while !(replied && published) {
                 let until = round.min(deadline);
                 match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some(Incoming::Message(channel, m))) => {
-                        if msg_id_of(&m.parent_header).as_deref() == Some(id.as_str()) {
-                            match channel {
+                    Ok(Some(Incoming::Message(m))) => {
+                        if m.envelope.parent.msg_id.as_deref() == Some(id.as_str()) {
+                            match m.channel {
                                 Channel::Iopub => published = true,
                                 _ => replied = true,
                             }

@@ -14,6 +14,8 @@
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
 //! - [`home`]: kernels' home folders (`/home/user` in the guest), removed with their holder.
+//! - [`envelope`]: a kernel message's ids, types and parent, parsed once when it arrives and
+//!   carried beside its frames through the relay.
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
 //! - [`exec`]: the execution service: run code on a kernel, get typed events back (used by
 //!   `%%ask`, the E2B-compatible API and MCP).
@@ -35,6 +37,7 @@ pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod e2b;
+pub mod envelope;
 pub mod exec;
 pub mod home;
 pub mod http;

@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sandgate_wire::RawMessage;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 
 use crate::client::{self, Channel};
+use crate::envelope::{ExecState, KernelMessage, MsgType, Parent};
 use crate::session::Kernel;
 use crate::session::kernel::Tap;
 
@@ -99,22 +99,41 @@ impl ErrorOutput {
 }
 
 /// The event a kernel message stands for, if any (`status` and unknown types have none;
-/// the end of an execution is tracked by [`Progress`]).
-pub fn event(channel: Channel, message: &RawMessage) -> Option<Event> {
-    let msg_type = client::msg_type_of(&message.header)?;
-    let content: Value = serde_json::from_slice(&message.content).ok()?;
+/// the end of an execution is tracked by [`Progress`]). Its envelope says which; the content
+/// is read only for an event.
+pub fn event(message: &KernelMessage) -> Option<Event> {
+    let msg_type = &message.envelope.msg_type;
+    let wanted = match message.channel {
+        Channel::Shell => *msg_type == MsgType::ExecuteReply,
+        Channel::Iopub => matches!(
+            msg_type,
+            MsgType::ExecuteInput
+                | MsgType::Stream
+                | MsgType::DisplayData
+                | MsgType::UpdateDisplayData
+                | MsgType::ExecuteResult
+                | MsgType::ClearOutput
+                | MsgType::Error
+        ),
+        Channel::Control | Channel::Stdin => false,
+    };
+    if !wanted {
+        return None;
+    }
+    let content: Value = serde_json::from_slice(&message.raw.content).ok()?;
     let object = |v: &Value| v.as_object().cloned().unwrap_or_default();
-    match (channel, msg_type.as_str()) {
-        (Channel::Shell, "execute_reply") => Some(Event::Reply(content)),
-        (Channel::Iopub, "execute_input") => Some(Event::Started {
+    match (message.channel, msg_type) {
+        (Channel::Shell, MsgType::ExecuteReply) => Some(Event::Reply(content)),
+        (Channel::Iopub, MsgType::ExecuteInput) => Some(Event::Started {
             execution_count: content["execution_count"].as_u64().unwrap_or(0),
         }),
-        (Channel::Iopub, "stream") => {
+        (Channel::Iopub, MsgType::Stream) => {
             let name = match content["name"].as_str() {
                 Some("stderr") => StreamName::Stderr,
                 _ => StreamName::Stdout,
             };
-            let timestamp = serde_json::from_slice::<Value>(&message.header)
+            // The date is not in the envelope (nothing else needs it): read for streams only.
+            let timestamp = serde_json::from_slice::<Value>(&message.raw.header)
                 .ok()
                 .and_then(|h| h["date"].as_str().map(str::to_owned))
                 .unwrap_or_default();
@@ -124,17 +143,18 @@ pub fn event(channel: Channel, message: &RawMessage) -> Option<Event> {
                 timestamp,
             })
         }
-        (Channel::Iopub, kind @ ("display_data" | "update_display_data" | "execute_result")) => {
-            Some(Event::Display {
-                data: object(&content["data"]),
-                metadata: object(&content["metadata"]),
-                main: kind == "execute_result",
-            })
-        }
-        (Channel::Iopub, "clear_output") => Some(Event::ClearOutput {
+        (
+            Channel::Iopub,
+            kind @ (MsgType::DisplayData | MsgType::UpdateDisplayData | MsgType::ExecuteResult),
+        ) => Some(Event::Display {
+            data: object(&content["data"]),
+            metadata: object(&content["metadata"]),
+            main: *kind == MsgType::ExecuteResult,
+        }),
+        (Channel::Iopub, MsgType::ClearOutput) => Some(Event::ClearOutput {
             wait: content["wait"].as_bool().unwrap_or(false),
         }),
-        (Channel::Iopub, "error") => Some(Event::Error(ErrorOutput::from_content(&content))),
+        (Channel::Iopub, MsgType::Error) => Some(Event::Error(ErrorOutput::from_content(&content))),
         _ => None,
     }
 }
@@ -148,15 +168,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Notes one message of the execution.
-    pub fn see(&mut self, channel: Channel, message: &RawMessage) {
-        let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
-        match (channel, msg_type.as_str()) {
-            (Channel::Shell, "execute_reply") => self.replied = true,
-            (Channel::Iopub, "status")
-                if serde_json::from_slice::<Value>(&message.content)
-                    .is_ok_and(|c| c["execution_state"] == "idle") =>
-            {
+    /// Notes one message of the execution (from its envelope).
+    pub fn see(&mut self, message: &KernelMessage) {
+        let envelope = &message.envelope;
+        match (message.channel, &envelope.msg_type) {
+            (Channel::Shell, MsgType::ExecuteReply) => self.replied = true,
+            (Channel::Iopub, MsgType::Status) if envelope.state == Some(ExecState::Idle) => {
                 self.idle = true;
             }
             _ => {}
@@ -226,7 +243,7 @@ pub enum ExecError {
 pub struct Execution {
     kernel: Arc<Kernel>,
     id: String,
-    rx: mpsc::UnboundedReceiver<(Channel, Arc<RawMessage>)>,
+    rx: mpsc::UnboundedReceiver<Arc<KernelMessage>>,
     process: tokio::sync::watch::Receiver<Option<Arc<client::Process>>>,
     progress: Progress,
     ended: bool,
@@ -251,13 +268,12 @@ impl Execution {
             "stop_on_error": request.stop_on_error,
         });
         let (to, rx) = mpsc::unbounded_channel();
-        kernel.add_tap(
-            id.clone(),
-            Tap {
-                to,
-                show_under: request.show_under,
-            },
-        );
+        // The header the outputs are shown under is read once, for all of them.
+        let show_under = request.show_under.map(|header| {
+            let parent = Parent::parse(&header);
+            (header, parent)
+        });
+        kernel.add_tap(id.clone(), Tap { to, show_under });
         let execution = Execution {
             kernel: kernel.clone(),
             id,
@@ -296,12 +312,12 @@ impl Execution {
                     return Err(ExecError::KernelEnded);
                 }
             };
-            let Some((channel, message)) = received else {
+            let Some(message) = received else {
                 self.finish();
                 return Err(ExecError::KernelEnded);
             };
-            self.progress.see(channel, &message);
-            let event = event(channel, &message);
+            self.progress.see(&message);
+            let event = event(&message);
             if self.progress.done() {
                 self.finish();
             }
@@ -368,7 +384,7 @@ impl Drop for Execution {
 mod tests {
     use super::*;
 
-    fn message(msg_type: &str, content: Value) -> RawMessage {
+    fn message(msg_type: &str, content: Value) -> sandgate_wire::RawMessage {
         let header = json!({"msg_id": "m", "msg_type": msg_type, "date": "2026-12-07T00:00:00.000001Z",
                             "session": "s", "username": "u", "version": "5.3"});
         client::own_message(&header, &content)
@@ -378,7 +394,7 @@ mod tests {
     fn outputs_become_typed_events() {
         let m = message("stream", json!({"name": "stderr", "text": "warn\n"}));
         assert_eq!(
-            event(Channel::Iopub, &m),
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
             Some(Event::Stream {
                 name: StreamName::Stderr,
                 text: "warn\n".into(),
@@ -389,7 +405,9 @@ mod tests {
             "execute_result",
             json!({"data": {"text/plain": "2"}, "metadata": {}, "execution_count": 3}),
         );
-        let Some(Event::Display { data, main, .. }) = event(Channel::Iopub, &m) else {
+        let Some(Event::Display { data, main, .. }) =
+            event(&KernelMessage::parse(Channel::Iopub, m.clone()))
+        else {
             panic!("not a display");
         };
         assert!(main);
@@ -399,7 +417,7 @@ mod tests {
             json!({"data": {"image/png": "AA=="}, "metadata": {"image/png": {"width": 1}}}),
         );
         assert!(matches!(
-            event(Channel::Iopub, &m),
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
             Some(Event::Display { main: false, .. })
         ));
         let m = message(
@@ -407,7 +425,7 @@ mod tests {
             json!({"ename": "ZeroDivisionError", "evalue": "division by zero", "traceback": ["a", "b"]}),
         );
         assert_eq!(
-            event(Channel::Iopub, &m),
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
             Some(Event::Error(ErrorOutput {
                 ename: "ZeroDivisionError".into(),
                 evalue: "division by zero".into(),
@@ -416,35 +434,52 @@ mod tests {
         );
         let m = message("execute_input", json!({"code": "1", "execution_count": 7}));
         assert_eq!(
-            event(Channel::Iopub, &m),
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
             Some(Event::Started { execution_count: 7 })
         );
         let m = message("clear_output", json!({"wait": true}));
         assert_eq!(
-            event(Channel::Iopub, &m),
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
             Some(Event::ClearOutput { wait: true })
         );
         let m = message(
             "execute_reply",
             json!({"status": "ok", "execution_count": 7}),
         );
-        assert!(matches!(event(Channel::Shell, &m), Some(Event::Reply(r)) if r["status"] == "ok"));
+        assert!(
+            matches!(event(&KernelMessage::parse(Channel::Shell, m.clone())), Some(Event::Reply(r)) if r["status"] == "ok")
+        );
     }
 
     #[test]
     fn status_unknown_and_malformed_messages_are_no_events() {
         let m = message("status", json!({"execution_state": "busy"}));
-        assert_eq!(event(Channel::Iopub, &m), None);
+        assert_eq!(
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
+            None
+        );
         let m = message("comm_open", json!({}));
-        assert_eq!(event(Channel::Iopub, &m), None);
+        assert_eq!(
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
+            None
+        );
         let mut m = message("stream", json!({}));
         m.content = bytes::Bytes::from_static(b"{not json");
-        assert_eq!(event(Channel::Iopub, &m), None);
+        assert_eq!(
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
+            None
+        );
         m.header = bytes::Bytes::from_static(b"[]");
-        assert_eq!(event(Channel::Iopub, &m), None);
+        assert_eq!(
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
+            None
+        );
         // An execute_reply on iopub is not a reply.
         let m = message("execute_reply", json!({"status": "ok"}));
-        assert_eq!(event(Channel::Iopub, &m), None);
+        assert_eq!(
+            event(&KernelMessage::parse(Channel::Iopub, m.clone())),
+            None
+        );
     }
 
     #[test]
@@ -453,15 +488,15 @@ mod tests {
         let idle = message("status", json!({"execution_state": "idle"}));
         let busy = message("status", json!({"execution_state": "busy"}));
         let mut p = Progress::default();
-        p.see(Channel::Iopub, &busy);
-        p.see(Channel::Shell, &reply);
+        p.see(&KernelMessage::parse(Channel::Iopub, busy.clone()));
+        p.see(&KernelMessage::parse(Channel::Shell, reply.clone()));
         assert!(!p.done());
-        p.see(Channel::Iopub, &idle);
+        p.see(&KernelMessage::parse(Channel::Iopub, idle.clone()));
         assert!(p.done());
         let mut p = Progress::default();
-        p.see(Channel::Iopub, &idle);
+        p.see(&KernelMessage::parse(Channel::Iopub, idle.clone()));
         assert!(!p.done());
-        p.see(Channel::Shell, &reply);
+        p.see(&KernelMessage::parse(Channel::Shell, reply.clone()));
         assert!(p.done());
     }
 }

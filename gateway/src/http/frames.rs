@@ -12,7 +12,7 @@ use bytes::Bytes;
 use sandgate_wire::RawMessage;
 use serde_json::{Map, Value};
 
-use crate::client::Channel;
+use crate::envelope::{Channel, KernelMessage, MsgType};
 
 /// The subprotocol name of the binary framing.
 pub const V1_PROTOCOL: &str = "v1.kernel.websocket.jupyter.org";
@@ -71,7 +71,7 @@ pub struct ClientMessage {
     /// Its id (for routing the reply).
     pub msg_id: String,
     /// Its type.
-    pub msg_type: String,
+    pub msg_type: MsgType,
     /// The message, ready to sign and send.
     pub message: RawMessage,
 }
@@ -85,7 +85,7 @@ fn object_bytes(value: Option<Value>, what: &'static str) -> Result<Bytes, Frame
 }
 
 /// Checks a header and fills what a sloppy client left out (the kernel needs all six fields).
-fn header(value: Option<Value>) -> Result<(Bytes, String, String), FrameError> {
+fn header(value: Option<Value>) -> Result<(Bytes, String, MsgType), FrameError> {
     let Some(Value::Object(mut h)) = value else {
         return Err(FrameError::NotObject("header"));
     };
@@ -113,8 +113,24 @@ fn header(value: Option<Value>) -> Result<(Bytes, String, String), FrameError> {
     Ok((
         serde_json::to_vec(&Value::Object(h)).expect("JSON").into(),
         id,
-        ty,
+        MsgType::parse(&ty),
     ))
+}
+
+/// A part of a v1 frame that must be a JSON object (or empty, or `null`: then `{}`), as a
+/// slice of the frame once it is checked.
+fn object_part(frame: &Bytes, part: &[u8], what: &'static str) -> Result<Bytes, FrameError> {
+    if part.is_empty() {
+        return Ok(Bytes::from_static(b"{}"));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(part)
+        .map_err(|e| FrameError::Json(e.to_string()))?;
+    // Valid JSON: its first byte says what it is (`n` only starts `null`).
+    match part.iter().find(|c| !c.is_ascii_whitespace()) {
+        Some(b'{') => Ok(frame.slice_ref(part)),
+        Some(b'n') => Ok(Bytes::from_static(b"{}")),
+        _ => Err(FrameError::NotObject(what)),
+    }
 }
 
 fn channel(name: &str) -> Result<Channel, FrameError> {
@@ -232,32 +248,25 @@ pub fn decode(protocol: Protocol, frame: &Frame) -> Result<ClientMessage, FrameE
         (Protocol::Legacy, Frame::Binary(b)) => {
             let parts = legacy_binary_parts(b)?;
             let json = parse_object(parts[0])?;
-            let buffers = parts[1..]
-                .iter()
-                .map(|p| Bytes::copy_from_slice(p))
-                .collect();
+            // The buffers are slices of the frame: nothing is copied.
+            let buffers = parts[1..].iter().map(|p| b.slice_ref(p)).collect();
             from_json(json, buffers)
         }
         (Protocol::V1, Frame::Binary(b)) => {
             let (name, parts) = v1_parts(b)?;
             let channel = channel(name)?;
-            let json = |i: usize| -> Result<Option<Value>, FrameError> {
-                let bytes = parts[i];
-                if bytes.is_empty() {
-                    return Ok(None);
-                }
-                serde_json::from_slice(bytes)
-                    .map(Some)
-                    .map_err(|e| FrameError::Json(e.to_string()))
+            let header_json = match parts[0] {
+                [] => None,
+                bytes => Some(
+                    serde_json::from_slice(bytes).map_err(|e| FrameError::Json(e.to_string()))?,
+                ),
             };
-            let (header, msg_id, msg_type) = header(json(0)?)?;
-            let buffers: Vec<Bytes> = parts[4..]
-                .iter()
-                .map(|p| Bytes::copy_from_slice(p))
-                .collect();
-            if buffers.len() > MAX_BUFFERS {
+            let (header, msg_id, msg_type) = header(header_json)?;
+            if parts.len() - 4 > MAX_BUFFERS {
                 return Err(FrameError::TooManyBuffers);
             }
+            // The other parts are checked and relayed as the client sent them, as slices of
+            // the frame (only the header is rewritten, to fill what the kernel needs).
             Ok(ClientMessage {
                 channel,
                 msg_id,
@@ -265,10 +274,10 @@ pub fn decode(protocol: Protocol, frame: &Frame) -> Result<ClientMessage, FrameE
                 message: RawMessage {
                     identities: Vec::new(),
                     header,
-                    parent_header: object_bytes(json(1)?, "parent_header")?,
-                    metadata: object_bytes(json(2)?, "metadata")?,
-                    content: object_bytes(json(3)?, "content")?,
-                    buffers,
+                    parent_header: object_part(b, parts[1], "parent_header")?,
+                    metadata: object_part(b, parts[2], "metadata")?,
+                    content: object_part(b, parts[3], "content")?,
+                    buffers: parts[4..].iter().map(|p| b.slice_ref(p)).collect(),
                 },
             })
         }
@@ -278,57 +287,61 @@ pub fn decode(protocol: Protocol, frame: &Frame) -> Result<ClientMessage, FrameE
     }
 }
 
-/// The legacy JSON object for a kernel message, spliced from its already-valid JSON parts.
-fn legacy_json(
-    channel: Channel,
-    m: &RawMessage,
-    msg_id: &str,
-    msg_type: &str,
-    with_buffers: bool,
-) -> Vec<u8> {
+/// The legacy JSON object for a kernel message, spliced from its already-valid JSON parts
+/// and its envelope's id and type.
+fn legacy_json(m: &KernelMessage, with_buffers: bool) -> Vec<u8> {
+    let raw = &m.raw;
+    let msg_id = m.envelope.msg_id.as_deref().unwrap_or_default();
+    let msg_type = m.envelope.msg_type.as_str();
     let mut out = Vec::with_capacity(
-        m.header.len() + m.parent_header.len() + m.metadata.len() + m.content.len() + 160,
+        raw.header.len()
+            + raw.parent_header.len()
+            + raw.metadata.len()
+            + raw.content.len()
+            + msg_id.len()
+            + msg_type.len()
+            + 160,
     );
     out.extend_from_slice(b"{\"header\":");
-    out.extend_from_slice(&m.header);
+    out.extend_from_slice(&raw.header);
     out.extend_from_slice(b",\"msg_id\":");
-    out.extend_from_slice(&serde_json::to_vec(msg_id).expect("JSON"));
+    serde_json::to_writer(&mut out, msg_id).expect("a string serialises");
     out.extend_from_slice(b",\"msg_type\":");
-    out.extend_from_slice(&serde_json::to_vec(msg_type).expect("JSON"));
+    serde_json::to_writer(&mut out, msg_type).expect("a string serialises");
     out.extend_from_slice(b",\"parent_header\":");
-    out.extend_from_slice(&m.parent_header);
+    out.extend_from_slice(&raw.parent_header);
     out.extend_from_slice(b",\"metadata\":");
-    out.extend_from_slice(&m.metadata);
+    out.extend_from_slice(&raw.metadata);
     out.extend_from_slice(b",\"content\":");
-    out.extend_from_slice(&m.content);
+    out.extend_from_slice(&raw.content);
     if with_buffers {
         out.extend_from_slice(b",\"buffers\":[]");
     }
     out.extend_from_slice(b",\"channel\":\"");
-    out.extend_from_slice(channel.as_str().as_bytes());
+    out.extend_from_slice(m.channel.as_str().as_bytes());
     out.extend_from_slice(b"\"}");
     out
 }
 
-/// Encodes a kernel message (whose four JSON parts are valid JSON) for a client.
-pub fn encode(protocol: Protocol, channel: Channel, m: &RawMessage) -> Frame {
+/// Encodes a kernel message (whose four JSON parts are valid JSON) for a client: its frames
+/// spliced as they are, its ids from its envelope.
+pub fn encode(protocol: Protocol, m: &KernelMessage) -> Frame {
+    let raw = &m.raw;
     match protocol {
         Protocol::Legacy => {
-            let msg_id = crate::client::msg_id_of(&m.header).unwrap_or_default();
-            let msg_type = crate::client::msg_type_of(&m.header).unwrap_or_default();
-            if m.buffers.is_empty() {
-                let json = legacy_json(channel, m, &msg_id, &msg_type, true);
+            if raw.buffers.is_empty() {
+                let json = legacy_json(m, true);
                 // The parts are valid JSON, hence valid UTF-8.
                 Frame::Text(String::from_utf8(json).unwrap_or_default())
             } else {
-                let json = legacy_json(channel, m, &msg_id, &msg_type, false);
-                let nbufs = 1 + m.buffers.len();
+                let json = legacy_json(m, false);
+                let nbufs = 1 + raw.buffers.len();
                 // Each part's start: the JSON, then every buffer.
                 let mut starts = Vec::with_capacity(nbufs);
                 let mut pos = 4 * (nbufs + 1);
                 starts.push(pos);
                 pos += json.len();
-                for b in &m.buffers {
+                for b in &raw.buffers {
                     starts.push(pos);
                     pos += b.len();
                 }
@@ -339,18 +352,18 @@ pub fn encode(protocol: Protocol, channel: Channel, m: &RawMessage) -> Frame {
                     out.extend_from_slice(&(*s as u32).to_be_bytes());
                 }
                 out.extend_from_slice(&json);
-                for b in &m.buffers {
+                for b in &raw.buffers {
                     out.extend_from_slice(b);
                 }
                 Frame::Binary(out.into())
             }
         }
         Protocol::V1 => {
-            let name = channel.as_str().as_bytes();
-            let parts: Vec<&[u8]> = [&m.header, &m.parent_header, &m.metadata, &m.content]
+            let name = m.channel.as_str().as_bytes();
+            let parts: Vec<&[u8]> = [&raw.header, &raw.parent_header, &raw.metadata, &raw.content]
                 .into_iter()
                 .map(|b| b.as_ref())
-                .chain(m.buffers.iter().map(|b| b.as_ref()))
+                .chain(raw.buffers.iter().map(|b| b.as_ref()))
                 .collect();
             let n = parts.len() + 2;
             let mut offsets = Vec::with_capacity(n);
@@ -393,8 +406,10 @@ mod tests {
 
     #[test]
     fn legacy_text_carries_channel_and_ids() {
-        let Frame::Text(t) = encode(Protocol::Legacy, Channel::Shell, &kernel_message(vec![]))
-        else {
+        let Frame::Text(t) = encode(
+            Protocol::Legacy,
+            &KernelMessage::parse(Channel::Shell, kernel_message(vec![])),
+        ) else {
             panic!("expected text");
         };
         let v: Value = serde_json::from_str(&t).unwrap();
@@ -421,7 +436,10 @@ mod tests {
             Bytes::from_static(b"\x00\x01\x02"),
             Bytes::from_static(b"xyz"),
         ]);
-        let Frame::Binary(b) = encode(Protocol::Legacy, Channel::Iopub, &m) else {
+        let Frame::Binary(b) = encode(
+            Protocol::Legacy,
+            &KernelMessage::parse(Channel::Iopub, m.clone()),
+        ) else {
             panic!("expected binary");
         };
         let (json, bufs) = read_legacy_binary(&b);
@@ -434,13 +452,16 @@ mod tests {
     fn v1_round_trip_through_decode() {
         let mut m = kernel_message(vec![Bytes::from_static(b"BUF")]);
         m.header = Bytes::from_static(br#"{"msg_id":"c2","msg_type":"comm_msg"}"#);
-        let Frame::Binary(b) = encode(Protocol::V1, Channel::Shell, &m) else {
+        let Frame::Binary(b) = encode(
+            Protocol::V1,
+            &KernelMessage::parse(Channel::Shell, m.clone()),
+        ) else {
             panic!("expected binary");
         };
         let back = decode(Protocol::V1, &Frame::Binary(b)).unwrap();
         assert_eq!(back.channel, Channel::Shell);
         assert_eq!(back.msg_id, "c2");
-        assert_eq!(back.msg_type, "comm_msg");
+        assert_eq!(back.msg_type.as_str(), "comm_msg");
         assert_eq!(back.message.buffers, vec![Bytes::from_static(b"BUF")]);
         let h: Value = serde_json::from_slice(&back.message.header).unwrap();
         assert_eq!(h["version"], "5.3");

@@ -168,7 +168,7 @@ async fn relay(
             decoded.channel,
             decoded.message,
             Some(decoded.msg_id),
-            &decoded.msg_type,
+            decoded.msg_type,
             SEND_TIMEOUT,
         )
         .await
@@ -200,17 +200,19 @@ async fn bridge(
     let ending: Option<(WsMessage, bool)> = loop {
         tokio::select! {
             batch = kernel.next_batch(&attachment) => {
-                let mut batch = batch.into_iter();
-                let mut broken = false;
-                while let Some(out) = batch.next() {
-                    let frame = frames::encode(protocol, out.channel, &out.message);
-                    if sink.send(to_ws(frame)).await.is_err() {
-                        kernel.give_back(&attachment, std::iter::once(out).chain(batch).collect());
-                        broken = true;
+                // The batch is written with one flush (one write to the socket and one wake-up
+                // of the client for a reply and its idle, say), not one per message. If the
+                // connection fails, none of it is known to be written: it all goes back to the
+                // session (its next socket may get a message twice rather than never).
+                let mut written = true;
+                for out in &batch {
+                    if sink.feed(to_ws(frames::encode(protocol, out))).await.is_err() {
+                        written = false;
                         break;
                     }
                 }
-                if broken {
+                if !(written && sink.flush().await.is_ok()) {
+                    kernel.give_back(&attachment, batch);
                     break None;
                 }
             }

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::client::{self, Channel, Process};
+use crate::envelope::{ExecState, KernelMessage, MsgType, Parent};
 
 /// Messages a client may have queued before the gateway waits for it.
 pub const CLIENT_QUEUE: usize = 1024;
@@ -45,7 +46,9 @@ pub struct ShellItem {
     /// The message.
     pub message: RawMessage,
     /// Its `msg_type`.
-    pub msg_type: String,
+    pub msg_type: MsgType,
+    /// Its `msg_id`.
+    pub msg_id: Option<String>,
 }
 
 /// The iopub rate limit per kernel, as Jupyter Server has it: output messages (streams,
@@ -122,9 +125,10 @@ impl Limiter {
 /// hidden from them otherwise; its `busy`/`idle`, `execute_input` and reply never reach clients.
 pub(crate) struct Tap {
     /// The execution's receiving end.
-    pub(crate) to: mpsc::UnboundedSender<(Channel, Arc<RawMessage>)>,
-    /// Re-parent the outputs to this header and show them to clients.
-    pub(crate) show_under: Option<bytes::Bytes>,
+    pub(crate) to: mpsc::UnboundedSender<Arc<KernelMessage>>,
+    /// Re-parent the outputs to this header (and what it says, read once) and show them to
+    /// clients.
+    pub(crate) show_under: Option<(bytes::Bytes, Parent)>,
 }
 
 /// A client request a [`super::ShellHook`] serves.
@@ -138,25 +142,8 @@ pub struct ClientRequest {
     pub content: Value,
 }
 
-/// A message on its way to a client.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    /// The channel it came on.
-    pub channel: Channel,
-    /// The message.
-    pub message: Arc<RawMessage>,
-}
-
-impl Outgoing {
-    fn size(&self) -> usize {
-        let m = &self.message;
-        m.header.len()
-            + m.parent_header.len()
-            + m.metadata.len()
-            + m.content.len()
-            + m.buffers.iter().map(|b| b.len()).sum::<usize>()
-    }
-}
+/// A message on its way to a client, with its envelope (shared by every mailbox it is in).
+pub type Outgoing = Arc<KernelMessage>;
 
 /// The kernel's execution state, as the REST model reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,7 +475,7 @@ pub struct Kernel {
     process: watch::Sender<Option<Arc<Process>>>,
     mailboxes: Mutex<HashMap<String, Mailbox>>,
     routes: Mutex<Routes>,
-    waiters: Mutex<HashMap<String, oneshot::Sender<RawMessage>>>,
+    waiters: Mutex<HashMap<String, oneshot::Sender<KernelMessage>>>,
     /// The gateway's own executions, by request id (see [`Tap`]).
     taps: Mutex<HashMap<String, Tap>>,
     next_conn: AtomicU64,
@@ -781,25 +768,25 @@ impl Kernel {
         channel: Channel,
         message: RawMessage,
         msg_id: Option<String>,
-        msg_type: &str,
+        msg_type: MsgType,
         timeout: Duration,
     ) -> Result<(), client::ClientError> {
-        if let Some(id) = msg_id
+        if let Some(id) = &msg_id
             && matches!(channel, Channel::Shell | Channel::Control)
         {
             self.routes
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(id, session.to_owned());
+                .insert(id.clone(), session.to_owned());
         }
-        if msg_type == "shutdown_request" {
+        if msg_type == MsgType::ShutdownRequest {
             let restart = serde_json::from_slice::<Value>(&message.content)
                 .ok()
                 .and_then(|c| c.get("restart").and_then(Value::as_bool))
                 .unwrap_or(false);
             self.lock().expect = Expect::Exit { restart };
         }
-        if msg_type == "interrupt_request" {
+        if msg_type == MsgType::InterruptRequest {
             self.note_interrupt();
         }
         self.touch();
@@ -807,7 +794,8 @@ impl Kernel {
             let item = ShellItem {
                 session: session.to_owned(),
                 message,
-                msg_type: msg_type.to_owned(),
+                msg_type,
+                msg_id,
             };
             return self
                 .shell_queue
@@ -856,7 +844,7 @@ impl Kernel {
         tokio::spawn(async move {
             while let Some(item) = rx.recv().await {
                 let Some(kernel) = weak.upgrade() else { return };
-                let claimed = item.msg_type == "execute_request"
+                let claimed = item.msg_type == MsgType::ExecuteRequest
                     && kernel
                         .hook
                         .as_ref()
@@ -875,7 +863,7 @@ impl Kernel {
                         // As a kernel does after a failed cell: what was queued behind it is
                         // aborted, not run.
                         while let Ok(queued) = rx.try_recv() {
-                            if queued.msg_type == "execute_request" {
+                            if queued.msg_type == MsgType::ExecuteRequest {
                                 kernel.abort(&queued).await;
                             } else {
                                 kernel.forward(queued, wait).await;
@@ -895,7 +883,7 @@ impl Kernel {
             None => match self.wait_process(wait).await {
                 Some(p) => p,
                 None => {
-                    tracing::warn!(kernel = %self.id, msg_type = item.msg_type, "no kernel process to take a request; dropped");
+                    tracing::warn!(kernel = %self.id, msg_type = %item.msg_type, "no kernel process to take a request; dropped");
                     return;
                 }
             },
@@ -917,19 +905,25 @@ impl Kernel {
             .await;
     }
 
+    /// A message the gateway makes, as a child of the request whose header is `parent`.
+    fn made(
+        &self,
+        channel: Channel,
+        msg_type: &str,
+        content: &Value,
+        parent: bytes::Bytes,
+    ) -> KernelMessage {
+        let header = client::header(msg_type, &self.session);
+        KernelMessage::made(channel, &header, content, parent)
+    }
+
     /// Publishes an iopub message the gateway makes, as a child of `parent` (a client request's
     /// header), to every client; the observer (history) sees it like a kernel's.
     pub async fn publish(self: &Arc<Self>, parent: &bytes::Bytes, msg_type: &str, content: Value) {
-        let header = client::header(msg_type, &self.session);
-        let mut message = client::own_message(&header, &content);
-        message.parent_header = parent.clone();
+        let message = self.made(Channel::Iopub, msg_type, &content, parent.clone());
         // Gateway-made iopub never asks the observer to wait (only shell replies do).
-        let _ = self.observer.message(self, Channel::Iopub, &message);
-        self.deliver_all(Outgoing {
-            channel: Channel::Iopub,
-            message: Arc::new(message),
-        })
-        .await;
+        let _ = self.observer.message(self, &message);
+        self.deliver_all(Arc::new(message)).await;
     }
 
     /// Sends a shell reply the gateway makes to the client of `session`.
@@ -940,17 +934,8 @@ impl Kernel {
         msg_type: &str,
         content: Value,
     ) {
-        let header = client::header(msg_type, &self.session);
-        let mut message = client::own_message(&header, &content);
-        message.parent_header = parent.clone();
-        self.deliver_to(
-            session,
-            Outgoing {
-                channel: Channel::Shell,
-                message: Arc::new(message),
-            },
-        )
-        .await;
+        let message = self.made(Channel::Shell, msg_type, &content, parent.clone());
+        self.deliver_to(session, Arc::new(message)).await;
     }
 
     /// Starts handing the messages of request `id` to `tap` (before the request is sent).
@@ -972,27 +957,31 @@ impl Kernel {
     /// Applies the rules of the gateway's own executions to an iopub message: a tapped
     /// request's message goes to its tap, and comes back (re-parented) only if the tap shows
     /// outputs to clients. `None` hides it.
-    pub(crate) fn rewrite(&self, channel: Channel, mut message: RawMessage) -> Option<RawMessage> {
-        if channel != Channel::Iopub {
+    pub(crate) fn rewrite(&self, mut message: KernelMessage) -> Option<KernelMessage> {
+        if message.channel != Channel::Iopub {
             return Some(message);
         }
-        let parent = client::msg_id_of(&message.parent_header)?;
         let show_under = {
+            let parent = message.envelope.parent.msg_id.as_deref()?;
             let taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(tap) = taps.get(&parent) else {
+            let Some(tap) = taps.get(parent) else {
                 return Some(message);
             };
             // The message's parts are reference-counted: this copies no payload.
-            let _ = tap.to.send((channel, Arc::new(message.clone())));
+            let _ = tap.to.send(Arc::new(message.clone()));
             tap.show_under.clone()
         };
-        let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
         // The gateway's own executions count too: the REST model shows the kernel busy while
         // they run, and the culler sees them as activity.
-        self.note_activity(&msg_type, &message);
+        self.note_activity(&message.envelope);
         match show_under {
-            Some(target) if msg_type != "status" && msg_type != "execute_input" => {
-                message.parent_header = target;
+            Some((header, parent))
+                if !matches!(
+                    message.envelope.msg_type,
+                    MsgType::Status | MsgType::ExecuteInput
+                ) =>
+            {
+                message.reparent(&header, &parent);
                 Some(message)
             }
             _ => None,
@@ -1000,35 +989,27 @@ impl Kernel {
     }
 
     /// Follows the kernel's execution state and last activity from an iopub message.
-    fn note_activity(&self, msg_type: &str, message: &RawMessage) {
-        if msg_type != "status" {
+    fn note_activity(&self, envelope: &crate::envelope::Envelope) {
+        if envelope.msg_type != MsgType::Status {
             self.touch();
             return;
         }
-        let state = serde_json::from_slice::<Value>(&message.content)
-            .ok()
-            .and_then(|c| c["execution_state"].as_str().map(str::to_owned));
         let mut s = self.lock();
-        match state.as_deref() {
-            Some("busy") => s.execution_state = ExecutionState::Busy,
-            Some("idle") => s.execution_state = ExecutionState::Idle,
-            Some("starting") => s.execution_state = ExecutionState::Starting,
-            _ => {}
+        match envelope.state {
+            Some(ExecState::Busy) => s.execution_state = ExecutionState::Busy,
+            Some(ExecState::Idle) => s.execution_state = ExecutionState::Idle,
+            Some(ExecState::Starting) => s.execution_state = ExecutionState::Starting,
+            Some(ExecState::Other) | None => {}
         }
         s.last_activity = Utc::now();
     }
 
     /// Hands a reply (shell, control or stdin) to the tap of its request, if it has one.
-    fn tapped_reply(
-        &self,
-        parent: &str,
-        channel: Channel,
-        message: RawMessage,
-    ) -> Option<RawMessage> {
+    fn tapped_reply(&self, parent: &str, message: KernelMessage) -> Option<KernelMessage> {
         let taps = self.taps.lock().unwrap_or_else(|e| e.into_inner());
         match taps.get(parent) {
             Some(tap) => {
-                let _ = tap.to.send((channel, Arc::new(message)));
+                let _ = tap.to.send(Arc::new(message));
                 None
             }
             None => Some(message),
@@ -1042,7 +1023,7 @@ impl Kernel {
         msg_type: &str,
         content: Value,
         timeout: Duration,
-    ) -> Option<RawMessage> {
+    ) -> Option<KernelMessage> {
         let process = self.process()?;
         let header = client::header(msg_type, &self.session);
         let id = header["msg_id"].as_str().unwrap_or_default().to_owned();
@@ -1071,39 +1052,33 @@ impl Kernel {
     /// Publishes a status message the gateway makes up (e.g. `restarting`, `dead`) to every
     /// client, as Jupyter Server does around restarts.
     pub(crate) async fn publish_status(&self, state: ExecutionState) {
-        let header = client::header("status", &self.session);
-        let message = client::own_message(&header, &json!({"execution_state": state.as_str()}));
-        self.deliver_all(Outgoing {
-            channel: Channel::Iopub,
-            message: Arc::new(message),
-        })
-        .await;
+        let content = json!({"execution_state": state.as_str()});
+        let message = self.made(
+            Channel::Iopub,
+            "status",
+            &content,
+            bytes::Bytes::from_static(b"{}"),
+        );
+        self.deliver_all(Arc::new(message)).await;
     }
 
     /// Publishes a `stream` message the gateway makes up (a notice for the user) to every
     /// client, as a child of `parent_header` (so it shows under the cell it is about).
     pub async fn publish_stream(&self, parent_header: bytes::Bytes, name: &str, text: &str) {
-        let header = client::header("stream", &self.session);
-        let mut message = client::own_message(&header, &json!({"name": name, "text": text}));
-        message.parent_header = parent_header;
-        self.deliver_all(Outgoing {
-            channel: Channel::Iopub,
-            message: Arc::new(message),
-        })
-        .await;
+        let content = json!({"name": name, "text": text});
+        let message = self.made(Channel::Iopub, "stream", &content, parent_header);
+        self.deliver_all(Arc::new(message)).await;
     }
 
-    /// Handles one message from the kernel process.
-    pub(crate) async fn dispatch(&self, channel: Channel, message: RawMessage) {
-        let msg_type = client::msg_type_of(&message.header).unwrap_or_default();
-        if channel == Channel::Iopub {
-            self.note_activity(&msg_type, &message);
-            if matches!(
-                msg_type.as_str(),
-                "stream" | "display_data" | "update_display_data" | "execute_result"
-            ) {
-                let size =
-                    message.content.len() + message.buffers.iter().map(|b| b.len()).sum::<usize>();
+    /// Handles one message from the kernel process (its envelope read when it arrived: nothing
+    /// here parses it again).
+    pub(crate) async fn dispatch(&self, message: KernelMessage) {
+        let envelope = &message.envelope;
+        if message.channel == Channel::Iopub {
+            self.note_activity(envelope);
+            if envelope.msg_type.is_rated_output() {
+                let size = message.raw.content.len()
+                    + message.raw.buffers.iter().map(|b| b.len()).sum::<usize>();
                 let admitted = self
                     .rate
                     .lock()
@@ -1113,75 +1088,55 @@ impl Kernel {
                     Admit::Yes => {}
                     Admit::No => return,
                     Admit::NoAndTell(text) => {
-                        self.publish_stream(message.parent_header.clone(), "stderr", &text)
+                        self.publish_stream(message.raw.parent_header.clone(), "stderr", &text)
                             .await;
                         return;
                     }
                     Admit::YesAndTell(text) => {
-                        self.publish_stream(message.parent_header.clone(), "stderr", &text)
+                        self.publish_stream(message.raw.parent_header.clone(), "stderr", &text)
                             .await;
                     }
                 }
             }
-            self.deliver_all(Outgoing {
-                channel,
-                message: Arc::new(message),
-            })
-            .await;
+            self.deliver_all(Arc::new(message)).await;
             return;
         }
         self.touch();
-        if channel == Channel::Shell
-            && let Some(n) = serde_json::from_slice::<Value>(&message.content)
-                .ok()
-                .and_then(|c| c["execution_count"].as_u64())
+        if message.channel == Channel::Shell
+            && let Some(n) = envelope.execution_count
         {
             self.last_count.store(n, Ordering::Relaxed);
         }
-        let parent = client::msg_id_of(&message.parent_header);
-        let message = match &parent {
-            Some(parent) => match self.tapped_reply(parent, channel, message) {
-                Some(message) => message,
-                None => return,
-            },
-            None => message,
-        };
-        if let Some(parent) = &parent {
-            let waiter = self
-                .waiters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(parent);
-            if let Some(waiter) = waiter {
-                let _ = waiter.send(message);
-                return;
-            }
-        }
-        let Some(parent) = parent else {
-            tracing::debug!(kernel = %self.id, msg_type, "a kernel message without a parent");
+        let Some(parent) = envelope.parent.msg_id.clone() else {
+            tracing::debug!(kernel = %self.id, msg_type = %envelope.msg_type, "a kernel message without a parent");
             return;
         };
+        let Some(message) = self.tapped_reply(&parent, message) else {
+            return;
+        };
+        let waiter = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&parent);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(message);
+            return;
+        }
         let session = {
             let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
             let session = routes.get(&parent).cloned();
             // A reply ends its request; stdin's input_request does not.
-            if msg_type.ends_with("_reply") {
+            if message.envelope.msg_type.is_reply() {
                 routes.remove(&parent);
             }
             session
         };
         match session {
-            Some(session) => {
-                self.deliver_to(
-                    &session,
-                    Outgoing {
-                        channel,
-                        message: Arc::new(message),
-                    },
-                )
-                .await
+            Some(session) => self.deliver_to(&session, Arc::new(message)).await,
+            None => {
+                tracing::debug!(kernel = %self.id, msg_type = %message.envelope.msg_type, "no client waits for this reply")
             }
-            None => tracing::debug!(kernel = %self.id, msg_type, "no client waits for this reply"),
         }
     }
 
@@ -1247,24 +1202,24 @@ mod tests {
     use super::*;
 
     fn out(n: u32) -> Outgoing {
-        Outgoing {
-            channel: Channel::Iopub,
-            message: Arc::new(RawMessage {
+        Arc::new(KernelMessage::parse(
+            Channel::Iopub,
+            RawMessage {
                 identities: Vec::new(),
                 header: bytes::Bytes::from(format!("{{\"n\":{n}}}")),
                 parent_header: bytes::Bytes::from_static(b"{}"),
                 metadata: bytes::Bytes::from_static(b"{}"),
                 content: bytes::Bytes::from_static(b"{}"),
                 buffers: Vec::new(),
-            }),
-        }
+            },
+        ))
     }
 
     fn numbers(batch: &[Outgoing]) -> Vec<u32> {
         batch
             .iter()
             .map(|o| {
-                serde_json::from_slice::<Value>(&o.message.header).unwrap()["n"]
+                serde_json::from_slice::<Value>(&o.raw.header).unwrap()["n"]
                     .as_u64()
                     .unwrap() as u32
             })

@@ -19,6 +19,7 @@ use serde_json::json;
 use tokio::sync::{Mutex, Notify, mpsc};
 
 use crate::client::{Channel, ClientError, Incoming, LaunchSpec, Process};
+use crate::envelope::KernelMessage;
 use crate::home::Home;
 use kernel::Expect;
 pub use kernel::{Attachment, ClientRequest, ExecutionState, Kernel, Kick, Outgoing, RateLimit};
@@ -89,13 +90,9 @@ pub type Before = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>
 /// return is awaited before the message goes to clients (the workspace saves a cell's files
 /// before the cell's reply is relayed, so a client that has the reply can read them).
 pub trait Observer: Send + Sync + 'static {
-    /// A message from `kernel`'s process, after it was authenticated.
-    fn message(
-        &self,
-        kernel: &Arc<Kernel>,
-        channel: Channel,
-        message: &sandgate_wire::RawMessage,
-    ) -> Option<Before>;
+    /// A message from `kernel`'s process, after it was authenticated, with its envelope (or
+    /// one the gateway made for its clients).
+    fn message(&self, kernel: &Arc<Kernel>, message: &KernelMessage) -> Option<Before>;
     /// `kernel` was shut down (or culled).
     fn kernel_ended(&self, kernel: &Arc<Kernel>);
 }
@@ -117,12 +114,7 @@ pub trait ShellHook: Send + Sync + 'static {
 pub struct NoObserver;
 
 impl Observer for NoObserver {
-    fn message(
-        &self,
-        _: &Arc<Kernel>,
-        _: Channel,
-        _: &sandgate_wire::RawMessage,
-    ) -> Option<Before> {
+    fn message(&self, _: &Arc<Kernel>, _: &KernelMessage) -> Option<Before> {
         None
     }
     fn kernel_ended(&self, _: &Arc<Kernel>) {}
@@ -412,14 +404,14 @@ impl Kernels {
         tokio::spawn(async move {
             while let Some(event) = incoming.recv().await {
                 match event {
-                    Incoming::Message(channel, message) => {
-                        let Some(message) = kernel.rewrite(channel, message) else {
+                    Incoming::Message(message) => {
+                        let Some(message) = kernel.rewrite(message) else {
                             continue;
                         };
-                        if let Some(before) = me.0.observer.message(&kernel, channel, &message) {
+                        if let Some(before) = me.0.observer.message(&kernel, &message) {
                             before.await;
                         }
-                        kernel.dispatch(channel, message).await
+                        kernel.dispatch(message).await
                     }
                     Incoming::Died(reason) => {
                         me.on_death(&kernel, &process, reason).await;

@@ -12,18 +12,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use sandgate_wire::RawMessage;
 use serde_json::{Value, json};
 
 use super::Workspaces;
 use super::path::WsPath;
-use crate::client::{Channel, msg_id_of, msg_type_of};
+use crate::envelope::{Channel, ExecState, KernelMessage, MsgType};
 use crate::session::{Before, Kernel, Observer};
 
 /// Cells a history notebook keeps (the oldest are dropped past it).
 pub const HISTORY_CELLS: usize = 500;
 /// Output bytes one recorded cell keeps (the rest is noted as cut).
 pub const CELL_OUTPUT_BYTES: usize = 4 << 20;
+/// The least time between two writes of one kernel's history notebook (see `spawn_append`).
+pub const HISTORY_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Default)]
 struct Cell {
@@ -210,33 +211,40 @@ impl HistoryObserver {
                 else {
                     continue;
                 };
-                let read = {
-                    let p = path.clone();
-                    space
-                        .read(move |s| {
-                            if s.exists(&p) {
-                                s.read(&p).map(|(_, d)| Some(d))
-                            } else {
-                                Ok(None)
-                            }
-                        })
-                        .await
+                // The notebook is read, extended and serialised on a blocking thread: a long
+                // history is milliseconds of JSON, which must not hold up a runtime worker (the
+                // relay's tasks run there).
+                let p = path.clone();
+                let body = space
+                    .read(move |s| {
+                        let existing = if s.exists(&p) {
+                            s.read(&p).ok().map(|(_, d)| d)
+                        } else {
+                            None
+                        };
+                        let mut nb = existing
+                            .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                            .unwrap_or_else(empty_notebook);
+                        if let Some(cells) = nb["cells"].as_array_mut() {
+                            cells.extend(batch);
+                            let extra = cells.len().saturating_sub(HISTORY_CELLS);
+                            cells.drain(..extra);
+                        }
+                        Ok(serde_json::to_vec_pretty(&nb).expect("JSON"))
+                    })
+                    .await;
+                let written = match body {
+                    Ok(body) => space.write_stored(path, body).await.map(|_| ()),
+                    Err(e) => Err(e),
                 };
-                let mut nb = match read {
-                    Ok(Some(bytes)) => {
-                        serde_json::from_slice::<Value>(&bytes).unwrap_or_else(|_| empty_notebook())
-                    }
-                    _ => empty_notebook(),
-                };
-                if let Some(cells) = nb["cells"].as_array_mut() {
-                    cells.extend(batch);
-                    let extra = cells.len().saturating_sub(HISTORY_CELLS);
-                    cells.drain(..extra);
-                }
-                let body = serde_json::to_vec_pretty(&nb).expect("JSON");
-                if let Err(e) = space.write_stored(path, body).await {
+                if let Err(e) = written {
                     tracing::warn!(error = %e, file = %name, "cannot append to a history notebook");
                 }
+                // Each write rewrites the whole notebook: cells that end during it or during
+                // this pause join the next one, so cells run in a row (a notebook's Run All, an
+                // agent's loop) cost one write per pause, not one each. A lone cell is written
+                // at once.
+                tokio::time::sleep(HISTORY_WRITE_PAUSE).await;
             }
         });
     }
@@ -339,20 +347,17 @@ fn as_output(msg_type: &str, content: &Value) -> Option<Value> {
 }
 
 impl Observer for HistoryObserver {
-    fn message(
-        &self,
-        kernel: &Arc<Kernel>,
-        channel: Channel,
-        message: &RawMessage,
-    ) -> Option<Before> {
-        let msg_type = msg_type_of(&message.header)?;
-        if channel == Channel::Shell && msg_type == "execute_reply" {
-            return Some(self.sync_before_reply(kernel, message.parent_header.clone()));
+    fn message(&self, kernel: &Arc<Kernel>, message: &KernelMessage) -> Option<Before> {
+        match (message.channel, &message.envelope.msg_type) {
+            (Channel::Shell, MsgType::ExecuteReply) => {
+                Some(self.sync_before_reply(kernel, message.raw.parent_header.clone()))
+            }
+            (Channel::Iopub, _) => {
+                self.record(kernel, message);
+                None
+            }
+            _ => None,
         }
-        if channel == Channel::Iopub {
-            self.record(kernel, &msg_type, message);
-        }
-        None
     }
 
     fn kernel_ended(&self, kernel: &Arc<Kernel>) {
@@ -367,32 +372,33 @@ impl Observer for HistoryObserver {
 
 impl HistoryObserver {
     /// Adds an iopub message to the cell it belongs to; a cell is written out when it ends.
-    fn record(&self, kernel: &Arc<Kernel>, msg_type: &str, message: &RawMessage) {
-        let relevant = matches!(
-            msg_type,
-            "execute_input"
-                | "stream"
-                | "display_data"
-                | "execute_result"
-                | "error"
-                | "clear_output"
-                | "status"
-        );
-        if !relevant {
-            return;
-        }
-        let Some(parent) = msg_id_of(&message.parent_header) else {
+    /// Its envelope says which cell and what it is: only an output of a recorded cell (or the
+    /// input that starts one) has its content read.
+    fn record(&self, kernel: &Arc<Kernel>, message: &KernelMessage) {
+        let envelope = &message.envelope;
+        let Some(parent) = envelope.parent.msg_id.as_deref() else {
             return;
         };
-        let Ok(content) = serde_json::from_slice::<Value>(&message.content) else {
-            return;
-        };
-        let mut recorders = self.lock();
-        let recorder = recorders.entry(kernel.id).or_default();
-        match msg_type {
-            "execute_input" => {
-                recorder.cells.insert(
-                    parent,
+        let content = || serde_json::from_slice::<Value>(&message.raw.content).ok();
+        match &envelope.msg_type {
+            MsgType::Status => {
+                if envelope.state != Some(ExecState::Idle) {
+                    return;
+                }
+                let cell = self
+                    .lock()
+                    .get_mut(&kernel.id)
+                    .and_then(|r| r.cells.remove(parent));
+                if let Some(cell) = cell {
+                    self.spawn_append(kernel, cell);
+                }
+            }
+            MsgType::ExecuteInput => {
+                let Some(content) = content() else {
+                    return;
+                };
+                self.lock().entry(kernel.id).or_default().cells.insert(
+                    parent.to_owned(),
                     Cell {
                         code: content["code"].as_str().unwrap_or_default().to_owned(),
                         count: content["execution_count"].as_u64(),
@@ -400,22 +406,34 @@ impl HistoryObserver {
                     },
                 );
             }
-            "status" => {
-                if content["execution_state"] == "idle"
-                    && let Some(cell) = recorder.cells.remove(&parent)
+            MsgType::ClearOutput => {
+                let mut recorders = self.lock();
+                if let Some(cell) = recorders
+                    .get_mut(&kernel.id)
+                    .and_then(|r| r.cells.get_mut(parent))
                 {
-                    drop(recorders);
-                    self.spawn_append(kernel, cell);
-                }
-            }
-            "clear_output" => {
-                if let Some(cell) = recorder.cells.get_mut(&parent) {
                     cell.outputs.clear();
                     cell.bytes = 0;
                 }
             }
-            other => {
-                let Some(cell) = recorder.cells.get_mut(&parent) else {
+            MsgType::Stream | MsgType::DisplayData | MsgType::ExecuteResult | MsgType::Error => {
+                let recorded = self
+                    .lock()
+                    .get(&kernel.id)
+                    .is_some_and(|r| r.cells.contains_key(parent));
+                if !recorded {
+                    return;
+                }
+                // Read outside the lock (a display can be megabytes).
+                let Some(content) = content() else {
+                    return;
+                };
+                let other = envelope.msg_type.as_str();
+                let mut recorders = self.lock();
+                let Some(cell) = recorders
+                    .get_mut(&kernel.id)
+                    .and_then(|r| r.cells.get_mut(parent))
+                else {
                     return;
                 };
                 let image = Image::of(&content["data"]);
@@ -424,7 +442,7 @@ impl HistoryObserver {
                     cell.images += 1;
                 }
                 if let Some(output) = as_output(other, &content) {
-                    let size = message.content.len();
+                    let size = message.raw.content.len();
                     if cell.bytes + size > CELL_OUTPUT_BYTES {
                         cell.cut = true;
                     } else if other == "stream"
@@ -449,6 +467,7 @@ impl HistoryObserver {
                     self.spawn_save_image(kernel, count, n + 1, image);
                 }
             }
+            _ => {}
         }
     }
 }

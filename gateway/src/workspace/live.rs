@@ -79,8 +79,47 @@ fn mtime_ns(meta: &cap_std::fs::Metadata) -> i128 {
 /// Walks the live folder: regular files and folders only, symlinks and the rest skipped.
 /// Names that are not valid workspace paths are reported, not followed.
 pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
-    let mut out = Snapshot::new();
-    let mut skipped = Vec::new();
+    let mut walked = walk(dir, MAX_SCAN, usize::MAX);
+    if let Some(at) = walked.stopped_at {
+        walked.skipped.push((
+            at,
+            format!("more than {MAX_SCAN} entries; the rest were not saved"),
+        ));
+    }
+    (walked.seen, walked.skipped)
+}
+
+/// Most entries [`unchanged_since`] looks at. On tmpfs a look is about a microsecond, so the
+/// check is cheap enough to run on a runtime worker, before a cell's reply.
+pub const QUICK_SCAN: usize = 64;
+
+/// Whether a small live folder is as `previous` saw it, told by a scan of at most
+/// [`QUICK_SCAN`] entries: then a sync has nothing to do, and this is what it would report
+/// (the paths it skips). `None` if something changed, or the folder is too big to tell.
+pub fn unchanged_since(dir: &Dir, previous: &Snapshot) -> Option<Vec<(String, String)>> {
+    if previous.len() > QUICK_SCAN {
+        return None;
+    }
+    let walked = walk(dir, usize::MAX, QUICK_SCAN);
+    (walked.stopped_at.is_none() && walked.seen == *previous).then_some(walked.skipped)
+}
+
+/// What [`walk`] saw.
+struct Walked {
+    seen: Snapshot,
+    skipped: Vec<(String, String)>,
+    /// Where it stopped, if it reached a limit.
+    stopped_at: Option<String>,
+}
+
+/// Walks the folder until it has kept `max_kept` paths or looked at `max_looked` entries.
+fn walk(dir: &Dir, max_kept: usize, max_looked: usize) -> Walked {
+    let mut out = Walked {
+        seen: Snapshot::new(),
+        skipped: Vec::new(),
+        stopped_at: None,
+    };
+    let mut looked = 0usize;
     let mut stack: Vec<(WsPath, Option<Dir>)> = vec![(WsPath::root(), dir.try_clone().ok())];
     while let Some((at, handle)) = stack.pop() {
         let Some(handle) = handle else { continue };
@@ -88,19 +127,18 @@ pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
             continue;
         };
         for entry in entries.flatten() {
-            if out.len() >= MAX_SCAN {
-                skipped.push((
-                    at.to_string(),
-                    format!("more than {MAX_SCAN} entries; the rest were not saved"),
-                ));
-                return (out, skipped);
+            looked += 1;
+            if out.seen.len() >= max_kept || looked > max_looked {
+                out.stopped_at = Some(at.to_string());
+                return out;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.ends_with(TEMP_SUFFIX) {
                 continue;
             }
             let Ok(path) = at.join(&name) else {
-                skipped.push((format!("{at}/{name}"), "not a valid workspace path".into()));
+                out.skipped
+                    .push((format!("{at}/{name}"), "not a valid workspace path".into()));
                 continue;
             };
             let Ok(meta) = handle.symlink_metadata(&name) else {
@@ -108,9 +146,10 @@ pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
             };
             let ft = meta.file_type();
             if ft.is_symlink() {
-                skipped.push((path.to_string(), "symbolic links are not saved".into()));
+                out.skipped
+                    .push((path.to_string(), "symbolic links are not saved".into()));
             } else if ft.is_dir() {
-                out.insert(
+                out.seen.insert(
                     path.clone(),
                     Seen {
                         kind: Kind::Dir,
@@ -122,7 +161,7 @@ pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
                 // since it was checked, cap-std refuses to leave the live folder.
                 stack.push((path, handle.open_dir(&name).ok()));
             } else if ft.is_file() {
-                out.insert(
+                out.seen.insert(
                     path,
                     Seen {
                         kind: Kind::File,
@@ -131,11 +170,12 @@ pub fn scan(dir: &Dir) -> (Snapshot, Vec<(String, String)>) {
                     },
                 );
             } else {
-                skipped.push((path.to_string(), "not a regular file".into()));
+                out.skipped
+                    .push((path.to_string(), "not a regular file".into()));
             }
         }
     }
-    (out, skipped)
+    out
 }
 
 /// Reads one file of the live folder (at most `limit` bytes; a file that grew past it is
@@ -170,7 +210,10 @@ fn sync(dir: &Dir, store: &Store, previous: &Snapshot, deletions: bool) -> (Snap
         refused: skipped,
         ..SyncReport::default()
     };
-    let (_, _, quota) = store.usage();
+    // The quota is a setting, not the index's usage: reading it takes no lock, so a sync with
+    // nothing to save never waits for a store write in progress (the history notebook's, say,
+    // whose index commit holds the lock through its fsyncs).
+    let quota = store.quota();
     let mut next = Snapshot::new();
     let mut paths: Vec<&WsPath> = now.keys().collect();
     // Folders before what is in them.
@@ -375,6 +418,73 @@ mod tests {
         std::fs::remove_file(base.join("live/out/r.csv")).unwrap();
         let (_, report) = sync_to_store(&live, &store, &snap);
         assert_eq!(report.removed, vec![WsPath::parse("out/r.csv").unwrap()]);
+    }
+
+    #[test]
+    fn a_sync_with_nothing_to_save_does_not_wait_for_a_store_write() {
+        let (scratch, live, store) = setup();
+        std::fs::write(scratch.path().join("live/a.txt"), b"a").unwrap();
+        let (snap, _) = sync_to_store(&live, &store, &Snapshot::new());
+        // A write in progress elsewhere (the history notebook's) holds the index lock through
+        // its fsyncs; the sync before a cell's reply must not queue behind it.
+        let held = store.hold_index();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _ = tx.send(sync_to_store(&live, &store, &snap).1);
+            });
+            let report = rx.recv_timeout(std::time::Duration::from_secs(10));
+            drop(held);
+            let report = report.expect("the sync finished while the store was locked");
+            assert!(report.saved.is_empty() && report.refused.is_empty());
+        });
+    }
+
+    #[test]
+    fn the_quick_check_says_unchanged_only_when_a_sync_would_do_nothing() {
+        let (scratch, live, store) = setup();
+        let base = scratch.path().join("live");
+        std::fs::create_dir_all(base.join("d")).unwrap();
+        std::fs::write(base.join("d/a.txt"), b"a").unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink("/etc/passwd", base.join("link")).unwrap();
+        let (snap, first) = sync_to_store(&live, &store, &Snapshot::new());
+        assert_eq!(first.saved.len(), 1);
+        // Nothing changed: what the sync would report, without its work.
+        let quick = unchanged_since(&live, &snap).expect("unchanged");
+        let (snap, full) = sync_to_store(&live, &store, &snap);
+        assert!(full.saved.is_empty() && full.removed.is_empty());
+        assert_eq!(quick, full.refused);
+        #[cfg(unix)]
+        assert_eq!(
+            quick.len(),
+            1,
+            "the symlink is reported as the sync reports it"
+        );
+        // Any change sends the sync to do its work.
+        std::fs::write(base.join("d/a.txt"), b"ab").unwrap();
+        assert!(unchanged_since(&live, &snap).is_none());
+        let (snap, _) = sync_to_store(&live, &store, &snap);
+        std::fs::write(base.join("d/b.txt"), b"b").unwrap();
+        assert!(unchanged_since(&live, &snap).is_none());
+        let (snap, _) = sync_to_store(&live, &store, &snap);
+        std::fs::remove_file(base.join("d/a.txt")).unwrap();
+        assert!(unchanged_since(&live, &snap).is_none());
+        let (snap, _) = sync_to_store(&live, &store, &snap);
+        assert!(unchanged_since(&live, &snap).is_some());
+        // A folder with more entries than the quick scan looks at is left to the sync, even
+        // unchanged (and so is one with as many symlinks, which the sync does not keep).
+        for n in 0..QUICK_SCAN {
+            std::fs::write(base.join(format!("f{n}")), b"x").unwrap();
+        }
+        let (snap, _) = sync_to_store(&live, &store, &snap);
+        assert!(unchanged_since(&live, &snap).is_none());
+        let (scratch, live, _store) = setup();
+        #[cfg(unix)]
+        for n in 0..=QUICK_SCAN {
+            std::os::unix::fs::symlink("x", scratch.path().join(format!("live/l{n}"))).unwrap();
+        }
+        assert!(unchanged_since(&live, &Snapshot::new()).is_none());
     }
 
     #[test]

@@ -94,7 +94,9 @@ pub struct Space {
     pub store: Arc<Store>,
     live_path: PathBuf,
     live: cap_std::fs::Dir,
-    snapshot: tokio::sync::Mutex<live::Snapshot>,
+    /// What the last sync saw. Shared with the scan in flight rather than copied for it (a
+    /// copy per cell costs as much as the workspace has files); changed in place otherwise.
+    snapshot: tokio::sync::Mutex<Arc<live::Snapshot>>,
 }
 
 impl std::fmt::Debug for Space {
@@ -107,15 +109,26 @@ impl Space {
     /// Syncs the live folder into the store (serialised per workspace).
     pub async fn sync(self: &Arc<Self>) -> live::SyncReport {
         let mut snapshot = self.snapshot.lock().await;
+        // A small folder that nothing changed (a cell that wrote no file) is told here, by a
+        // scan of a few entries: the reply it comes before waits for no thread hop.
+        if let Some(refused) = live::unchanged_since(&self.live, &snapshot) {
+            for (_, why) in &refused {
+                tracing::warn!(user = %self.user, %why, "a workspace file was not saved");
+            }
+            return live::SyncReport {
+                refused,
+                ..live::SyncReport::default()
+            };
+        }
         let me = self.clone();
-        let previous = snapshot.clone();
+        let previous = Arc::clone(&snapshot);
         let done = tokio::task::spawn_blocking(move || {
             live::sync_to_store(&me.live, &me.store, &previous)
         })
         .await;
         match done {
             Ok((next, report)) => {
-                *snapshot = next;
+                *snapshot = Arc::new(next);
                 if !report.saved.is_empty() || !report.removed.is_empty() {
                     tracing::debug!(user = %self.user, saved = report.saved.len(), removed = report.removed.len(), "workspace synced");
                 }
@@ -152,7 +165,7 @@ impl Space {
         })
         .await?;
         for a in seen.0.ancestors() {
-            snapshot.insert(
+            Arc::make_mut(&mut *snapshot).insert(
                 a,
                 live::Seen {
                     kind: store::Kind::Dir,
@@ -161,7 +174,7 @@ impl Space {
                 },
             );
         }
-        snapshot.insert(seen.0, seen.1);
+        Arc::make_mut(&mut *snapshot).insert(seen.0, seen.1);
         Ok(entry)
     }
 
@@ -195,7 +208,7 @@ impl Space {
             Ok(e)
         })
         .await?;
-        snapshot.insert(
+        Arc::make_mut(&mut *snapshot).insert(
             path,
             live::Seen {
                 kind: store::Kind::Dir,
@@ -220,7 +233,7 @@ impl Space {
             Ok(())
         })
         .await?;
-        snapshot.retain(|p, _| !p.starts_with(&path));
+        Arc::make_mut(&mut *snapshot).retain(|p, _| !p.starts_with(&path));
         Ok(())
     }
 
@@ -244,7 +257,7 @@ impl Space {
         .await?;
         // The next scan sees the new names as new and the old ones as gone: both already match
         // the store, so forget them and let the scan record them again.
-        snapshot.retain(|p, _| !p.starts_with(&from));
+        Arc::make_mut(&mut *snapshot).retain(|p, _| !p.starts_with(&from));
         Ok(entry)
     }
 
@@ -529,7 +542,7 @@ impl Workspaces {
                 store,
                 live_path,
                 live,
-                snapshot: tokio::sync::Mutex::new(snapshot),
+                snapshot: tokio::sync::Mutex::new(Arc::new(snapshot)),
             })
         })
         .await;

@@ -921,6 +921,17 @@ impl Store {
         Ok(entry)
     }
 
+    /// The quota (a setting: reading it waits for nothing).
+    pub fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    /// Holds the index lock, as a write in progress does (for tests of what must not wait).
+    #[cfg(test)]
+    pub(crate) fn hold_index(&self) -> impl Sized + '_ {
+        self.lock()
+    }
+
     /// Bytes and entries used, and the quota.
     pub fn usage(&self) -> (u64, usize, Quota) {
         let (b, f) = self.lock().usage();
