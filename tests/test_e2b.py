@@ -808,3 +808,26 @@ def test_a_silent_cell_streams_keepalives(sdk_env):
         assert "keepalive" in kinds and kinds.index("keepalive") < kinds.index("result"), kinds
     finally:
         sdk_env.request("DELETE", f"/sandboxes/{info['sandboxID']}", headers={"X-API-Key": TOKEN}, token=None)
+
+
+def test_a_crashed_context_comes_back_with_its_environment_and_folder(sdk_env):
+    import signal
+    from conftest import kernel_pid
+    with e2b_ci.Sandbox.create(envs={"STAGE": "one"}) as sbx:
+        (kernel,) = [c.id for c in sbx.list_code_contexts()]
+        assert sbx.run_code("import os\nlost = 1\n(os.getcwd(), os.environ['STAGE'])").text == \
+            "('/home/user', 'one')"
+        old = kernel_pid(sdk_env, kernel)
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if kernel_pid(sdk_env, kernel) != old and \
+                        sdk_env.request("GET", f"/api/kernels/{kernel}")[1]["execution_state"] == "idle":
+                    break
+            except AssertionError:
+                pass  # between the old process and the new one
+            time.sleep(0.1)
+        ex = sbx.run_code("import os\n(os.getcwd(), os.environ['STAGE'])")
+        assert ex.text == "('/home/user', 'one')", ex
+        assert sbx.run_code("lost").error.name == "NameError"

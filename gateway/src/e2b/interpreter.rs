@@ -154,7 +154,22 @@ pub async fn set_up(sandbox: &Sandbox, context: &Context) -> Result<(), E2bError
         "__import__('os').chdir({})\n",
         serde_json::to_string(&context.cwd).unwrap_or_default()
     ));
-    run_hidden(&context.kernel, code).await
+    let process = context.process_id();
+    run_hidden(&context.kernel, code).await?;
+    context
+        .set_up_in
+        .store(process, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Sets the context up again if its kernel restarted since (after a crash, say): the new
+/// interpreter gets the sandbox's environment and working directory back.
+pub async fn ensure_set_up(sandbox: &Sandbox, context: &Context) -> Result<(), E2bError> {
+    let current = context.process_id();
+    if current == 0 || context.set_up_in.load(std::sync::atomic::Ordering::Relaxed) == current {
+        return Ok(());
+    }
+    set_up(sandbox, context).await
 }
 
 /// `POST /contexts`: a new interpreter in the sandbox.
@@ -173,12 +188,7 @@ pub async fn create_context(
         .start_with_home(&sandbox.owner, &sandbox.kernelspec, sandbox.home.clone())
         .await?;
     kernel.set_managed();
-    let context = Context {
-        id: kernel.id.to_string(),
-        language: "python".into(),
-        cwd,
-        kernel,
-    };
+    let context = Context::new(kernel, cwd);
     if let Err(e) = set_up(sandbox, &context).await {
         let _ = sandboxes
             .kernels()
@@ -347,11 +357,18 @@ pub fn strip_ansi(s: &str) -> String {
 /// Runs `/execute` and writes its NDJSON lines to `out` as they happen. Dropping `out`'s
 /// reader (the client went away) interrupts the code.
 pub async fn execute(
+    sandbox: Arc<Sandbox>,
     context: Context,
     env_vars: Option<Map<String, Value>>,
     code: String,
     out: Lines,
 ) {
+    if let Err(e) = ensure_set_up(&sandbox, &context).await {
+        let _ = out
+            .send(json!({"type": "error", "name": "KernelError", "value": e.to_string(), "traceback": ""}))
+            .await;
+        return;
+    }
     let env = match env_vars.filter(|v| !v.is_empty()) {
         None => None,
         Some(vars) => match python_dict(&vars) {

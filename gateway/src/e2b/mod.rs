@@ -608,6 +608,7 @@ async fn data_for(
             let context = interpreter::context_for(&sandbox, &body)?;
             let (lines, response) = ndjson();
             tokio::spawn(interpreter::execute(
+                sandbox.clone(),
                 context,
                 body.env_vars,
                 body.code,

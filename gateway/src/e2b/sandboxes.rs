@@ -68,6 +68,29 @@ pub struct Context {
     pub cwd: String,
     /// The kernel.
     pub kernel: Arc<Kernel>,
+    /// The kernel process the context was last set up in (its environment and working
+    /// directory); a restart (asked for, or after a crash) gives a new one to set up again.
+    pub set_up_in: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Context {
+    /// A context on `kernel`, not set up yet.
+    pub fn new(kernel: Arc<Kernel>, cwd: String) -> Context {
+        Context {
+            id: kernel.id.to_string(),
+            language: "python".into(),
+            cwd,
+            kernel,
+            set_up_in: Arc::default(),
+        }
+    }
+
+    /// An identity of the kernel's current process (0: none).
+    pub fn process_id(&self) -> usize {
+        self.kernel
+            .process()
+            .map_or(0, |p| Arc::as_ptr(&p) as usize)
+    }
 }
 
 impl Context {
@@ -304,12 +327,7 @@ impl Sandboxes {
             started: now,
             home,
             end,
-            contexts: Mutex::new(vec![Context {
-                id: kernel.id.to_string(),
-                language: "python".into(),
-                cwd: DEFAULT_CWD.into(),
-                kernel,
-            }]),
+            contexts: Mutex::new(vec![Context::new(kernel, DEFAULT_CWD.into())]),
         });
         self.map
             .lock()

@@ -364,6 +364,9 @@ async fn run_code(
     let context = sandbox
         .default_context()
         .ok_or("the sandbox has no interpreter")?;
+    crate::e2b::interpreter::ensure_set_up(&sandbox, &context)
+        .await
+        .map_err(|e| format!("the sandbox's interpreter could not be set up again: {e}"))?;
     let execution = Execution::start(&context.kernel, Request::cell(code))
         .await
         .map_err(|e| format!("the code could not be started: {e}"))?;
