@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import subprocess
+import time
 
 import pytest
 
@@ -232,6 +233,35 @@ def test_cells_queued_behind_an_ask_run_in_order(fake, sock):
     replies = [sock.collect(i) for i in ids]
     assert [r[0]["status"] for r in replies] == ["ok", "ok", "ok"]
     assert [m for m in replies[2][1] if m["msg_type"] == "execute_result"][0]["content"]["data"]["text/plain"] == "42"
+
+
+def test_requests_sent_back_to_back_keep_their_order_around_an_ask(fake, sock):
+    """While the gateway's shell queue is empty a request goes straight to the kernel; behind a
+    `%%ask` the queue holds them. Either way none overtakes one sent before it: many requests
+    sent without waiting (executions and kernel_info, a `%%ask` in the middle) are answered, and
+    run, in the order sent."""
+    fake.script(fence("order.append('ask')"))
+    reply, _ = sock.execute("order = []")
+    assert reply["status"] == "ok"
+    codes = [f"order.append({i})" for i in range(40)]
+    codes.insert(20, "%%ask\nappend ask")
+    sent = []
+    for i, code in enumerate(codes):
+        sent.append(sock.send("execute_request", {"code": code, "silent": False}))
+        if i % 7 == 3:
+            sent.append(sock.send("kernel_info_request", {}))
+    answered = []
+    deadline = time.monotonic() + 120
+    while len(answered) < len(sent):
+        assert time.monotonic() < deadline, f"only {len(answered)} of {len(sent)} replies came"
+        m = sock.recv()
+        if m["channel"] == "shell" and m["msg_type"].endswith("_reply"):
+            assert m["content"]["status"] == "ok", m["content"]
+            answered.append(m["parent_header"]["msg_id"])
+    assert answered == sent
+    reply, out = sock.execute("print(order)")
+    assert reply["status"] == "ok"
+    assert streams(out, "stdout") == repr(list(range(20)) + ["ask"] + list(range(20, 40))) + "\n"
 
 
 def test_the_key_never_leaks(ask_gateway, fake, sock):

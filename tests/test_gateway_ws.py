@@ -324,6 +324,21 @@ def test_unknown_message_types_reach_the_kernel_and_are_ignored(gateway, kernel)
         s.close()
 
 
+@pytest.mark.parametrize("v1", [False, True], ids=["legacy-json", "v1-binary"])
+def test_messages_far_larger_than_one_socket_read_arrive_whole(gateway, kernel, v1):
+    # The gateway reads a client's socket 16 KiB at a time: a message of several reads, between
+    # small ones on the same socket, still arrives whole and in order.
+    s = KernelSocket(gateway, kernel["id"], v1=v1)
+    try:
+        for size in (10, 3_000_000, 20_000, 16 * 1024, 5):
+            reply, out = s.execute(f"x = '{'ab' * (size // 2)}'\nlen(x)")
+            assert reply["status"] == "ok", reply
+            result = [m for m in out if m["msg_type"] == "execute_result"]
+            assert result[0]["content"]["data"]["text/plain"] == str(size // 2 * 2)
+    finally:
+        s.close()
+
+
 def test_oversized_message_is_refused(start_gateway, tmp_path):
     config = tmp_path / "ws.toml"
     config.write_text("[http]\nmax_ws_message_bytes = 65536\n[kernels]\npool_size = 1\n")

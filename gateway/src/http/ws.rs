@@ -30,6 +30,11 @@ use super::frames::{self, Frame, Protocol};
 use super::{ApiError, App};
 use crate::session::Kernel;
 
+/// How much of a client's socket is read at once. tungstenite zeroes this much of its buffer
+/// before every read (twice per request: the frame, then the read that finds nothing more), so
+/// its default of 128 KiB costs more CPU than the frame of a typical request; a large message
+/// is still read whole, in reads of this size.
+const READ_BUFFER: usize = 16 * 1024;
 /// How long a client's message may wait for a restarting kernel.
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a socket the gateway closed is still read for requests sent before the client saw
@@ -90,6 +95,7 @@ pub fn upgrade(
         .map(|(_, v)| v);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(app.config.http.max_ws_message_bytes))
         .max_frame_size(Some(app.config.http.max_ws_message_bytes));
     tokio::spawn(async move {
