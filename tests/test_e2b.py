@@ -708,6 +708,13 @@ def test_debug_ports_serve_older_sdks_one_sandbox_on_loopback(start_gateway, mon
     sbx.files.write("/home/user/debug.txt", "debug files")
     assert sbx.run_code("import os\n(os.getcwd(), open('debug.txt').read())").text == "('/home/user', 'debug files')"
     assert [e.name for e in sbx.files.list("~")] == ["debug.txt"]
+    # No web page reaches them: a request naming an Origin (browsers always do) is refused.
+    req = urllib.request.Request("http://127.0.0.1:49999/execute", data=b'{"code": "kept = 0"}', method="POST",
+                                 headers={"Origin": "https://evil.example", "Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 401
+    assert sbx.run_code("kept").text == "7"
     # Only the data plane is there: not Jupyter's API, which needs a token on the main port.
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen("http://127.0.0.1:49999/api/kernels", timeout=30)
@@ -831,3 +838,31 @@ def test_a_crashed_context_comes_back_with_its_environment_and_folder(sdk_env):
         ex = sbx.run_code("import os\n(os.getcwd(), os.environ['STAGE'])")
         assert ex.text == "('/home/user', 'one')", ex
         assert sbx.run_code("lost").error.name == "NameError"
+
+
+def test_runs_with_their_own_environment_at_once_leave_none_behind(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        sbx.run_code("import os, time")
+        seen, errors = {}, []
+
+        def run(name):
+            try:
+                seen[name] = sbx.run_code("time.sleep(0.3); os.environ.get('WHO')", envs={"WHO": name}).text
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b", "c")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors and seen == {"a": "a", "b": "b", "c": "c"}, (seen, errors)
+        assert sbx.run_code("repr(os.environ.get('WHO'))").text == "None"
+
+
+def test_a_huge_connect_timeout_is_capped_not_a_crash(sdk_env):
+    with e2b_ci.Sandbox.create() as sbx:
+        status, body, _ = sdk_env.request("POST", f"/v2/sandboxes/{sbx.sandbox_id}/connect",
+                                          {"timeout": 10 ** 13}, headers={"X-API-Key": TOKEN}, token=None)
+        assert status == 200, body
+        assert (sbx.get_info().end_at - sbx.get_info().started_at).total_seconds() <= 24 * 3600 + 5

@@ -188,17 +188,43 @@ pub async fn create_context(
         .start_with_home(&sandbox.owner, &sandbox.kernelspec, sandbox.home.clone())
         .await?;
     kernel.set_managed();
+    // Until the sandbox holds it, the kernel is this request's: shut down if the request fails,
+    // is abandoned (the client went away), or the sandbox ends meanwhile.
+    let mut pending = Pending {
+        kernels: sandboxes.kernels().clone(),
+        owner: sandbox.owner.clone(),
+        id: Some(kernel.id.to_string()),
+    };
     let context = Context::new(kernel, cwd);
-    if let Err(e) = set_up(sandbox, &context).await {
-        let _ = sandboxes
-            .kernels()
-            .shutdown(&sandbox.owner, &context.id)
-            .await;
-        return Err(e);
-    }
+    set_up(sandbox, &context).await?;
     let model = context.model();
-    sandbox.add_context(context);
+    if sandbox.add_context(context).is_err() {
+        return Err(E2bError::NotFound(format!(
+            "sandbox {} ended while the context was made",
+            sandbox.id
+        )));
+    }
+    pending.id = None;
     Ok(model)
+}
+
+/// A context's kernel not yet handed to its sandbox: shut down when dropped.
+struct Pending {
+    kernels: crate::session::Kernels,
+    owner: String,
+    id: Option<String>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else { return };
+        let (kernels, owner) = (self.kernels.clone(), self.owner.clone());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = kernels.shutdown(&owner, &id).await;
+            });
+        }
+    }
 }
 
 /// `DELETE /contexts/{id}`.
@@ -381,6 +407,14 @@ pub async fn execute(
             }
         },
     };
+    // One run with its own environment at a time in a context (this task runs to its end even
+    // if the client goes away, so the environment is always put back).
+    let env_turn = context.env_turn.clone();
+    let _turn = match &env {
+        Some(_) => Some(env_turn.lock().await),
+        None => None,
+    };
+    let mut saved = true;
     if let Some(dict) = &env {
         // As E2B's server: this run's variables are set before it and put back after it.
         let save = format!(
@@ -388,17 +422,22 @@ pub async fn execute(
              __import__('os').environ.update({dict})\n"
         );
         if let Err(e) = run_hidden(&context.kernel, save).await {
+            saved = false;
             let _ = out
                 .send(json!({"type": "error", "name": "EnvironmentError", "value": e.to_string(), "traceback": ""}))
                 .await;
-            return;
         }
     }
-    stream(&context, code, &out).await;
+    if saved {
+        stream(&context, code, &out).await;
+    }
     if env.is_some() {
+        // Queued behind the save, so it also undoes a save that ran after its wait timed out.
         let restore = "import builtins as __b, os as __o\n\
-                       __o.environ.clear(); __o.environ.update(__b.__sandgate_env_saved__)\n\
-                       del __b.__sandgate_env_saved__, __b, __o\n"
+                       if hasattr(__b, '__sandgate_env_saved__'):\n\
+                       \x20   __o.environ.clear(); __o.environ.update(__b.__sandgate_env_saved__)\n\
+                       \x20   del __b.__sandgate_env_saved__\n\
+                       del __b, __o\n"
             .to_owned();
         if let Err(e) = run_hidden(&context.kernel, restore).await {
             tracing::warn!(error = %e, "a run's environment could not be put back");

@@ -283,6 +283,14 @@ pub async fn handle(app: &Arc<App>, route: Route, req: Request<Incoming>) -> Res
 /// with `E2B_DEBUG=true`. The listener is on loopback only.
 pub async fn handle_debug(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let result = async {
+        // No token guards these ports, so a web page must not reach them: browsers name the
+        // page's origin on every cross-site request (a `no-cors` POST included); the SDKs send
+        // none.
+        if req.headers().contains_key(header::ORIGIN) {
+            return Err(E2bError::Unauthorized(
+                "the E2B debug ports refuse requests from web pages (an Origin header)".into(),
+            ));
+        }
         let route = route(req.uri().path(), req.headers())
             .or_else(|| (req.uri().path() == "/health").then_some(Route::Health));
         let route = match route {
@@ -431,6 +439,7 @@ async fn control(
             let sandbox = sandboxes.get(&user, &id)?;
             let body: TimeoutBody = body_json(app, req).await?;
             if let Some(t) = body.timeout {
+                let t = t.min(sandboxes::MAX_TIMEOUT_S);
                 // As E2B: connecting never shortens a sandbox's life.
                 let asked = chrono::Utc::now() + chrono::Duration::seconds(t as i64);
                 if asked > sandbox.end_at() {

@@ -71,6 +71,9 @@ pub struct Context {
     /// The kernel process the context was last set up in (its environment and working
     /// directory); a restart (asked for, or after a crash) gives a new one to set up again.
     pub set_up_in: Arc<std::sync::atomic::AtomicUsize>,
+    /// Held by a run with its own environment from setting it to putting it back, so two such
+    /// runs cannot interleave (one's save would capture the other's variables).
+    pub env_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Context {
@@ -82,6 +85,7 @@ impl Context {
             cwd,
             kernel,
             set_up_in: Arc::default(),
+            env_turn: Arc::default(),
         }
     }
 
@@ -127,6 +131,8 @@ pub struct Sandbox {
     end: watch::Sender<DateTime<Utc>>,
     /// Its contexts, the default first.
     contexts: Mutex<Vec<Context>>,
+    /// Set (under the `contexts` lock) when the sandbox ends: no context may join it after.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl Sandbox {
@@ -154,11 +160,15 @@ impl Sandbox {
     }
 
     /// Adds a context.
-    pub fn add_context(&self, context: Context) {
-        self.contexts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(context);
+    /// Adds a context; gives it back if the sandbox has ended meanwhile (its kernel is then
+    /// the caller's to shut down).
+    pub fn add_context(&self, context: Context) -> Result<(), Context> {
+        let mut contexts = self.contexts.lock().unwrap_or_else(|e| e.into_inner());
+        if self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(context);
+        }
+        contexts.push(context);
+        Ok(())
     }
 
     /// Removes context `id`; returns it.
@@ -328,6 +338,7 @@ impl Sandboxes {
             home,
             end,
             contexts: Mutex::new(vec![Context::new(kernel, DEFAULT_CWD.into())]),
+            ended: std::sync::atomic::AtomicBool::new(false),
         });
         self.map
             .lock()
@@ -396,7 +407,14 @@ impl Sandboxes {
         }
         // Wakes the timer, which then finds the sandbox gone.
         sandbox.end.send_replace(Utc::now());
-        for context in sandbox.contexts() {
+        let contexts = {
+            let contexts = sandbox.contexts.lock().unwrap_or_else(|e| e.into_inner());
+            sandbox
+                .ended
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            contexts.clone()
+        };
+        for context in contexts {
             if let Err(e) = self
                 .kernels
                 .shutdown(&sandbox.owner, &context.kernel.id.to_string())

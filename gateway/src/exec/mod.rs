@@ -163,6 +163,7 @@ pub fn event(message: &KernelMessage) -> Option<Event> {
 /// (in either order; the reply comes on another socket than the status).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
+    started: bool,
     replied: bool,
     idle: bool,
 }
@@ -176,8 +177,16 @@ impl Progress {
             (Channel::Iopub, MsgType::Status) if envelope.state == Some(ExecState::Idle) => {
                 self.idle = true;
             }
+            (Channel::Iopub, MsgType::Status | MsgType::ExecuteInput) => self.started = true,
             _ => {}
         }
+    }
+
+    /// Whether the kernel is running this request's code now: it took it (`busy` or
+    /// `execute_input`) and has not replied. A request still queued behind another's code is
+    /// not running, and an interrupt then would stop the other's.
+    pub fn running(self) -> bool {
+        self.started && !self.replied
     }
 
     /// Whether the execution is over.
@@ -282,16 +291,18 @@ impl Execution {
             progress: Progress::default(),
             ended: false,
         };
+        let mut execution = execution;
         let mut message = client::own_message(&header, &content);
         if !request.metadata.is_empty() {
             message.metadata = bytes::Bytes::from(
                 serde_json::to_vec(&request.metadata).unwrap_or_else(|_| b"{}".to_vec()),
             );
         }
-        process
-            .send(Channel::Shell, &message)
-            .await
-            .map_err(|e| ExecError::Send(e.to_string()))?;
+        if let Err(e) = process.send(Channel::Shell, &message).await {
+            // Never sent: nothing of it runs, so nothing is to be interrupted.
+            execution.finish();
+            return Err(ExecError::Send(e.to_string()));
+        }
         Ok(execution)
     }
 
@@ -360,13 +371,19 @@ impl Drop for Execution {
         if self.ended {
             return;
         }
-        // Abandoned while the code may still run (the caller timed out or went away): stop it,
-        // as the kernel's own clients would with an interrupt.
+        // Abandoned (the caller timed out or went away). What arrived unread says where it is.
+        while let Ok(message) = self.rx.try_recv() {
+            self.progress.see(&message);
+        }
         self.finish();
+        if !self.progress.running() {
+            // Not started, or already answered: an interrupt now would stop someone else's code.
+            return;
+        }
+        // Its code runs: stop it, as the kernel's own clients would with an interrupt.
         let kernel = self.kernel.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                kernel.note_interrupt();
                 let _ = kernel
                     .request(
                         Channel::Control,
@@ -498,5 +515,12 @@ mod tests {
         assert!(!p.done());
         p.see(&KernelMessage::parse(Channel::Shell, reply.clone()));
         assert!(p.done());
+        // Queued (nothing seen), running (busy seen), answered (reply seen).
+        let mut p = Progress::default();
+        assert!(!p.running());
+        p.see(&KernelMessage::parse(Channel::Iopub, busy));
+        assert!(p.running());
+        p.see(&KernelMessage::parse(Channel::Shell, reply));
+        assert!(!p.running());
     }
 }
