@@ -640,17 +640,15 @@ async fn request(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key.clone(), cancel);
+            // Forgets the call however it ends, also when the client goes away and hyper drops
+            // this future (the session would otherwise count as busy and never expire).
+            let _in_flight = InFlight { session, key: &key };
             // Dropping the call (on cancel, or when the client goes away and hyper drops
             // this future) interrupts code it is running.
             let outcome = tokio::select! {
                 r = tools::call(app, session, name, &args) => Some(r),
                 _ = cancelled => None,
             };
-            session
-                .in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&key);
             match outcome {
                 Some(Ok(result)) => ok(result),
                 Some(Err(e)) => rpc_error(id, code::INVALID_PARAMS, e.to_string()),
@@ -678,6 +676,22 @@ async fn request(
 /// Whether a path is the MCP endpoint.
 pub fn is_mcp(path: &str) -> bool {
     path == PATH || path == "/mcp/"
+}
+
+/// A `tools/call` in flight: removed from its session's table when dropped.
+struct InFlight<'a> {
+    session: &'a Session,
+    key: &'a str,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.session
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(self.key);
+    }
 }
 
 #[cfg(test)]
