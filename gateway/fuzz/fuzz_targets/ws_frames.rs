@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
         for frame in [&binary, &text] {
             if let Ok(m) = decode(protocol, frame) {
                 assert_ne!(m.channel, Channel::Iopub, "clients never send on iopub");
-                assert!(!m.msg_id.is_empty() && !m.msg_type.is_empty());
+                assert!(!m.msg_id.is_empty() && !m.msg_type.as_str().is_empty());
                 let header: serde_json::Value = serde_json::from_slice(&m.message.header).expect("a valid header");
                 for key in ["msg_id", "msg_type", "username", "session", "date", "version"] {
                     assert!(header[key].is_string(), "{key}");
