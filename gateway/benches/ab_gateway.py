@@ -30,6 +30,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -37,16 +38,12 @@ import uuid
 
 import websocket
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_gateway import default_home  # noqa: E402
+
 PER_BLOCK = 50
 TIMEOUT = 60
 TOKEN = "ab-" + os.urandom(12).hex()
-
-
-def default_home():
-    if os.environ.get("SANDGATE_HOME"):
-        return pathlib.Path(os.environ["SANDGATE_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return pathlib.Path(base) / "sandgate"
 
 
 def cpu_ns(pid):
