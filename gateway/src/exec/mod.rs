@@ -355,11 +355,6 @@ impl Execution {
         }))
     }
 
-    /// The kernel it runs on.
-    pub fn kernel(&self) -> &Arc<Kernel> {
-        &self.kernel
-    }
-
     fn finish(&mut self) {
         self.ended = true;
         self.kernel.remove_tap(&self.id);
