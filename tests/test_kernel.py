@@ -328,8 +328,10 @@ def test_kernel_info_describes_python_in_a_sandbox(kernel):
 def test_magics_and_pip_give_clear_answers(kernel):
     reply, out = kernel.execute("%matplotlib inline\nmagic_ok = 1")
     assert reply["status"] == "ok"
+    # Without the gateway there is nothing to fetch packages with: it says so.
     reply, _ = kernel.execute("%pip install requests")
-    assert reply["ename"] == "UsageError" and "no network" in reply["evalue"]
+    assert reply["ename"] == "PipError" and "needs the Sandgate gateway" in reply["evalue"]
+    assert "no network" in reply["evalue"]
     # `!` runs the sandbox's own commands; a program it does not have is one clear line.
     reply, _ = kernel.execute("!git status")
     assert reply["ename"] == "UsageError" and "git: not available" in reply["evalue"]

@@ -438,6 +438,7 @@ pub fn compile_image(home: &Path, limits: &Limits) -> Result<(), ImageError> {
         image,
         workspace: workspace.clone(),
         home: None,
+        packages: None,
         limits: limits.clone(),
     };
     let flags = match sandbox::probe_interrupt(config, &dir.join("python-snapshot.wasm")) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use sandgate_kernel::image::{self, Fetch};
-use sandgate_kernel::sandbox::{Limits, SandboxConfig};
+use sandgate_kernel::sandbox::{Limits, PackagesConfig, SandboxConfig};
 use sandgate_kernel::{kernelspec, server, workspace};
 
 /// A Jupyter kernel whose Python runs in a wasmtime sandbox: no network, no host files but
@@ -48,6 +48,16 @@ struct RunArgs {
     /// gateway gives each E2B sandbox one, shared by its contexts).
     #[arg(long)]
     home_dir: Option<PathBuf>,
+
+    /// Host folder of the workspace's installed packages, which the guest sees read-only at
+    /// /usr/local/lib/python3.15/site-packages (the gateway writes it; with --packages-socket).
+    #[arg(long, requires = "packages_socket")]
+    packages_dir: Option<PathBuf>,
+
+    /// The gateway's socket through which `%pip` asks it for packages (the kernel and its
+    /// sandbox have no network); without it, `%pip install` says it needs the gateway.
+    #[arg(long, requires = "packages_dir")]
+    packages_socket: Option<PathBuf>,
 
     /// The guest's memory cap, in MiB (past it: MemoryError).
     #[arg(long, default_value_t = 2048)]
@@ -197,13 +207,14 @@ fn open_pidfd(pid: u32) -> Option<std::os::fd::OwnedFd> {
     rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
 }
 
-/// The `--home-dir` folder, checked: an existing folder (made by the launcher, which owns it).
-fn home_folder(dir: &Path) -> Result<PathBuf> {
+/// A folder the launcher gives (`--home-dir`, `--packages-dir`), checked: an existing folder
+/// (made by the launcher, which owns it).
+fn launcher_folder(dir: &Path, what: &str) -> Result<PathBuf> {
     let dir = dir
         .canonicalize()
-        .with_context(|| format!("the home folder {} cannot be opened", dir.display()))?;
+        .with_context(|| format!("the {what} {} cannot be opened", dir.display()))?;
     if !dir.is_dir() {
-        bail!("the home folder {} is not a folder", dir.display());
+        bail!("the {what} {} is not a folder", dir.display());
     }
     Ok(dir)
 }
@@ -319,7 +330,7 @@ fn main() -> Result<()> {
                 &workspace::Protected::from_env(&home),
             )?;
             let home_dir = match &cli.run.home_dir {
-                Some(dir) => Some(home_folder(dir)?),
+                Some(dir) => Some(launcher_folder(dir, "home folder")?),
                 None => None,
             };
             let image = image::prepare(&home, &limits, fetch, &progress)?;
@@ -329,6 +340,13 @@ fn main() -> Result<()> {
                     image,
                     workspace,
                     home: home_dir,
+                    packages: match (&cli.run.packages_dir, &cli.run.packages_socket) {
+                        (Some(site), Some(socket)) => Some(PackagesConfig {
+                            site: launcher_folder(site, "packages folder")?,
+                            socket: socket.clone(),
+                        }),
+                        _ => None,
+                    },
                     limits,
                 },
             };

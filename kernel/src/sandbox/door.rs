@@ -87,6 +87,8 @@ pub(crate) struct DoorState {
     disk: DiskBudget,
     /// The guest's environment, handed to the driver at boot (the `env` op).
     env: Vec<(&'static str, &'static str)>,
+    /// The link to the gateway's package service (the `packages` op).
+    pub(crate) packages: super::packages::Link,
 }
 
 /// Bytes written to files between two measurements of the guest's folders.
@@ -197,6 +199,7 @@ impl DoorState {
         flags: Option<InterruptFlags>,
         disk: DiskBudget,
         env: Vec<(&'static str, &'static str)>,
+        packages: super::packages::Link,
     ) -> Self {
         DoorState {
             sink,
@@ -220,6 +223,7 @@ impl DoorState {
             max_open_files,
             disk,
             env,
+            packages,
         }
     }
 
@@ -653,6 +657,12 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             }
             return wait_input(caller, prompt.to_owned(), password);
         }
+        "packages" => {
+            let Some(Value::Object(call)) = req.remove("call") else {
+                return Ok(error_answer("`packages` needs an object `call`"));
+            };
+            return packages_call(caller, call);
+        }
         "probe" => {
             let phase = req
                 .get("phase")
@@ -663,6 +673,29 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             OK.to_vec()
         }
         _ => error_answer("unknown door op"),
+    })
+}
+
+/// Relays a package call to the gateway and waits for its answer, interruptibly.
+fn packages_call(
+    caller: &mut Caller<'_, Guest>,
+    call: serde_json::Map<String, Value>,
+) -> wasmtime::Result<Vec<u8>> {
+    let mut link = std::mem::replace(
+        &mut caller.data_mut().door.packages,
+        super::packages::Link::new(None),
+    );
+    caller.data().door.handover();
+    let result = link.call(call, || {
+        check(&mut *caller).map(|c| matches!(c, Check::Interrupted))
+    });
+    caller.data_mut().door.packages = link;
+    Ok(match result? {
+        Ok(super::packages::Waited::Answer(answer)) => answer.to_string().into_bytes(),
+        Ok(super::packages::Waited::Interrupted) => {
+            json!({"interrupted": true}).to_string().into_bytes()
+        }
+        Err(e) => error_answer(&e),
     })
 }
 

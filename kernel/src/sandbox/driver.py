@@ -51,6 +51,13 @@ except OSError:
 # As in IPython, modules next to the notebook (the working directory) can be imported; unlike
 # IPython, after the image's own, so a workspace file named like one (`platform.py`, `json.py`)
 # cannot replace a module this driver or the scientific stack imports later.
+# Packages the workspace installed with %pip (a read-only folder the gateway fills, there only
+# when the kernel was started by the gateway), after the image's own and before the notebook's
+# folder; `site` reads their .pth files.
+_SITE_PACKAGES = "/usr/local/lib/python3.15/site-packages"
+if os.path.isdir(_SITE_PACKAGES) and _SITE_PACKAGES not in sys.path:
+    import site as _site
+    _site.addsitedir(_SITE_PACKAGES)
 if "" not in sys.path:
     sys.path.append("")
 try:
@@ -303,21 +310,28 @@ def _flush_figures():
 class _InlineBackendFinder:
     """Makes `module://_sandgate_inline` importable: Agg canvases, and a `show()` that
     displays. matplotlib reads the module's attributes with `vars()`, so they are set when the
-    module is executed (that is, when matplotlib first selects the backend)."""
+    module is executed (that is, when matplotlib first selects the backend). Also makes
+    `micropip` importable (when no installed package is named so): Pyodide's installer API over
+    the gateway (packages.py)."""
 
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name != "_sandgate_inline":
+        if name not in ("_sandgate_inline", "micropip"):
             return None
         import importlib.util
         return importlib.util.spec_from_loader(name, _InlineBackendFinder)
 
     @staticmethod
     def create_module(spec):
+        if spec.name == "micropip":
+            _load("packages")
+            return _pkg_micropip_module()
         return None
 
     @staticmethod
     def exec_module(module):
+        if module.__name__ == "micropip":
+            return
         from matplotlib.backend_bases import FigureManagerBase
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -889,7 +903,7 @@ def _error_content(e, count):
         evalue = "<str() failed>"
     if isinstance(e, _UsageError):
         # A misused magic is the user's line, not a failure inside: no traceback, as in IPython.
-        return {"ename": name, "evalue": evalue, "traceback": [f"UsageError: {evalue}"]}
+        return {"ename": name, "evalue": evalue, "traceback": [f"{name}: {evalue}"]}
     # `%xmode` (debugging.py) puts its formatter in `_state`; should it fail on some odd
     # frame, the error still reaches the user in the default shape.
     formatter = _state.get("format_traceback")

@@ -532,11 +532,15 @@ _SHELL_HINT = ("; `!` runs ls, cat, head, tail, wc, mkdir, rm, cp, mv, pwd and e
 
 def _magic(name, args, body=None):
     name = name.strip()
-    if name in ("pip", "conda", "mamba", "uv"):
+    if name == "pip" and body is None:
+        _load("packages")
+        return _pip(args)
+    if name in ("conda", "mamba", "uv"):
         raise _UsageError(
-            f"%{name} is not available: the sandbox has no network. These packages are "
-            "installed: numpy, pandas, scipy, scikit-learn, statsmodels, matplotlib, seaborn, "
-            "sympy, networkx and more (see `help('modules')`).")
+            f"%{name} is not available in the sandbox; %pip install installs packages (pure-Python "
+            "wheels, fetched by the gateway). Already installed: numpy, pandas, scipy, "
+            "scikit-learn, statsmodels, matplotlib, seaborn, sympy, networkx and more "
+            "(`%pip list`).")
     if name == "ask":
         raise _UsageError("%%ask is served by the Sandgate gateway; this kernel was started "
                           "without it.")

@@ -24,6 +24,7 @@ mod door;
 pub mod interrupt;
 mod limits;
 mod output;
+mod packages;
 pub mod seat;
 mod tempdir;
 
@@ -59,6 +60,9 @@ const TICKER_LINGER: Duration = Duration::from_millis(200);
 pub const EVENT_QUEUE: usize = 1024;
 /// argv[0] the image was built to expect.
 const ARGV0: &str = "/usr/local/bin/python.wasm";
+/// Where the workspace's installed packages appear in the guest, read-only, when the gateway
+/// gives a site folder ([`SandboxConfig::packages`]).
+pub const GUEST_SITE: &str = "/usr/local/lib/python3.15/site-packages";
 /// Where a home folder given by the launcher appears in the guest (E2B's `/home/user`).
 pub const GUEST_HOME: &str = "/home/user";
 /// The guest's whole environment (without a home folder of its own; with one, `HOME` is
@@ -102,6 +106,7 @@ const GUEST_MODULES: &[(&str, &str)] = &[
     ("shell", include_str!("shell.py")),
     ("debugging", include_str!("debugging.py")),
     ("charts", include_str!("charts.py")),
+    ("packages", include_str!("packages.py")),
 ];
 
 /// The source of the guest module `name` (see [`GUEST_MODULES`]).
@@ -311,8 +316,20 @@ pub struct SandboxConfig {
     /// in the disk limits like its other writable folders. `None`: `$HOME` stays in the private
     /// root.
     pub home: Option<PathBuf>,
+    /// The gateway's package service for this kernel, if it was started by one.
+    pub packages: Option<PackagesConfig>,
     /// The limits.
     pub limits: Limits,
+}
+
+/// Where the guest's packages come from (see `packages`).
+#[derive(Debug, Clone)]
+pub struct PackagesConfig {
+    /// The workspace's site folder, which the guest sees read-only at [`GUEST_SITE`]; only
+    /// the gateway writes it.
+    pub site: PathBuf,
+    /// The gateway's socket for this kernel process.
+    pub socket: PathBuf,
 }
 
 /// A handle on the running interpreter. Dropping it ends the guest's turns (and its thread,
@@ -719,6 +736,10 @@ impl Host {
             wasi.preopened_dir(home, GUEST_HOME, rw).map_err(start)?;
             writable.push(home.clone());
         }
+        if let Some(packages) = &self.config.packages {
+            wasi.preopened_dir(&packages.site, GUEST_SITE, ro)
+                .map_err(start)?;
+        }
         let guest = Guest {
             wasi: wasi.build_p1(),
             limits: StoreLimitsBuilder::new()
@@ -739,6 +760,7 @@ impl Host {
                 self.config.image.interrupt.clone(),
                 door::DiskBudget::new(writable, limits.disk_bytes, limits.disk_files),
                 env,
+                packages::Link::new(self.config.packages.as_ref().map(|p| p.socket.clone())),
             ),
             memory: None,
             forward: door::Forwards::default(),

@@ -532,10 +532,12 @@ def _sh_run(line, out, terminal):
 
 
 def _sh_unknown(name):
+    pip = (" (`%pip install NAME`, or `!pip install NAME` on a line of its own, installs "
+           "packages)") if name in ("pip", "pip3") else ""
     return _UsageError(
-        f"{name}: not available. The sandbox runs no programs; `!` runs these commands inside "
-        f"it, as GNU coreutils prints them: {_sh_names()}. Other commands need a real shell, "
-        "which Sandgate's Linux tier (a kernel in a Linux sandbox, coming) will have.")
+        f"{name}: not available{pip}. The sandbox runs no programs; `!` runs these commands "
+        f"inside it, as GNU coreutils prints them: {_sh_names()}. Other commands need a real "
+        "shell, which Sandgate's Linux tier (a kernel in a Linux sandbox, coming) will have.")
 
 
 def _sh_names():
@@ -547,6 +549,10 @@ def _sh_main(line):
     instead, as `x = !cmd` does."""
     if line.startswith("!"):
         return _sh_getoutput(line.lstrip("!"))
+    pip = re.match(r"\s*(?:pip3?|python3?\s+-m\s+pip)(?:\s+|$)(.*)", line, re.S)
+    if pip:  # as in IPython notebooks, `!pip install x` installs into the kernel (see %pip)
+        _load("packages")
+        return _pip(pip.group(1))
     return _sh_system(line)
 
 
