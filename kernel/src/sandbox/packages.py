@@ -350,14 +350,19 @@ def _pkg_uninstall(names, quiet=False):
     return answer
 
 
-def _pkg_all():
-    """(name, version, where) of every distribution the guest has, sorted by name."""
+def _pkg_all(warn=False):
+    """(name, version, where) of every distribution the guest has, sorted by name; with
+    `warn`, what the gateway could not restore from the workspace's lock file goes to stderr."""
     rows = {k: (n, v, "image") for k, (n, v) in _pkg_image().items()}
     try:
-        for k, p in _pkg_installed().items():
-            rows[k] = (p["name"], p["version"], "workspace")
+        answer = _pkg_call({"op": "list"})
     except _PipError:
-        pass  # no gateway: the image's list
+        answer = {}  # no gateway: the image's list
+    for p in answer.get("packages", []):
+        rows[_pkg_canon(p["name"])] = (p["name"], p["version"], "workspace")
+    if warn:
+        for problem in answer.get("problems", []):
+            print(f"WARNING: {problem}", file=sys.stderr)
     return sorted(rows.values(), key=lambda r: r[0].lower())
 
 
@@ -372,7 +377,7 @@ def _pkg_list(args):
             fmt = a
         elif a not in ("-l", "--local"):
             raise _PipError(f"%pip list: {a} is not supported (use --format=columns|freeze|json)")
-    rows = _pkg_all()
+    rows = _pkg_all(warn=True)
     if fmt == "json":
         print(json.dumps([{"name": n, "version": v} for n, v, _ in rows]))
     elif fmt == "freeze":
