@@ -211,8 +211,28 @@ impl Messenger {
     }
 
     async fn publish(&self, parent: &Message, msg_type: &str, content: Value) {
+        let msg = self.make(parent, msg_type, content);
+        self.send_iopub(msg).await;
+    }
+
+    /// Publishes a message with metadata and binary buffers of its own (a comm's).
+    async fn publish_with(
+        &self,
+        parent: &Message,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+        buffers: Vec<Bytes>,
+    ) {
         let mut msg = self.make(parent, msg_type, content);
-        msg.identities = vec![Bytes::from(format!("kernel.{}.{}", self.session, msg_type))];
+        msg.metadata = metadata;
+        msg.buffers = buffers;
+        self.send_iopub(msg).await;
+    }
+
+    async fn send_iopub(&self, mut msg: Message) {
+        let topic = format!("kernel.{}.{}", self.session, msg.header.msg_type);
+        msg.identities = vec![Bytes::from(topic)];
         self.iopub.send(wire::serialize(&msg, &self.signer)).await;
     }
 
@@ -573,21 +593,16 @@ impl Executor {
                 m.reply(&self.shell, msg, "history_reply", reply).await;
             }
             "comm_info_request" => {
-                m.reply(
-                    &self.shell,
-                    msg,
-                    "comm_info_reply",
-                    json!({"status": "ok", "comms": {}}),
-                )
-                .await;
+                // The guest's open comms, `{comm_id: {"target_name": ...}}`, those of one
+                // target when the request names one.
+                let target = msg.content.get("target_name").cloned();
+                let req = json!({"kind": "comm_info", "target_name": target});
+                let reply = self.simple(req).await;
+                m.reply(&self.shell, msg, "comm_info_reply", reply).await;
             }
-            "comm_open" => {
-                // No comm targets exist in the sandbox: close it, as ipykernel does for an
-                // unknown target.
-                let id = msg.content.get("comm_id").cloned().unwrap_or(Value::Null);
-                m.publish(msg, "comm_close", json!({"comm_id": id, "data": {}}))
-                    .await;
-            }
+            // A frontend's comm message: the guest's comm manager runs the target's, or the
+            // comm's, handler, its output a child of this message (see `Executor::comm`).
+            "comm_open" | "comm_msg" | "comm_close" => self.comm(msg).await,
             "shutdown_request" => {
                 let restart = msg
                     .content
@@ -735,6 +750,8 @@ impl Executor {
             Event::Iopub {
                 msg_type,
                 mut content,
+                metadata,
+                buffers,
             } => {
                 if msg_type == "execute_result" {
                     content["execution_count"] = json!(count);
@@ -743,7 +760,8 @@ impl Executor {
                         output.extend(text.chars().take(HISTORY_OUTPUT_CHARS));
                     }
                 }
-                m.publish(parent, msg_type, content).await;
+                m.publish_with(parent, msg_type, content, metadata, buffers)
+                    .await;
             }
             // `run_in_sandbox` handles stream text and `Done` itself and never passes them here.
             Event::Stream { .. } | Event::Done(_) => {}
@@ -818,6 +836,11 @@ impl Executor {
             // E2B's structured results (`e2b/chart`, `e2b/data`) in this request's displays:
             // asked for in the request's metadata by the gateway's E2B-compatible API.
             "e2b": msg.metadata.get(wire::E2B_METADATA_KEY).and_then(Value::as_bool).unwrap_or(false),
+            // The request itself, for `get_ipython().kernel.get_parent()`: ipywidgets' Output
+            // captures what has this request as its parent.
+            "header": header_value(msg),
+            "parent_header": msg.parent_header,
+            "metadata": msg.metadata,
         });
         let outcome = self.run_in_sandbox(request, true, Some((msg, count))).await;
         let mut reply = match outcome {
@@ -852,6 +875,45 @@ impl Executor {
         }
         m.reply(&self.shell, msg, "execute_reply", reply).await;
         failed
+    }
+
+    /// A frontend's `comm_open`, `comm_msg` or `comm_close`, handed whole (its binary buffers
+    /// in base64) to the guest's comm manager, as ipykernel hands it to its own: a
+    /// `comm_open` runs its target's function (or, for an unknown target, is answered with a
+    /// `comm_close`), a `comm_msg` or `comm_close` its comm's `on_msg` or `on_close` callback.
+    /// Like a cell, it may be interrupted and runs under the cell limits; what the handlers
+    /// print or display, and the comm messages they send, have this message as their parent.
+    /// A handler's exception is shown on stderr and the kernel carries on. There is no reply.
+    async fn comm(&mut self, msg: &Message) {
+        use base64::Engine;
+        let buffers: Vec<String> = msg
+            .buffers
+            .iter()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+            .collect();
+        let request = json!({
+            "kind": "comm",
+            "header": header_value(msg),
+            "parent_header": msg.parent_header,
+            "metadata": msg.metadata,
+            "content": msg.content,
+            "buffers": buffers,
+        });
+        let count = self.count;
+        let (ename, evalue) = match self.run_in_sandbox(request, true, Some((msg, count))).await {
+            Ok(Outcome::Reply(_)) => return,
+            Ok(Outcome::Restarted { reason }) => (
+                "InterpreterRestarted",
+                format!(
+                    "{reason}. A fresh interpreter was started: variables, imports and comms \
+                     from earlier cells are gone."
+                ),
+            ),
+            Err(e) => ("KernelError", e.to_string()),
+        };
+        let traceback = [format!("{ename}: {evalue}")];
+        let error = json!({"ename": ename, "evalue": evalue, "traceback": traceback});
+        self.messenger.publish(msg, "error", error).await;
     }
 
     fn history_reply(&self, content: &Value) -> Value {
@@ -915,6 +977,11 @@ impl Executor {
         };
         json!({"status": "ok", "history": items})
     }
+}
+
+/// A request's header as JSON (for the guest's `get_parent()`).
+fn header_value(msg: &Message) -> Value {
+    serde_json::to_value(&msg.header).unwrap_or_else(|_| json!({}))
 }
 
 /// Shell-style glob (`*`, `?`) over the whole string, as IPython's history search uses.

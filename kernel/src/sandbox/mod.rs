@@ -95,13 +95,16 @@ const DRIVER: &str = include_str!("driver.py");
 /// - `ipython`: the shell `get_ipython()` returns;
 /// - `shell`: the shell commands `!cmd` runs inside the sandbox (`ls`, `head`, `wc`, ...);
 /// - `debugging`: `%xmode`, `%prun`, `%debug` and `%pdb`;
-/// - `charts`: E2B's `e2b/chart` and `e2b/data` entries, for requests that ask for them.
+/// - `charts`: E2B's `e2b/chart` and `e2b/data` entries, for requests that ask for them;
+/// - `comms`: Jupyter comms (the comm manager and `Comm`, ipywidgets' channel), loaded by the
+///   first comm message from a frontend, `import comm`, or `get_ipython().kernel.comm_manager`.
 const GUEST_MODULES: &[(&str, &str)] = &[
     ("magics", include_str!("magics.py")),
     ("ipython", include_str!("ipython.py")),
     ("shell", include_str!("shell.py")),
     ("debugging", include_str!("debugging.py")),
     ("charts", include_str!("charts.py")),
+    ("comms", include_str!("comms.py")),
 ];
 
 /// The source of the guest module `name` (see [`GUEST_MODULES`]).
@@ -195,12 +198,17 @@ pub enum Event {
         text: String,
     },
     /// A message for iopub: `display_data`, `update_display_data`, `execute_result`,
-    /// `clear_output` or `error`. `content` is a JSON object the door has checked.
+    /// `clear_output`, `error`, or a comm's `comm_open`, `comm_msg` or `comm_close`. `content`
+    /// is a JSON object the door has checked.
     Iopub {
         /// The message type.
         msg_type: &'static str,
         /// Its content.
         content: Value,
+        /// The message's metadata (a JSON object; only comm messages carry any).
+        metadata: Value,
+        /// Its binary buffers (only comm messages carry any).
+        buffers: Vec<bytes::Bytes>,
     },
     /// The request is finished; nothing more comes for it. Sent on the same queue as its
     /// output, so it never overtakes any of it.
