@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::sandbox::seat::Lender;
-use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError, StreamName};
+use crate::sandbox::{Event, Origin, Outcome, Sandbox, SandboxConfig, SandboxError, StreamName};
 use sandgate_wire::{self as wire, Message, Signer};
 
 /// The protocol version spoken.
@@ -526,6 +526,9 @@ impl Executor {
                     None => return,
                 },
             };
+            // Shared, so a cell's request can be handed to the guest as its parent (see
+            // `sandbox::Origin`) without a copy.
+            let msg = Arc::new(msg);
             let failed = self.handle(&msg).await;
             if failed
                 && msg
@@ -560,7 +563,7 @@ impl Executor {
     }
 
     /// Handles one shell request; true if it was an execution that failed.
-    async fn handle(&mut self, msg: &Message) -> bool {
+    async fn handle(&mut self, msg: &Arc<Message>) -> bool {
         let m = self.messenger.clone();
         m.status(msg, "busy").await;
         let mut failed = false;
@@ -623,7 +626,7 @@ impl Executor {
 
     /// A request answered by the driver alone (no output expected).
     async fn simple(&mut self, request: Value) -> Value {
-        let outcome = self.run_in_sandbox(request, false, None).await;
+        let outcome = self.run_in_sandbox(request, false, None, None).await;
         match outcome {
             Ok(Outcome::Reply(r)) => r,
             Ok(Outcome::Restarted { reason }) => {
@@ -648,8 +651,9 @@ impl Executor {
         request: Value,
         is_cell: bool,
         parent: Option<(&Message, u64)>,
+        origin: Option<Origin>,
     ) -> Result<Outcome, SandboxError> {
-        self.sandbox.submit(request, is_cell)?;
+        self.sandbox.submit_from(request, is_cell, origin)?;
         let mut output = String::new();
         let mut held: Option<(StreamName, String)> = None;
         let mut last_sent: Option<tokio::time::Instant> = None;
@@ -787,7 +791,7 @@ impl Executor {
     }
 
     /// Runs a cell; true if it failed.
-    async fn execute(&mut self, msg: &Message) -> bool {
+    async fn execute(&mut self, msg: &Arc<Message>) -> bool {
         let m = self.messenger.clone();
         let code = msg
             .content
@@ -836,13 +840,10 @@ impl Executor {
             // E2B's structured results (`e2b/chart`, `e2b/data`) in this request's displays:
             // asked for in the request's metadata by the gateway's E2B-compatible API.
             "e2b": msg.metadata.get(wire::E2B_METADATA_KEY).and_then(Value::as_bool).unwrap_or(false),
-            // The request itself, for `get_ipython().kernel.get_parent()`: ipywidgets' Output
-            // captures what has this request as its parent.
-            "header": header_value(msg),
-            "parent_header": msg.parent_header,
-            "metadata": msg.metadata,
         });
-        let outcome = self.run_in_sandbox(request, true, Some((msg, count))).await;
+        let outcome = self
+            .run_in_sandbox(request, true, Some((msg, count)), Some(msg.clone()))
+            .await;
         let mut reply = match outcome {
             Ok(Outcome::Reply(reply)) => reply,
             Ok(Outcome::Restarted { reason }) => {
@@ -900,7 +901,10 @@ impl Executor {
             "buffers": buffers,
         });
         let count = self.count;
-        let (ename, evalue) = match self.run_in_sandbox(request, true, Some((msg, count))).await {
+        let (ename, evalue) = match self
+            .run_in_sandbox(request, true, Some((msg, count)), None)
+            .await
+        {
             Ok(Outcome::Reply(_)) => return,
             Ok(Outcome::Restarted { reason }) => (
                 "InterpreterRestarted",

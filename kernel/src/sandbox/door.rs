@@ -14,7 +14,7 @@ use wasmtime_wasi::HostMonotonicClock;
 
 use super::interrupt::{self, InterruptFlags};
 use super::output::OutputBudget;
-use super::{Control, Event, EventSink, Guest, TICK};
+use super::{Command, Control, Event, EventSink, Guest, Origin, TICK};
 
 /// Largest request the guest may send through the door.
 const MAX_DOOR_REQUEST: usize = 32 << 20;
@@ -74,6 +74,8 @@ pub(crate) struct DoorState {
     driver: Option<&'static str>,
     request: Option<Value>,
     is_cell: bool,
+    /// The message the request answers, if the kernel gave one (the `parent` op).
+    origin: Option<Origin>,
     reply: Option<Value>,
     /// Output the reply carried, published once the turn is over (see the `reply` op).
     held: Vec<Event>,
@@ -209,6 +211,7 @@ impl DoorState {
             driver: None,
             request: None,
             is_cell: false,
+            origin: None,
             reply: None,
             held: Vec::new(),
             cell_started: None,
@@ -223,15 +226,21 @@ impl DoorState {
         }
     }
 
-    /// A turn starts. `driver` is handed out once, to the boot turn.
-    pub(crate) fn begin(&mut self, request: Option<Value>, is_cell: bool, driver: &'static str) {
-        self.driver = if request.is_none() {
+    /// A turn starts, serving `command` (none: the boot turn, or the interrupt probe's).
+    /// `driver` is handed out once, to the boot turn.
+    pub(crate) fn begin(&mut self, command: Option<Command>, driver: &'static str) {
+        self.driver = if command.is_none() {
             Some(driver)
         } else {
             None
         };
+        let (request, is_cell, origin) = match command {
+            Some(c) => (Some(c.request), c.is_cell, c.origin),
+            None => (None, false, None),
+        };
         self.request = request;
         self.is_cell = is_cell;
+        self.origin = origin;
         self.reply = None;
         self.held.clear();
         self.cell_started = is_cell.then(Instant::now);
@@ -242,6 +251,7 @@ impl DoorState {
     /// The turn ended.
     pub(crate) fn end(&mut self) {
         self.request = None;
+        self.origin = None;
         self.is_cell = false;
         self.driver = None;
     }
@@ -636,6 +646,19 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             .unwrap_or(Value::Null)
             .to_string()
             .into_bytes(),
+        // The message the request answers: its header, parent header, metadata and content
+        // (`{}` when the kernel gave none).
+        "parent" => match &door.origin {
+            Some(m) => json!({
+                "header": serde_json::to_value(&m.header).unwrap_or_else(|_| json!({})),
+                "parent_header": m.parent_header,
+                "metadata": m.metadata,
+                "content": m.content,
+            })
+            .to_string()
+            .into_bytes(),
+            None => OK.to_vec(),
+        },
         // The reply may carry the turn's last output (a cell's `execute_result`) as `publish`:
         // it goes out when the turn is over, just before the reply, which saves the kernel a
         // wake-up in the middle of the turn.

@@ -181,17 +181,15 @@ def _parent():
     parent = _state["parent"]
     if parent is not None:
         return parent
-    request = _state["request"] or {}
-    header = request.get("header")
+    if _state["request"] is None:
+        return {}
+    # A cell's request is asked of the kernel the first time (a comm message's comes with it).
+    parent = _door({"op": "parent"})
+    header = parent.get("header")
     if not isinstance(header, dict):
         return {}
-    content = {key: request[key] for key in ("code", "silent", "store_history",
-                                               "user_expressions", "allow_stdin")
-               if key in request}
-    parent = _state["parent"] = {
-        "header": header, "msg_id": header.get("msg_id"), "msg_type": header.get("msg_type"),
-        "parent_header": request.get("parent_header") or {},
-        "metadata": request.get("metadata") or {}, "content": content, "buffers": []}
+    parent.update(msg_id=header.get("msg_id"), msg_type=header.get("msg_type"), buffers=[])
+    _state["parent"] = parent
     return parent
 
 

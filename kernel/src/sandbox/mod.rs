@@ -291,10 +291,16 @@ pub enum Outcome {
     },
 }
 
+/// The message a request answers (an `execute_request`), kept for the guest to ask for while
+/// the request is served (the door's `parent` op, behind `get_ipython().kernel.get_parent()`):
+/// handed over whole, shared, so a request that never asks costs nothing more.
+pub type Origin = Arc<sandgate_wire::Message>;
+
 /// A request for the guest, waiting for its turn.
 pub struct Command {
     request: Value,
     is_cell: bool,
+    origin: Option<Origin>,
 }
 
 /// Shared between the kernel's threads and the guest's: what the kernel asks of a running cell.
@@ -348,7 +354,7 @@ impl Interpreter {
     /// Runs one request's turn on this thread; its output and then its [`Event::Done`] go to
     /// the event queue.
     pub fn serve(&mut self, command: Command) {
-        let outcome = self.host.serve(command.request, command.is_cell);
+        let outcome = self.host.serve(command);
         self.host.sink.send(Event::Done(outcome));
     }
 }
@@ -415,11 +421,25 @@ impl Sandbox {
     /// event queue. `is_cell` requests run under the cell limits (timeout, output cap) and can
     /// be interrupted.
     pub fn submit(&self, request: Value, is_cell: bool) -> Result<(), SandboxError> {
+        self.submit_from(request, is_cell, None)
+    }
+
+    /// [`Sandbox::submit`], for a request that answers the message `origin` (see [`Origin`]).
+    pub fn submit_from(
+        &self,
+        request: Value,
+        is_cell: bool,
+        origin: Option<Origin>,
+    ) -> Result<(), SandboxError> {
         if is_cell {
             self.control.queued.fetch_add(1, Ordering::SeqCst);
         }
         self.commands
-            .send(Command { request, is_cell })
+            .send(Command {
+                request,
+                is_cell,
+                origin,
+            })
             .map_err(|_| SandboxError::Stopped)
     }
 
@@ -782,15 +802,11 @@ impl Host {
     }
 
     /// Runs one turn. `Err` means the instance is gone, with the reason in words.
-    fn run_turn(&mut self, code: &str, request: Option<(Value, bool)>) -> Result<(), String> {
+    fn run_turn(&mut self, code: &str, command: Option<Command>) -> Result<(), String> {
         let (Some(store), Some((alloc, turn))) = (self.store.as_mut(), self.turn.as_ref()) else {
             return Err("the interpreter is not running".into());
         };
-        let (request, is_cell) = match request {
-            Some((r, c)) => (Some(r), c),
-            None => (None, false),
-        };
-        store.data_mut().door.begin(request, is_cell, DRIVER);
+        store.data_mut().door.begin(command, DRIVER);
         // The next check is at the next tick of this turn, not at once for a tick that passed
         // while the guest waited between turns (which would also hand the kernel's tasks over
         // at the start of every turn; see `seat`).
@@ -812,7 +828,8 @@ impl Host {
         result.map(|_| ())
     }
 
-    fn serve(&mut self, request: Value, is_cell: bool) -> Outcome {
+    fn serve(&mut self, command: Command) -> Outcome {
+        let is_cell = command.is_cell;
         self.serial += 1;
         if is_cell {
             self.budget.reset();
@@ -824,8 +841,8 @@ impl Host {
                 .queued
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
         }
-        let turn = format!("{SERVE}{request}");
-        let result = self.run_turn(&turn, Some((request, is_cell)));
+        let turn = format!("{SERVE}{}", command.request);
+        let result = self.run_turn(&turn, Some(command));
         self.control.running.store(0, Ordering::SeqCst);
         if is_cell {
             // Whatever was not taken is withdrawn, so it does not hit the next cell.
