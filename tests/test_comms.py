@@ -297,6 +297,84 @@ def test_an_int_slider_update_prints_into_an_output_widget(wk):
     assert result(ok(wk, "slider.value")) == ["5"]
 
 
+def test_interact_clears_its_output_and_prints_into_it(wk):
+    """`@interact`: moving its slider runs the function again inside the Output, after a
+    `clear_output(wait=True)`, all children of the frontend's message."""
+    out = ok(wk, "from ipywidgets import interact\n"
+                 "@interact(x=3)\n"
+                 "def square(x):\n"
+                 "    print('square', x * x)")
+    states = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in of_type(out, "comm_open")}
+    [slider] = [cid for cid, st in states.items() if st["_model_name"] == "IntSliderModel"]
+    [output] = [cid for cid, st in states.items() if st["_model_name"] == "OutputModel"]
+    assert "square 9\n" in stdout_text(out)  # the first call, when the cell runs
+    msg_id = send(wk, "comm_msg", {"comm_id": slider,
+                                   "data": {"method": "update", "state": {"value": 4}, "buffer_paths": []}})
+    steps = []
+    for m in until_idle(wk, msg_id):
+        if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == output:
+            steps.append(("msg_id", m["content"]["data"]["state"].get("msg_id")))
+        elif m["msg_type"] in ("clear_output", "stream"):
+            steps.append((m["msg_type"], m["content"].get("wait", m["content"].get("text"))))
+    assert steps == [("msg_id", msg_id), ("clear_output", True), ("stream", "square 16\n"), ("msg_id", "")], steps
+
+
+def test_interact_shows_the_figure_its_function_draws_inside_its_output(wk):
+    """As with ipykernel's inline backend: no `plt.show()` needed, the figure goes into the
+    interact's Output (between the msg_id it sets and the one it clears), not after it."""
+    out = ok(wk, "import matplotlib.pyplot as plt\n"
+                 "from ipywidgets import interact\n"
+                 "@interact(n=3)\n"
+                 "def line(n):\n"
+                 "    plt.plot(range(n))")
+    states = {m["content"]["comm_id"]: m["content"]["data"]["state"] for m in of_type(out, "comm_open")}
+    [slider] = [cid for cid, st in states.items() if st["_model_name"] == "IntSliderModel"]
+    [output] = [cid for cid, st in states.items() if st["_model_name"] == "OutputModel"]
+    msg_id = send(wk, "comm_msg", {"comm_id": slider,
+                                   "data": {"method": "update", "state": {"value": 5}, "buffer_paths": []}})
+    steps = []
+    for m in until_idle(wk, msg_id):
+        if m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == output:
+            steps.append(("msg_id", m["content"]["data"]["state"].get("msg_id")))
+        elif m["msg_type"] == "display_data":
+            steps.append(("figure", "image/png" in m["content"]["data"]))
+    assert steps == [("msg_id", msg_id), ("figure", True), ("msg_id", "")], steps
+
+
+def test_widgets_with_binary_state_both_ways(wk):
+    """An Image's bytes go to the frontend as a buffer of its comm_open; a FileUpload's file comes
+    from the frontend as a buffer of its update (`buffer_paths`), as JupyterLab sends it."""
+    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+    out = ok(wk, f"import ipywidgets as widgets\n"
+                 f"image = widgets.Image(value={png!r}, format='png')\n"
+                 f"upload = widgets.FileUpload()\n"
+                 f"display(image, upload)")
+    opened = {m["content"]["data"]["state"]["_model_name"]: m for m in of_type(out, "comm_open")}
+    image = opened["ImageModel"]
+    assert image["content"]["data"]["buffer_paths"] == [["value"]]
+    assert [bytes(b) for b in image["buffers"]] == [png]
+    upload = opened["FileUploadModel"]["content"]["comm_id"]
+    state = {"value": [{"name": "data.csv", "type": "text/csv", "size": 8, "last_modified": 1767225600000}]}
+    msg_id = send(wk, "comm_msg", {"comm_id": upload, "data": {"method": "update", "state": state,
+                                                              "buffer_paths": [["value", 0, "content"]]}},
+                  [b"a,b\n1,2\n"])
+    until_idle(wk, msg_id)
+    assert result(ok(wk, "f = upload.value[0]\nf.name, f.size, type(f.content).__name__, f.content.tobytes()")) == [
+        "('data.csv', 8, 'memoryview', b'a,b\\n1,2\\n')"]
+
+
+def test_the_kernels_get_parent_is_the_request_being_served(wk):
+    out = ok(wk, "k = get_ipython().kernel\n"
+                 "p = k.get_parent()\n"
+                 "get_ipython().set_parent(p)\n"
+                 "p['header']['msg_type'], p['msg_id'] == p['header']['msg_id'], p['content']['code'][:5],"
+                 " get_ipython().get_parent() is p")
+    [text] = result(out)
+    assert text == "('execute_request', True, 'k = g', True)", text
+    reply, out = wk.execute("get_ipython().set_parent({'header': {'msg_id': 'another'}})")
+    assert reply["ename"] == "NotImplementedError" and "parent" in reply["evalue"], reply
+
+
 def test_a_tqdm_notebook_bar_reaches_100_percent(wk):
     reply, out = wk.execute("from tqdm.notebook import tqdm\nfor i in tqdm(range(50), desc='work'):\n    pass")
     assert reply["status"] == "ok", reply

@@ -456,6 +456,9 @@ class _PatchedLoader:
     def __getattr__(self, name):
         return getattr(self._loader, name)
 
+    def __repr__(self):
+        return f"<{self._loader!r}, patched by the sandbox>"
+
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
@@ -465,13 +468,16 @@ class _PatchedLoader:
 
 
 class _ImportHooks:
-    """First on `sys.meta_path`, for three modules, when they are first imported (nothing is
+    """First on `sys.meta_path`, for four modules, when they are first imported (nothing is
     loaded at boot for any):
     - `comm`, the package ipywidgets and others make comms with: once it has run, its
       `create_comm` and `get_comm_manager` are the sandbox's (comms.py), as ipykernel assigns
       them when it starts;
     - `IPython.core.interactiveshell` (of the IPython stand-in): `InteractiveShell.instance()`
       is the shell `get_ipython()` returns (ipywidgets' Output formats with it);
+    - `ipywidgets.widgets.interaction`: `interact` shows the figures its function draws inside
+      its output, as with ipykernel (ipywidgets flushes them there only for the inline backend
+      of ipykernel, which it recognises by name);
     - `tqdm.std`: its monitor thread is off from the start (the sandbox has no threads; tqdm
       would warn that it cannot start one above the first bar of every kernel)."""
 
@@ -481,6 +487,8 @@ class _ImportHooks:
             return _ImportHooks._wrapped(name, path, target, _patch_comm)
         if name == "tqdm.std":
             return _ImportHooks._wrapped(name, path, target, _patch_tqdm)
+        if name == "ipywidgets.widgets.interaction":
+            return _ImportHooks._wrapped(name, path, target, _patch_interaction)
         if name == "IPython.core.interactiveshell" and sys.modules.get("IPython.core") is _IPYTHON_CORE:
             import importlib.util
             return importlib.util.spec_from_loader(name, _ImportHooks)
@@ -514,6 +522,11 @@ class _ImportHooks:
 def _patch_comm(module):
     _load("comms")
     _comm_patch(module)
+
+
+def _patch_interaction(module):
+    if callable(getattr(module, "show_inline_matplotlib_plots", None)):
+        module.show_inline_matplotlib_plots = _flush_figures
 
 
 def _patch_tqdm(module):
