@@ -41,9 +41,9 @@ def result(out):
     return [m["content"]["data"]["text/plain"] for m in of_type(out, "execute_result")]
 
 
-def send(k, msg_type, content, buffers=()):
+def send(k, msg_type, content, buffers=(), metadata=None):
     """Sends a frontend's message on shell, as JupyterLab's widget manager does; returns its id."""
-    msg = k.kc.session.msg(msg_type, content)
+    msg = k.kc.session.msg(msg_type, content, metadata=metadata)
     if buffers:
         msg["buffers"] = list(buffers)
     k.kc.shell_channel.send(msg)
@@ -361,6 +361,18 @@ def test_widgets_with_binary_state_both_ways(wk):
     until_idle(wk, msg_id)
     assert result(ok(wk, "f = upload.value[0]\nf.name, f.size, type(f.content).__name__, f.content.tobytes()")) == [
         "('data.csv', 8, 'memoryview', b'a,b\\n1,2\\n')"]
+    # A page reload: JupyterLab's widget manager opens the control comm and asks for every
+    # widget's state, which comes back in one message, the Image's bytes as a buffer.
+    control = uuid.uuid4().hex
+    out = until_idle(wk, send(wk, "comm_open", {"comm_id": control, "target_name": "jupyter.widget.control",
+                                                "data": {}}, metadata={"version": "1.0.0"}))
+    assert not of_type(out, "comm_close") and not stdout_text(out, "stderr"), out
+    out = until_idle(wk, send(wk, "comm_msg", {"comm_id": control, "data": {"method": "request_states"}}))
+    [states] = of_type(out, "comm_msg")
+    data = states["content"]["data"]
+    assert data["method"] == "update_states" and image["content"]["comm_id"] in data["states"], data.keys()
+    at = data["buffer_paths"].index([image["content"]["comm_id"], "state", "value"])
+    assert bytes(states["buffers"][at]) == png
 
 
 def test_the_kernels_get_parent_is_the_request_being_served(wk):
