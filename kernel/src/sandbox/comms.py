@@ -18,12 +18,12 @@ import math
 
 def _comm_json_default(obj):
     """What jupyter_client's message packer makes of values JSON lacks."""
+    import datetime
     import numbers
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(obj)).decode("ascii")
-    isoformat = getattr(obj, "isoformat", None)
-    if callable(isoformat) and type(obj).__module__ == "datetime":
-        text = isoformat()
+    if isinstance(obj, (datetime.date, datetime.time)):
+        text = obj.isoformat()
         return text[:-6] + "Z" if text.endswith("+00:00") else text
     if isinstance(obj, numbers.Integral):
         return int(obj)
