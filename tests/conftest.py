@@ -309,16 +309,21 @@ class KernelSocket:
         self.ws = websocket.create_connection(url, header=hdrs, timeout=TIMEOUT, **extra,
                                               subprotocols=["v1.kernel.websocket.jupyter.org"] if v1 else None)
 
-    def send(self, msg_type, content, channel="shell"):
+    def send(self, msg_type, content, channel="shell", buffers=(), metadata=None):
+        """Sends a message (with binary `buffers`: a binary frame in either framing); returns its id."""
         import uuid
         header = {"msg_id": str(uuid.uuid4()), "msg_type": msg_type, "username": "test", "session": self.session,
                   "date": "2026-01-01T00:00:00.000Z", "version": "5.3"}
         if self.v1:
-            parts = [json.dumps(p).encode() for p in (header, {}, {}, content)]
-            self.ws.send_binary(encode_v1(channel, parts))
+            parts = [json.dumps(p).encode() for p in (header, {}, metadata or {}, content)]
+            self.ws.send_binary(encode_v1(channel, parts + [bytes(b) for b in buffers]))
         else:
-            self.ws.send(json.dumps({"header": header, "parent_header": {}, "metadata": {}, "content": content,
-                                     "channel": channel}))
+            text = json.dumps({"header": header, "parent_header": {}, "metadata": metadata or {}, "content": content,
+                               "channel": channel})
+            if buffers:
+                self.ws.send_binary(encode_legacy_binary(text.encode(), [bytes(b) for b in buffers]))
+            else:
+                self.ws.send(text)
         return header["msg_id"]
 
     def recv(self):
@@ -346,6 +351,12 @@ class KernelSocket:
             return msg
         if op == websocket.ABNF.OPCODE_CLOSE:
             raise ConnectionError(data)
+        if op == websocket.ABNF.OPCODE_BINARY:
+            # The legacy framing's message with buffers.
+            text, buffers = decode_legacy_binary(data)
+            msg = json.loads(text)
+            msg["buffers"] = buffers
+            return msg
         return json.loads(data)
 
     def execute(self, code, timeout=TIMEOUT, **content):
@@ -392,6 +403,26 @@ def encode_v1(channel, parts):
         offsets.append(offsets[-1] + len(p))
     out = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
     return out + chan + b"".join(parts)
+
+
+def encode_legacy_binary(text, buffers):
+    """The legacy framing of a message with buffers, written from jupyter_server's description:
+    nbufs (u32 big-endian), nbufs offsets (u32 big-endian) of the JSON and each buffer, the parts."""
+    parts = [text, *buffers]
+    offsets, at = [], 4 * (len(parts) + 1)
+    for p in parts:
+        offsets.append(at)
+        at += len(p)
+    return (len(parts).to_bytes(4, "big") + b"".join(o.to_bytes(4, "big") for o in offsets)
+            + b"".join(parts))
+
+
+def decode_legacy_binary(data):
+    """(JSON text, [buffers]) of a legacy binary frame."""
+    n = int.from_bytes(data[:4], "big")
+    offsets = [int.from_bytes(data[4 * (i + 1):4 * (i + 2)], "big") for i in range(n)] + [len(data)]
+    parts = [data[offsets[i]:offsets[i + 1]] for i in range(n)]
+    return parts[0].decode(), parts[1:]
 
 
 def decode_v1(data):
@@ -499,3 +530,40 @@ def start_lab(tmp_path_factory):
     yield start
     for lab in started:
         lab.stop()
+
+
+# --- the widget packages (issue 15's ipywidgets) -------------------------------------------------
+
+# The real, pure-Python wheels ipywidgets needs in a kernel, pinned: fetched on the host and unzipped
+# beside the kernel ('' is on the guest's sys.path), so no %pip is needed.
+WIDGET_WHEELS = {"comm": "0.2.3", "traitlets": "5.16.1", "ipywidgets": "8.1.9",
+                 "widgetsnbextension": "4.0.16", "jupyterlab_widgets": "3.0.17"}
+# What the kernel imports of them (the other two carry only the frontend's JavaScript).
+WIDGET_IMPORTS = ("comm", "traitlets", "ipywidgets")
+
+
+@pytest.fixture(scope="session")
+def widget_wheels(tmp_path_factory):
+    """{name: path of its wheel}, downloaded once per session with pip."""
+    import subprocess
+    d = tmp_path_factory.mktemp("widget-wheels")
+    pins = [f"{name}=={version}" for name, version in WIDGET_WHEELS.items()]
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps",
+                        "--disable-pip-version-check", "--quiet", "--dest", str(d), *pins],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"pip download {' '.join(pins)} failed:\n{r.stdout}\n{r.stderr}"
+    wheels = {}
+    for name in WIDGET_WHEELS:
+        found = sorted(d.glob(f"{name}-{WIDGET_WHEELS[name]}-*.whl"))
+        assert len(found) == 1, (name, sorted(p.name for p in d.iterdir()))
+        wheels[name] = found[0]
+    return wheels
+
+
+def unzip_wheels(wheels, folder, names=None):
+    """Unzips the wheels (those named, else all) into `folder`, as pip would lay them out."""
+    import zipfile
+    for name, wheel in wheels.items():
+        if names is None or name in names:
+            with zipfile.ZipFile(wheel) as z:
+                z.extractall(folder)

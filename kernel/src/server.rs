@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::sandbox::seat::Lender;
-use crate::sandbox::{Event, Outcome, Sandbox, SandboxConfig, SandboxError, StreamName};
+use crate::sandbox::{Event, Origin, Outcome, Sandbox, SandboxConfig, SandboxError, StreamName};
 use sandgate_wire::{self as wire, Message, Signer};
 
 /// The protocol version spoken.
@@ -211,8 +211,28 @@ impl Messenger {
     }
 
     async fn publish(&self, parent: &Message, msg_type: &str, content: Value) {
+        let msg = self.make(parent, msg_type, content);
+        self.send_iopub(msg).await;
+    }
+
+    /// Publishes a message with metadata and binary buffers of its own (a comm's).
+    async fn publish_with(
+        &self,
+        parent: &Message,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+        buffers: Vec<Bytes>,
+    ) {
         let mut msg = self.make(parent, msg_type, content);
-        msg.identities = vec![Bytes::from(format!("kernel.{}.{}", self.session, msg_type))];
+        msg.metadata = metadata;
+        msg.buffers = buffers;
+        self.send_iopub(msg).await;
+    }
+
+    async fn send_iopub(&self, mut msg: Message) {
+        let topic = format!("kernel.{}.{}", self.session, msg.header.msg_type);
+        msg.identities = vec![Bytes::from(topic)];
         self.iopub.send(wire::serialize(&msg, &self.signer)).await;
     }
 
@@ -506,6 +526,9 @@ impl Executor {
                     None => return,
                 },
             };
+            // Shared, so a cell's request can be handed to the guest as its parent (see
+            // `sandbox::Origin`) without a copy.
+            let msg = Arc::new(msg);
             let failed = self.handle(&msg).await;
             if failed
                 && msg
@@ -540,7 +563,7 @@ impl Executor {
     }
 
     /// Handles one shell request; true if it was an execution that failed.
-    async fn handle(&mut self, msg: &Message) -> bool {
+    async fn handle(&mut self, msg: &Arc<Message>) -> bool {
         let m = self.messenger.clone();
         m.status(msg, "busy").await;
         let mut failed = false;
@@ -573,21 +596,16 @@ impl Executor {
                 m.reply(&self.shell, msg, "history_reply", reply).await;
             }
             "comm_info_request" => {
-                m.reply(
-                    &self.shell,
-                    msg,
-                    "comm_info_reply",
-                    json!({"status": "ok", "comms": {}}),
-                )
-                .await;
+                // The guest's open comms, `{comm_id: {"target_name": ...}}`, those of one
+                // target when the request names one.
+                let target = msg.content.get("target_name").cloned();
+                let req = json!({"kind": "comm_info", "target_name": target});
+                let reply = self.simple(req).await;
+                m.reply(&self.shell, msg, "comm_info_reply", reply).await;
             }
-            "comm_open" => {
-                // No comm targets exist in the sandbox: close it, as ipykernel does for an
-                // unknown target.
-                let id = msg.content.get("comm_id").cloned().unwrap_or(Value::Null);
-                m.publish(msg, "comm_close", json!({"comm_id": id, "data": {}}))
-                    .await;
-            }
+            // A frontend's comm message: the guest's comm manager runs the target's, or the
+            // comm's, handler, its output a child of this message (see `Executor::comm`).
+            "comm_open" | "comm_msg" | "comm_close" => self.comm(msg).await,
             "shutdown_request" => {
                 let restart = msg
                     .content
@@ -608,7 +626,7 @@ impl Executor {
 
     /// A request answered by the driver alone (no output expected).
     async fn simple(&mut self, request: Value) -> Value {
-        let outcome = self.run_in_sandbox(request, false, None).await;
+        let outcome = self.run_in_sandbox(request, false, None, None).await;
         match outcome {
             Ok(Outcome::Reply(r)) => r,
             Ok(Outcome::Restarted { reason }) => {
@@ -633,8 +651,9 @@ impl Executor {
         request: Value,
         is_cell: bool,
         parent: Option<(&Message, u64)>,
+        origin: Option<Origin>,
     ) -> Result<Outcome, SandboxError> {
-        self.sandbox.submit(request, is_cell)?;
+        self.sandbox.submit_from(request, is_cell, origin)?;
         let mut output = String::new();
         let mut held: Option<(StreamName, String)> = None;
         let mut last_sent: Option<tokio::time::Instant> = None;
@@ -735,6 +754,8 @@ impl Executor {
             Event::Iopub {
                 msg_type,
                 mut content,
+                metadata,
+                buffers,
             } => {
                 if msg_type == "execute_result" {
                     content["execution_count"] = json!(count);
@@ -743,7 +764,8 @@ impl Executor {
                         output.extend(text.chars().take(HISTORY_OUTPUT_CHARS));
                     }
                 }
-                m.publish(parent, msg_type, content).await;
+                m.publish_with(parent, msg_type, content, metadata, buffers)
+                    .await;
             }
             // `run_in_sandbox` handles stream text and `Done` itself and never passes them here.
             Event::Stream { .. } | Event::Done(_) => {}
@@ -769,7 +791,7 @@ impl Executor {
     }
 
     /// Runs a cell; true if it failed.
-    async fn execute(&mut self, msg: &Message) -> bool {
+    async fn execute(&mut self, msg: &Arc<Message>) -> bool {
         let m = self.messenger.clone();
         let code = msg
             .content
@@ -819,7 +841,9 @@ impl Executor {
             // asked for in the request's metadata by the gateway's E2B-compatible API.
             "e2b": msg.metadata.get(wire::E2B_METADATA_KEY).and_then(Value::as_bool).unwrap_or(false),
         });
-        let outcome = self.run_in_sandbox(request, true, Some((msg, count))).await;
+        let outcome = self
+            .run_in_sandbox(request, true, Some((msg, count)), Some(msg.clone()))
+            .await;
         let mut reply = match outcome {
             Ok(Outcome::Reply(reply)) => reply,
             Ok(Outcome::Restarted { reason }) => {
@@ -852,6 +876,48 @@ impl Executor {
         }
         m.reply(&self.shell, msg, "execute_reply", reply).await;
         failed
+    }
+
+    /// A frontend's `comm_open`, `comm_msg` or `comm_close`, handed whole (its binary buffers
+    /// in base64) to the guest's comm manager, as ipykernel hands it to its own: a
+    /// `comm_open` runs its target's function (or, for an unknown target, is answered with a
+    /// `comm_close`), a `comm_msg` or `comm_close` its comm's `on_msg` or `on_close` callback.
+    /// Like a cell, it may be interrupted and runs under the cell limits; what the handlers
+    /// print or display, and the comm messages they send, have this message as their parent.
+    /// A handler's exception is shown on stderr and the kernel carries on. There is no reply.
+    async fn comm(&mut self, msg: &Message) {
+        use base64::Engine;
+        let buffers: Vec<String> = msg
+            .buffers
+            .iter()
+            .map(|b| base64::engine::general_purpose::STANDARD.encode(b))
+            .collect();
+        let request = json!({
+            "kind": "comm",
+            "header": header_value(msg),
+            "parent_header": msg.parent_header,
+            "metadata": msg.metadata,
+            "content": msg.content,
+            "buffers": buffers,
+        });
+        let count = self.count;
+        let (ename, evalue) = match self
+            .run_in_sandbox(request, true, Some((msg, count)), None)
+            .await
+        {
+            Ok(Outcome::Reply(_)) => return,
+            Ok(Outcome::Restarted { reason }) => (
+                "InterpreterRestarted",
+                format!(
+                    "{reason}. A fresh interpreter was started: variables, imports and comms \
+                     from earlier cells are gone."
+                ),
+            ),
+            Err(e) => ("KernelError", e.to_string()),
+        };
+        let traceback = [format!("{ename}: {evalue}")];
+        let error = json!({"ename": ename, "evalue": evalue, "traceback": traceback});
+        self.messenger.publish(msg, "error", error).await;
     }
 
     fn history_reply(&self, content: &Value) -> Value {
@@ -915,6 +981,11 @@ impl Executor {
         };
         json!({"status": "ok", "history": items})
     }
+}
+
+/// A request's header as JSON (for the guest's `get_parent()`).
+fn header_value(msg: &Message) -> Value {
+    serde_json::to_value(&msg.header).unwrap_or_else(|_| json!({}))
 }
 
 /// Shell-style glob (`*`, `?`) over the whole string, as IPython's history search uses.

@@ -10,10 +10,15 @@
 // the notebook (before it is connected or idle), wait for 42, then close the notebook and shut
 // its kernel down.
 //
+// With --widgets it instead runs, in a new notebook, ipywidgets (which must be importable in the
+// kernel): an IntSlider with an Output widget its observe callback prints into, moves the slider
+// one step with the keyboard and waits for the Output to show the new value (and the kernel to
+// have it); then a tqdm.notebook bar over 40 steps, and waits for it to reach 100% (green).
+//
 // Every WebSocket frame the page sends and receives, and the page's console messages, are written
 // to DIR/browser-websocket.log (epoch ms, socket, direction, channel, type, ids).
 //
-// Usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] [--via launcher|menu] [--at-once N] URL
+// Usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] [--via launcher|menu] [--at-once N | --widgets] URL
 //   URL: JupyterLab's address with its token, e.g. http://127.0.0.1:8889/lab?token=abc
 //        (or the environment variable LAB_URL).
 //   --via: create the notebook from the Launcher card of the kernel (default; falls back to the
@@ -37,6 +42,7 @@ function parseArgs(argv) {
     kernel: process.env.SANDGATE_KERNEL_DISPLAY_NAME || 'Python 3 (Sandgate sandbox)',
     via: 'launcher',
     atOnce: 0,
+    widgets: false,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -44,6 +50,7 @@ function parseArgs(argv) {
     else if (a === '--kernel-display-name') opts.kernel = argv[++i];
     else if (a === '--via') opts.via = argv[++i];
     else if (a === '--at-once') opts.atOnce = Number(argv[++i]);
+    else if (a === '--widgets') opts.widgets = true;
     else if (a === '-h' || a === '--help') opts.help = true;
     else if (a.startsWith('-')) throw new Error(`unknown option ${a}`);
     else opts.url = a;
@@ -62,12 +69,16 @@ if (!['launcher', 'menu'].includes(opts.via)) {
   console.error(`lab.mjs: --via must be launcher or menu, not ${opts.via}`);
   process.exit(2);
 }
+if (opts.widgets && opts.atOnce > 0) {
+  console.error('lab.mjs: --widgets and --at-once are separate runs');
+  process.exit(2);
+}
 if (!(Number.isInteger(opts.atOnce) && opts.atOnce >= 0 && opts.atOnce <= 100)) {
   console.error('lab.mjs: --at-once takes a number of rounds from 0 to 100');
   process.exit(2);
 }
 if (opts.help || !opts.url) {
-  console.error('usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] [--via launcher|menu] [--at-once N] URL-WITH-TOKEN (or LAB_URL)');
+  console.error('usage: node lab.mjs [--artifacts DIR] [--kernel-display-name NAME] [--via launcher|menu] [--at-once N | --widgets] URL-WITH-TOKEN (or LAB_URL)');
   process.exit(opts.help ? 0 : 2);
 }
 
@@ -338,6 +349,61 @@ async function runAtOnce(round) {
   await notebook.waitFor({ state: 'hidden', timeout: T.action });
 }
 
+// ipywidgets in the notebook (--widgets): a slider moved with the keyboard updates the Output
+// widget its callback prints into, and a tqdm.notebook bar reaches 100%.
+async function runWidgets() {
+  await run('an IntSlider and the Output its callback prints into', async () => {
+    const code = [
+      'import ipywidgets as widgets',
+      "slider = widgets.IntSlider(value=3, min=0, max=10, description='n')",
+      'shown = widgets.Output()',
+      'def moved(change):',
+      '    with shown:',
+      "        print(f\"{change['new']} squared is {change['new'] ** 2}\")",
+      "slider.observe(moved, names='value')",
+      'display(slider, shown)',
+    ].join('\n');
+    const cell = await runCell(0, code, 'slider');
+    const handle = cell.locator('.widget-slider .noUi-handle');
+    await waitFor(handle, { timeout: T.plot, what: 'the slider (ipywidgets rendered by jupyterlab_widgets)', cell });
+    const readout = cell.locator('.widget-slider .widget-readout');
+    await waitFor(readout.filter({ hasText: /^\s*3\s*$/ }), { timeout: T.print, what: 'the slider to read 3', cell });
+    await screenshot('slider');
+    // One step right, as a user does with the keyboard on the focused handle.
+    await handle.first().focus();
+    await page.keyboard.press('ArrowRight');
+    await waitFor(readout.filter({ hasText: /^\s*4\s*$/ }), { timeout: T.print, what: 'the slider to read 4', cell });
+    const printed = cell.locator('.widget-output').filter({ hasText: '4 squared is 16' });
+    await waitFor(printed, { timeout: T.print, what: 'the Output widget to show "4 squared is 16"', cell });
+    log(`the Output widget shows ${JSON.stringify((await cell.locator('.widget-output').first().innerText()).trim())}`);
+    await screenshot('slider-moved');
+  });
+
+  await run('the kernel has the value the slider was moved to', async () => {
+    const cell = await runCell(1, 'print(f"slider.value = {slider.value}")', 'slider value');
+    const out = cell.locator('.jp-OutputArea-output').filter({ hasText: /^\s*slider\.value = 4\s*$/ });
+    await waitFor(out, { timeout: T.print, what: 'the output "slider.value = 4"', cell });
+  });
+
+  await run('a tqdm.notebook bar reaches 100%', async () => {
+    const code = [
+      'from tqdm.notebook import tqdm',
+      "for i in tqdm(range(40), desc='steps'):",
+      '    pass',
+    ].join('\n');
+    const cell = await runCell(2, code, 'tqdm');
+    const done = cell.locator('.widget-hprogress .progress-bar-success');
+    await waitFor(done, { timeout: T.plot, what: 'the tqdm bar to turn green (bar_style success)', cell });
+    const label = cell.locator('.widget-html').filter({ hasText: /steps:\s*100%/ });
+    await waitFor(label, { timeout: T.print, what: 'the label "steps: 100%"', cell });
+    const counts = cell.locator('.widget-html').filter({ hasText: /40\/40/ });
+    await waitFor(counts, { timeout: T.print, what: 'the count "40/40"', cell });
+    const width = await done.first().evaluate((el) => el.style.width || getComputedStyle(el).width);
+    log(`tqdm: "${(await label.first().innerText()).trim()}", the bar's width ${width}`);
+    await screenshot('tqdm');
+  });
+}
+
 let failed = null;
 const overall = setTimeout(async () => {
   console.error(`lab.mjs: FAILED: still at step "${step}" after the overall limit of ${deadline / 1000}s`);
@@ -367,6 +433,7 @@ try {
     const early = rounds.filter((s) => !/^Idle$/i.test(s)).length;
     log(`at once: 42 in all ${rounds.length} rounds; Shift+Enter before the kernel was idle in ${early} (${rounds.join(', ')})`);
   } else {
+    // (--widgets runs its own cells in the notebook made below, instead of print and the plot.)
     await run(`create a notebook on "${opts.kernel}"`, async () => {
       const card = page.locator('.jp-Launcher .jp-LauncherCard[data-category="Notebook"]')
         .filter({ has: page.locator('.jp-LauncherCard-label', { hasText: exactText(opts.kernel) }) });
@@ -413,7 +480,8 @@ try {
       await screenshot('notebook');
     });
 
-    await run('print(6*7)', async () => {
+    if (opts.widgets) await runWidgets();
+    else await run('print(6*7)', async () => {
       const cell = await runCell(0, 'print(6*7)', 'first');
       const out = cell.locator('.jp-OutputArea-output').filter({ hasText: /^\s*42\s*$/ });
       await waitFor(out, { timeout: T.print, what: 'the output 42', cell });
@@ -423,7 +491,7 @@ try {
       await screenshot('print');
     });
 
-    await run('pandas DataFrame and matplotlib plot', async () => {
+    if (!opts.widgets) await run('pandas DataFrame and matplotlib plot', async () => {
       const code = [
         'import pandas as pd, matplotlib.pyplot as plt',
         "df = pd.DataFrame({'month': ['Jan', 'Feb', 'Mar'], 'revenue': [120, 135, 160]})",

@@ -14,7 +14,7 @@ use wasmtime_wasi::HostMonotonicClock;
 
 use super::interrupt::{self, InterruptFlags};
 use super::output::OutputBudget;
-use super::{Control, Event, EventSink, Guest, TICK};
+use super::{Command, Control, Event, EventSink, Guest, Origin, TICK};
 
 /// Largest request the guest may send through the door.
 const MAX_DOOR_REQUEST: usize = 32 << 20;
@@ -74,6 +74,8 @@ pub(crate) struct DoorState {
     driver: Option<&'static str>,
     request: Option<Value>,
     is_cell: bool,
+    /// The message the request answers, if the kernel gave one (the `parent` op).
+    origin: Option<Origin>,
     reply: Option<Value>,
     /// Output the reply carried, published once the turn is over (see the `reply` op).
     held: Vec<Event>,
@@ -212,6 +214,7 @@ impl DoorState {
             driver: None,
             request: None,
             is_cell: false,
+            origin: None,
             reply: None,
             held: Vec::new(),
             cell_started: None,
@@ -227,15 +230,21 @@ impl DoorState {
         }
     }
 
-    /// A turn starts. `driver` is handed out once, to the boot turn.
-    pub(crate) fn begin(&mut self, request: Option<Value>, is_cell: bool, driver: &'static str) {
-        self.driver = if request.is_none() {
+    /// A turn starts, serving `command` (none: the boot turn, or the interrupt probe's).
+    /// `driver` is handed out once, to the boot turn.
+    pub(crate) fn begin(&mut self, command: Option<Command>, driver: &'static str) {
+        self.driver = if command.is_none() {
             Some(driver)
         } else {
             None
         };
+        let (request, is_cell, origin) = match command {
+            Some(c) => (Some(c.request), c.is_cell, c.origin),
+            None => (None, false, None),
+        };
         self.request = request;
         self.is_cell = is_cell;
+        self.origin = origin;
         self.reply = None;
         self.held.clear();
         self.cell_started = is_cell.then(Instant::now);
@@ -246,6 +255,7 @@ impl DoorState {
     /// The turn ended.
     pub(crate) fn end(&mut self) {
         self.request = None;
+        self.origin = None;
         self.is_cell = false;
         self.driver = None;
     }
@@ -535,13 +545,29 @@ fn publishable(msg_type: &str) -> Option<&'static str> {
         "execute_result" => "execute_result",
         "clear_output" => "clear_output",
         "error" => "error",
+        "comm_open" => "comm_open",
+        "comm_msg" => "comm_msg",
+        "comm_close" => "comm_close",
         _ => return None,
     })
 }
 
+/// Most binary buffers one comm message from the guest may carry (as the gateway allows a
+/// client's message).
+const MAX_BUFFERS: usize = 64;
+
+/// Why the guest's message cannot be published.
+const PUBLISH_SHAPE: &str = "publish needs a known `msg_type` and an object `content`; a comm \
+                             message (`comm_open`, `comm_msg`, `comm_close`) needs a string \
+                             `content.comm_id` and may carry an object `metadata` and at most \
+                             64 `buffers` in base64, which no other message may";
+
 /// `{"msg_type": ..., "content": {...}}` as the event that publishes it, if the type is one
-/// the guest may publish and the content is an object.
+/// the guest may publish and the content is an object. A comm message names its comm
+/// (`content.comm_id`) and may also carry `metadata` (an object) and `buffers` (base64 strings,
+/// sent as the message's binary frames).
 fn to_publish(item: Value) -> Option<Event> {
+    use base64::Engine;
     let Value::Object(mut item) = item else {
         return None;
     };
@@ -549,10 +575,39 @@ fn to_publish(item: Value) -> Option<Event> {
         .get("msg_type")
         .and_then(Value::as_str)
         .and_then(publishable)?;
-    match item.remove("content") {
-        Some(content @ Value::Object(_)) => Some(Event::Iopub { msg_type, content }),
-        _ => None,
+    let content = match item.remove("content") {
+        Some(content @ Value::Object(_)) => content,
+        _ => return None,
+    };
+    let comm = msg_type.starts_with("comm_");
+    if comm && !content.get("comm_id").is_some_and(Value::is_string) {
+        return None;
     }
+    let metadata = match item.remove("metadata") {
+        None | Some(Value::Null) => Value::Object(serde_json::Map::new()),
+        Some(metadata @ Value::Object(_)) if comm => metadata,
+        Some(_) => return None,
+    };
+    let buffers = match item.remove("buffers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) if comm && list.len() <= MAX_BUFFERS => {
+            let mut buffers = Vec::with_capacity(list.len());
+            for b in list {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b.as_str()?)
+                    .ok()?;
+                buffers.push(bytes::Bytes::from(bytes));
+            }
+            buffers
+        }
+        Some(_) => return None,
+    };
+    Some(Event::Iopub {
+        msg_type,
+        content,
+        metadata,
+        buffers,
+    })
 }
 
 fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Vec<u8>> {
@@ -595,6 +650,19 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
             .unwrap_or(Value::Null)
             .to_string()
             .into_bytes(),
+        // The message the request answers: its header, parent header, metadata and content
+        // (`{}` when the kernel gave none).
+        "parent" => match &door.origin {
+            Some(m) => json!({
+                "header": serde_json::to_value(&m.header).unwrap_or_else(|_| json!({})),
+                "parent_header": m.parent_header,
+                "metadata": m.metadata,
+                "content": m.content,
+            })
+            .to_string()
+            .into_bytes(),
+            None => OK.to_vec(),
+        },
         // The reply may carry the turn's last output (a cell's `execute_result`) as `publish`:
         // it goes out when the turn is over, just before the reply, which saves the kernel a
         // wake-up in the middle of the turn.
@@ -632,7 +700,7 @@ fn answer(caller: &mut Caller<'_, Guest>, request: &[u8]) -> wasmtime::Result<Ve
                 }
                 OK.to_vec()
             }
-            None => error_answer("publish needs a known `msg_type` and an object `content`"),
+            None => error_answer(PUBLISH_SHAPE),
         },
         "stop_reason" => match door.soft {
             Some((SoftStop::Timeout, _)) => {
@@ -963,4 +1031,67 @@ fn fd_pwrite(
         .clone()
         .ok_or_else(unbound)?;
     forward.call(&mut caller, (fd, iovs, count, offset, nwritten))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn published(item: Value) -> Option<(&'static str, Value, Value, Vec<Vec<u8>>)> {
+        match to_publish(item)? {
+            Event::Iopub {
+                msg_type,
+                content,
+                metadata,
+                buffers,
+            } => Some((
+                msg_type,
+                content,
+                metadata,
+                buffers.iter().map(|b| b.to_vec()).collect(),
+            )),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn comm_messages_carry_metadata_and_buffers() {
+        let (msg_type, content, metadata, buffers) = published(json!({
+            "msg_type": "comm_msg", "content": {"comm_id": "c", "data": {}},
+            "metadata": {"version": "2.1.0"}, "buffers": ["AAE=", ""],
+        }))
+        .unwrap();
+        assert_eq!(msg_type, "comm_msg");
+        assert_eq!(content["comm_id"], "c");
+        assert_eq!(metadata, json!({"version": "2.1.0"}));
+        assert_eq!(buffers, vec![vec![0u8, 1], vec![]]);
+        // Without either: empty metadata, no buffers.
+        let (_, _, metadata, buffers) =
+            published(json!({"msg_type": "comm_open", "content": {"comm_id": "c"}})).unwrap();
+        assert_eq!((metadata, buffers.len()), (json!({}), 0));
+    }
+
+    #[test]
+    fn malformed_publishes_are_refused() {
+        let too_many: Vec<Value> = (0..=MAX_BUFFERS).map(|_| json!("")).collect();
+        for item in [
+            // Buffers and metadata belong to comm messages only.
+            json!({"msg_type": "display_data", "content": {}, "buffers": ["AA=="]}),
+            json!({"msg_type": "display_data", "content": {}, "metadata": {"a": 1}}),
+            // A comm message names its comm.
+            json!({"msg_type": "comm_msg", "content": {"data": {}}}),
+            json!({"msg_type": "comm_close", "content": {"comm_id": 7}}),
+            // Buffers are a list of base64 strings, not too many.
+            json!({"msg_type": "comm_msg", "content": {"comm_id": "c"}, "buffers": "AA=="}),
+            json!({"msg_type": "comm_msg", "content": {"comm_id": "c"}, "buffers": [1]}),
+            json!({"msg_type": "comm_msg", "content": {"comm_id": "c"}, "buffers": ["not base64!"]}),
+            json!({"msg_type": "comm_msg", "content": {"comm_id": "c"}, "buffers": too_many}),
+            json!({"msg_type": "comm_msg", "content": {"comm_id": "c"}, "metadata": []}),
+            // Types the guest may not publish.
+            json!({"msg_type": "comm_info_reply", "content": {"comm_id": "c"}}),
+            json!({"msg_type": "status", "content": {}}),
+        ] {
+            assert!(to_publish(item.clone()).is_none(), "{item}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ _host = __import__("_host")
 _main = sys.modules["__main__"]
 _ns = _main.__dict__
 _state = {"count": 0, "request": None, "shown_figures": set(), "payload": [], "result": None,
-          "capture": None}
+          "capture": None, "parent": None}
 # The cells' inputs and results, shown to the user as `In` and `Out` as in IPython; the driver
 # keeps its own references, so a user who names a variable `In` or `Out` breaks nothing.
 _inputs, _outputs = [""], {}
@@ -128,7 +128,8 @@ def _method(obj, name):
 def _encode(mime, value):
     if mime in _BINARY and isinstance(value, (bytes, bytearray)):
         return base64.b64encode(bytes(value)).decode("ascii")
-    if mime == "application/json":
+    if mime == "application/json" or mime.endswith("+json"):
+        # JSON itself (a widget's `application/vnd.jupyter.widget-view+json`, say).
         return value
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).decode("utf-8", "replace")
@@ -422,6 +423,8 @@ def _ipython_shim():
                             update_display=update_display, DisplayHandle=DisplayHandle).items():
         setattr(disp, name, value)
     core = types.ModuleType("IPython.core")
+    # A package, so `IPython.core.interactiveshell` can be imported (see `_ImportHooks`).
+    core.__path__ = []
     core.display = disp
     pkg.display = disp
     pkg.core = core
@@ -456,6 +459,98 @@ def get_ipython():
 _ipython_shim()
 builtins.display = display
 builtins.get_ipython = get_ipython
+
+
+class _PatchedLoader:
+    """A module's own loader, and a function run on the module once it has been executed."""
+
+    def __init__(self, loader, patch):
+        self._loader, self._patch = loader, patch
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def __repr__(self):
+        return f"<{self._loader!r}, patched by the sandbox>"
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._patch(module)
+
+
+class _ImportHooks:
+    """First on `sys.meta_path`, for four modules, when they are first imported (nothing is
+    loaded at boot for any):
+    - `comm`, the package ipywidgets and others make comms with: once it has run, its
+      `create_comm` and `get_comm_manager` are the sandbox's (comms.py), as ipykernel assigns
+      them when it starts;
+    - `IPython.core.interactiveshell` (of the IPython stand-in): `InteractiveShell.instance()`
+      is the shell `get_ipython()` returns (ipywidgets' Output formats with it);
+    - `ipywidgets.widgets.interaction`: `interact` shows the figures its function draws inside
+      its output, as with ipykernel (ipywidgets flushes them there only for the inline backend
+      of ipykernel, which it recognises by name);
+    - `tqdm.std`: its monitor thread is off from the start (the sandbox has no threads; tqdm
+      would warn that it cannot start one above the first bar of every kernel)."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name == "comm":
+            return _ImportHooks._wrapped(name, path, target, _patch_comm)
+        if name == "tqdm.std":
+            return _ImportHooks._wrapped(name, path, target, _patch_tqdm)
+        if name == "ipywidgets.widgets.interaction":
+            return _ImportHooks._wrapped(name, path, target, _patch_interaction)
+        if name == "IPython.core.interactiveshell" and sys.modules.get("IPython.core") is _IPYTHON_CORE:
+            import importlib.util
+            return importlib.util.spec_from_loader(name, _ImportHooks)
+        return None
+
+    @staticmethod
+    def _wrapped(name, path, target, patch):
+        """The spec the other finders give `name`, its loader wrapped to run `patch`."""
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is _ImportHooks or find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchedLoader(spec.loader, patch)
+                return spec
+        return None
+
+    @staticmethod
+    def create_module(spec):
+        return None
+
+    @staticmethod
+    def exec_module(module):
+        get_ipython()  # the shell (ipython.py)
+        module.InteractiveShell = ZMQInteractiveShell
+        module.ExecutionInfo, module.ExecutionResult = ExecutionInfo, ExecutionResult
+
+
+def _patch_comm(module):
+    _load("comms")
+    _comm_patch(module)
+
+
+def _patch_interaction(module):
+    if callable(getattr(module, "show_inline_matplotlib_plots", None)):
+        module.show_inline_matplotlib_plots = _flush_figures
+
+
+def _patch_tqdm(module):
+    bar = getattr(module, "tqdm", None)
+    if isinstance(getattr(bar, "monitor_interval", None), (int, float)):
+        bar.monitor_interval = 0
+
+
+_IPYTHON_CORE = sys.modules.get("IPython.core")
+sys.meta_path.insert(0, _ImportHooks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1228,8 +1323,21 @@ def _info(req):
     return {"status": "ok", "python_version": platform.python_version()}
 
 
+def _comm(req):
+    """A frontend's `comm_open`, `comm_msg` or `comm_close` (see comms.py)."""
+    _load("comms")
+    return _comm_dispatch(req)
+
+
+def _comm_info(req):
+    """The open comms (of one target if the request names one), as ipykernel lists them."""
+    if "comms" not in _loaded:
+        return {"status": "ok", "comms": {}}
+    return {"status": "ok", "comms": _comm_targets(req.get("target_name"))}
+
+
 _HANDLERS = {"info": _info, "execute": _execute, "complete": _complete, "inspect": _inspect,
-             "is_complete": _is_complete}
+             "is_complete": _is_complete, "comm": _comm, "comm_info": _comm_info}
 
 
 def serve(request_json=None):
@@ -1240,6 +1348,7 @@ def serve(request_json=None):
     something else must come between them."""
     reply = None
     _state["result"] = None
+    _state["parent"] = None
     try:
         if request_json is None:
             req = _door({"op": "request"})
@@ -1257,6 +1366,7 @@ def serve(request_json=None):
                  "traceback": traceback.format_exception(type(e), e, e.__traceback__)}
     finally:
         _state["request"] = None
+        _state["parent"] = None
         message = {"op": "reply", "content": reply or {"status": "error", "ename": "KernelError",
                                                         "evalue": "no reply", "traceback": []}}
         if _state["result"] is not None:

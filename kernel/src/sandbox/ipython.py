@@ -174,6 +174,25 @@ def _registered_reprs(obj):
     return out
 
 
+def _parent():
+    """The message of the request being served (an `execute_request`, or a frontend's comm
+    message), as ipykernel's `get_parent()` gives it: `header`, `parent_header`, `metadata`,
+    `content`, `buffers`, `msg_id` and `msg_type`. Empty outside a request."""
+    parent = _state["parent"]
+    if parent is not None:
+        return parent
+    if _state["request"] is None:
+        return {}
+    # A cell's request is asked of the kernel the first time (a comm message's comes with it).
+    parent = _door({"op": "parent"})
+    header = parent.get("header")
+    if not isinstance(header, dict):
+        return {}
+    parent.update(msg_id=header.get("msg_id"), msg_type=header.get("msg_type"), buffers=[])
+    _state["parent"] = parent
+    return parent
+
+
 class _Kernel:
     """`shell.kernel`: what code asks of ipykernel's kernel object."""
 
@@ -186,6 +205,16 @@ class _Kernel:
     @property
     def execution_count(self):
         return _state["count"]
+
+    def get_parent(self, channel=None):
+        """The request being served (ipywidgets' Output captures what is its child)."""
+        return _parent()
+
+    @property
+    def comm_manager(self):
+        """The kernel's comm manager (comms.py)."""
+        _load("comms")
+        return get_comm_manager()
 
 
 class ExecutionResult:
@@ -334,6 +363,29 @@ class ZMQInteractiveShell:
         e = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
         if e is not None:
             _publish("error", _error_content(e, _state["count"]))
+
+    def get_parent(self):
+        """The request being served, as ipykernel's shell gives it."""
+        return _parent()
+
+    def set_parent(self, parent):
+        """ipykernel's shell makes `parent` the parent of what follows. Here what a request
+        prints, displays and sends always has that request as its parent: only it can be set."""
+        current = _parent()
+        wanted = (parent or {}).get("header", {}).get("msg_id")
+        if wanted != current.get("header", {}).get("msg_id"):
+            raise NotImplementedError(
+                "set_parent: in the sandbox the output of a request always has that request as "
+                "its parent; another message cannot be made the parent")
+
+    @classmethod
+    def instance(cls, *args, **kwargs):
+        """The one shell (`IPython.core.interactiveshell.InteractiveShell.instance()`)."""
+        return get_ipython()
+
+    @classmethod
+    def initialized(cls):
+        return True
 
     def set_next_input(self, text, replace=False):
         _state["payload"].append({"source": "set_next_input", "text": str(text),

@@ -99,7 +99,10 @@ const DRIVER: &str = include_str!("driver.py");
 /// - `ipython`: the shell `get_ipython()` returns;
 /// - `shell`: the shell commands `!cmd` runs inside the sandbox (`ls`, `head`, `wc`, ...);
 /// - `debugging`: `%xmode`, `%prun`, `%debug` and `%pdb`;
-/// - `charts`: E2B's `e2b/chart` and `e2b/data` entries, for requests that ask for them.
+/// - `charts`: E2B's `e2b/chart` and `e2b/data` entries, for requests that ask for them;
+/// - `packages`: `%pip`, `!pip` and `micropip` (resolution here, fetching by the gateway);
+/// - `comms`: Jupyter comms (the comm manager and `Comm`, ipywidgets' channel), loaded by the
+///   first comm message from a frontend, `import comm`, or `get_ipython().kernel.comm_manager`.
 const GUEST_MODULES: &[(&str, &str)] = &[
     ("magics", include_str!("magics.py")),
     ("ipython", include_str!("ipython.py")),
@@ -107,6 +110,7 @@ const GUEST_MODULES: &[(&str, &str)] = &[
     ("debugging", include_str!("debugging.py")),
     ("charts", include_str!("charts.py")),
     ("packages", include_str!("packages.py")),
+    ("comms", include_str!("comms.py")),
 ];
 
 /// The source of the guest module `name` (see [`GUEST_MODULES`]).
@@ -200,12 +204,17 @@ pub enum Event {
         text: String,
     },
     /// A message for iopub: `display_data`, `update_display_data`, `execute_result`,
-    /// `clear_output` or `error`. `content` is a JSON object the door has checked.
+    /// `clear_output`, `error`, or a comm's `comm_open`, `comm_msg` or `comm_close`. `content`
+    /// is a JSON object the door has checked.
     Iopub {
         /// The message type.
         msg_type: &'static str,
         /// Its content.
         content: Value,
+        /// The message's metadata (a JSON object; only comm messages carry any).
+        metadata: Value,
+        /// Its binary buffers (only comm messages carry any).
+        buffers: Vec<bytes::Bytes>,
     },
     /// The request is finished; nothing more comes for it. Sent on the same queue as its
     /// output, so it never overtakes any of it.
@@ -288,10 +297,16 @@ pub enum Outcome {
     },
 }
 
+/// The message a request answers (an `execute_request`), kept for the guest to ask for while
+/// the request is served (the door's `parent` op, behind `get_ipython().kernel.get_parent()`):
+/// handed over whole, shared, so a request that never asks costs nothing more.
+pub type Origin = Arc<sandgate_wire::Message>;
+
 /// A request for the guest, waiting for its turn.
 pub struct Command {
     request: Value,
     is_cell: bool,
+    origin: Option<Origin>,
 }
 
 /// Shared between the kernel's threads and the guest's: what the kernel asks of a running cell.
@@ -357,7 +372,7 @@ impl Interpreter {
     /// Runs one request's turn on this thread; its output and then its [`Event::Done`] go to
     /// the event queue.
     pub fn serve(&mut self, command: Command) {
-        let outcome = self.host.serve(command.request, command.is_cell);
+        let outcome = self.host.serve(command);
         self.host.sink.send(Event::Done(outcome));
     }
 }
@@ -424,11 +439,25 @@ impl Sandbox {
     /// event queue. `is_cell` requests run under the cell limits (timeout, output cap) and can
     /// be interrupted.
     pub fn submit(&self, request: Value, is_cell: bool) -> Result<(), SandboxError> {
+        self.submit_from(request, is_cell, None)
+    }
+
+    /// [`Sandbox::submit`], for a request that answers the message `origin` (see [`Origin`]).
+    pub fn submit_from(
+        &self,
+        request: Value,
+        is_cell: bool,
+        origin: Option<Origin>,
+    ) -> Result<(), SandboxError> {
         if is_cell {
             self.control.queued.fetch_add(1, Ordering::SeqCst);
         }
         self.commands
-            .send(Command { request, is_cell })
+            .send(Command {
+                request,
+                is_cell,
+                origin,
+            })
             .map_err(|_| SandboxError::Stopped)
     }
 
@@ -796,15 +825,11 @@ impl Host {
     }
 
     /// Runs one turn. `Err` means the instance is gone, with the reason in words.
-    fn run_turn(&mut self, code: &str, request: Option<(Value, bool)>) -> Result<(), String> {
+    fn run_turn(&mut self, code: &str, command: Option<Command>) -> Result<(), String> {
         let (Some(store), Some((alloc, turn))) = (self.store.as_mut(), self.turn.as_ref()) else {
             return Err("the interpreter is not running".into());
         };
-        let (request, is_cell) = match request {
-            Some((r, c)) => (Some(r), c),
-            None => (None, false),
-        };
-        store.data_mut().door.begin(request, is_cell, DRIVER);
+        store.data_mut().door.begin(command, DRIVER);
         // The next check is at the next tick of this turn, not at once for a tick that passed
         // while the guest waited between turns (which would also hand the kernel's tasks over
         // at the start of every turn; see `seat`).
@@ -826,7 +851,8 @@ impl Host {
         result.map(|_| ())
     }
 
-    fn serve(&mut self, request: Value, is_cell: bool) -> Outcome {
+    fn serve(&mut self, command: Command) -> Outcome {
+        let is_cell = command.is_cell;
         self.serial += 1;
         if is_cell {
             self.budget.reset();
@@ -838,8 +864,8 @@ impl Host {
                 .queued
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
         }
-        let turn = format!("{SERVE}{request}");
-        let result = self.run_turn(&turn, Some((request, is_cell)));
+        let turn = format!("{SERVE}{}", command.request);
+        let result = self.run_turn(&turn, Some(command));
         self.control.running.store(0, Ordering::SeqCst);
         if is_cell {
             // Whatever was not taken is withdrawn, so it does not hit the next cell.
