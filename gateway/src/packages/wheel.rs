@@ -665,6 +665,16 @@ pub fn read_metadata(
     read_metadata_from(&mut open(wheel)?, name, limits)
 }
 
+/// [`read_metadata`] on a wheel's bytes from any reader.
+pub fn read_metadata_reader<R: Read + Seek>(
+    reader: R,
+    name: &WheelName,
+    limits: &WheelLimits,
+) -> Result<String, WheelError> {
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| WheelError::Zip(e.to_string()))?;
+    read_metadata_from(&mut zip, name, limits)
+}
+
 fn read_metadata_from<R: Read + Seek>(
     zip: &mut zip::ZipArchive<R>,
     name: &WheelName,
@@ -697,6 +707,17 @@ pub fn unpack(
     limits: &WheelLimits,
 ) -> Result<Manifest, WheelError> {
     unpack_from(&mut open(wheel)?, name, dest, limits)
+}
+
+/// [`unpack`] on a wheel's bytes from any reader.
+pub fn unpack_reader<R: Read + Seek>(
+    reader: R,
+    name: &WheelName,
+    dest: &Path,
+    limits: &WheelLimits,
+) -> Result<Manifest, WheelError> {
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| WheelError::Zip(e.to_string()))?;
+    unpack_from(&mut zip, name, dest, limits)
 }
 
 fn unpack_from<R: Read + Seek>(
@@ -1068,6 +1089,29 @@ mod tests {
         }
         let err = refused(bytes);
         assert!(matches!(err, WheelError::Overlap(_)), "{err}");
+
+        // Two entries over the same bytes (how non-recursive zip bombs multiply their output):
+        // point the second central header at the first entry's local header.
+        let mut bytes = wheel(
+            "demo-1.0",
+            vec![file("demo/a.py", b"a"), file("demo/b.py", b"b")],
+        );
+        let at = |bytes: &[u8], sig: [u8; 4], name_off: usize, name: &[u8]| {
+            (0..bytes.len() - name_off - name.len())
+                .find(|&i| {
+                    bytes[i..i + 4] == sig
+                        && &bytes[i + name_off..i + name_off + name.len()] == name
+                })
+                .unwrap()
+        };
+        let first_local = at(&bytes, [0x50, 0x4b, 0x03, 0x04], 30, b"demo/a.py") as u32;
+        let second_central = at(&bytes, [0x50, 0x4b, 0x01, 0x02], 46, b"demo/b.py");
+        bytes[second_central + 42..second_central + 46].copy_from_slice(&first_local.to_le_bytes());
+        let err = refused(bytes);
+        assert!(
+            matches!(err, WheelError::Overlap(_) | WheelError::Zip(_)),
+            "{err}"
+        );
     }
 
     #[test]
