@@ -24,6 +24,8 @@
 //! - [`mcp`]: an MCP server at `/mcp` (Streamable HTTP) and `sandgate mcp` (stdio), whose tools
 //!   run code in the E2B API's sandboxes and reach the encrypted workspace.
 //! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
+//! - [`packages`]: fetching packages for `%pip install` in the gateway: index pages, wheel names,
+//!   checked unpacking of wheels, the hash-checked download cache.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //! - [`cgroup`]: a cgroup of its own for each kernel process (memory and CPU), where allowed.
 //! - [`memory`]: handing the memory of ended kernels back to the system.
@@ -44,6 +46,7 @@ pub mod http;
 pub mod kernelspec;
 pub mod mcp;
 pub mod memory;
+pub mod packages;
 pub mod session;
 pub mod workspace;
 
