@@ -116,6 +116,9 @@ pub struct LaunchSpec {
     pub cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
     /// The caps of each kernel's cgroup.
     pub caps: crate::cgroup::Caps,
+    /// The package service `%pip` reaches through (`None`: the kernel says it needs the
+    /// gateway's).
+    pub packages: Option<std::sync::Arc<crate::packages::Packages>>,
 }
 
 /// Something the kernel process sent or did.
@@ -545,6 +548,7 @@ impl Process {
     pub async fn launch(
         spec: &LaunchSpec,
         id: uuid::Uuid,
+        owner: &str,
         workspace: &Path,
         home: std::sync::Arc<crate::home::Home>,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
@@ -571,6 +575,7 @@ impl Process {
         let result = Self::start(
             spec,
             id,
+            owner,
             key,
             endpoints.clone(),
             &conn_file,
@@ -592,15 +597,28 @@ impl Process {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         spec: &LaunchSpec,
         id: uuid::Uuid,
+        owner: &str,
         key: String,
         endpoints: Endpoints,
         conn_file: &Path,
         workspace: &Path,
         home: std::sync::Arc<crate::home::Home>,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
+        let packages = match &spec.packages {
+            Some(service) => Some(
+                crate::packages::PackageLink::open(service, owner, &spec.runtime_dir)
+                    .await
+                    .map_err(|source| ClientError::ConnectionFile {
+                        path: spec.runtime_dir.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let mut command = tokio::process::Command::new(&spec.binary);
         command
             .args(&spec.args)
@@ -609,6 +627,7 @@ impl Process {
             .arg("--home-dir")
             .arg(home.path())
             .arg("--notify-ready")
+            .args(packages.as_ref().map(|p| p.args()).unwrap_or_default())
             .arg("-f")
             .arg(conn_file)
             .env_clear()
@@ -785,6 +804,9 @@ impl Process {
             };
             let _ = died.send(Incoming::Died(words)).await;
         });
+        if let Some(link) = packages {
+            link.serve(exited_rx.clone());
+        }
         spawn_heartbeat(
             hb_endpoint,
             heartbeat,

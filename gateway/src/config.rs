@@ -67,6 +67,40 @@ pub struct Config {
     pub ask: AskConfig,
     /// The E2B-compatible API.
     pub e2b: E2bConfig,
+    /// Packages (`%pip install`).
+    pub packages: PackagesConfig,
+}
+
+/// `%pip install` in the sandboxes: where the gateway fetches packages, and the caps.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackagesConfig {
+    /// Whether `%pip install` is served at all.
+    pub enabled: bool,
+    /// The package index: a PEP 503/691 "simple" URL, or a local folder of wheels (for hosts
+    /// without a network; its files are trusted as the operator's).
+    pub index: String,
+    /// Largest wheel a fetch downloads, MiB.
+    pub max_wheel_mb: u64,
+    /// Most unpacked bytes of packages one workspace holds, MiB.
+    pub max_workspace_mb: u64,
+    /// Most packages one workspace holds.
+    pub max_packages: usize,
+    /// Longest one download may take, seconds.
+    pub fetch_timeout_s: u64,
+}
+
+impl Default for PackagesConfig {
+    fn default() -> Self {
+        PackagesConfig {
+            enabled: true,
+            index: "https://pypi.org/simple/".into(),
+            max_wheel_mb: 64,
+            max_workspace_mb: 512,
+            max_packages: 200,
+            fetch_timeout_s: 300,
+        }
+    }
 }
 
 /// The E2B-compatible API (always served on the main listener).
@@ -95,6 +129,7 @@ impl Default for Config {
             workspace: WorkspaceSettings::default(),
             ask: AskConfig::default(),
             e2b: E2bConfig::default(),
+            packages: PackagesConfig::default(),
         }
     }
 }

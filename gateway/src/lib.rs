@@ -14,6 +14,8 @@
 //!   and the routing of kernel messages to WebSocket clients.
 //! - [`client`]: launching one kernel process and its ZeroMQ channels.
 //! - [`home`]: kernels' home folders (`/home/user` in the guest), removed with their holder.
+//! - [`packages`]: `%pip install` for the sandboxes: the index, wheels checked and unpacked,
+//!   the host cache, each workspace's site folder and lock file, the kernels' socket.
 //! - [`envelope`]: a kernel message's ids, types and parent, parsed once when it arrives and
 //!   carried beside its frames through the relay.
 //! - [`workspace`]: the encrypted workspace: keys, store, the kernels' live folder, history.
@@ -24,8 +26,6 @@
 //! - [`mcp`]: an MCP server at `/mcp` (Streamable HTTP) and `sandgate mcp` (stdio), whose tools
 //!   run code in the E2B API's sandboxes and reach the encrypted workspace.
 //! - [`ask`]: the `%%ask` magic: model providers, prompts with context, usage and budget.
-//! - [`packages`]: fetching packages for `%pip install` in the gateway: index pages, wheel names,
-//!   checked unpacking of wheels, the hash-checked download cache.
 //! - [`kernelspec`]: the kernelspec served to clients and its logos.
 //! - [`cgroup`]: a cgroup of its own for each kernel process (memory and CPU), where allowed.
 //! - [`memory`]: handing the memory of ended kernels back to the system.
@@ -200,6 +200,7 @@ pub fn launch_spec(
             memory_bytes: (s.memory_mb + s.process_overhead_mb) << 20,
             cpu_cores: s.cpu_cores,
         },
+        packages: None,
     })
 }
 
@@ -263,7 +264,14 @@ impl Gateway {
                 Err(e) => return Err(e.into()),
             }
         }
-        let launch = launch_spec(&config, &rt)?;
+        let mut launch = launch_spec(&config, &rt)?;
+        if config.packages.enabled {
+            match packages::Packages::new(config.packages.clone(), &rt.data_dir, workspaces.clone())
+            {
+                Ok(p) => launch.packages = Some(Arc::new(p)),
+                Err(e) => tracing::error!(error = %e, "%pip install is not available"),
+            }
+        }
         let live = workspaces.clone();
         let live_dir: session::LiveDir = Arc::new(move |user: &str| {
             let dir = live.live_dir(user);

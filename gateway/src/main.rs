@@ -114,6 +114,10 @@ struct ServeArgs {
     /// Also serve E2B's debug ports 49983 and 49999 on 127.0.0.1 (for `E2B_DEBUG=true`).
     #[arg(long, env = "SANDGATE_E2B_DEBUG_PORTS")]
     e2b_debug_ports: bool,
+    /// Where `%pip install` fetches packages: a PEP 503/691 simple index URL, or a folder of
+    /// wheels [default: https://pypi.org/simple/].
+    #[arg(long, env = "SANDGATE_PACKAGE_INDEX")]
+    package_index: Option<String>,
     /// The sandgate-kernel binary [default: next to this one].
     #[arg(long, env = "SANDGATE_KERNEL")]
     kernel_binary: Option<PathBuf>,
@@ -157,6 +161,9 @@ fn load_config(args: &ServeArgs, data_dir: &Path) -> Result<Config> {
     }
     if args.e2b_debug_ports {
         config.e2b.debug_ports = true;
+    }
+    if let Some(index) = &args.package_index {
+        config.packages.index = index.clone();
     }
     if let Some(n) = args.pool_size {
         config.kernels.pool_size = n;

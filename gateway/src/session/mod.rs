@@ -341,7 +341,7 @@ impl Kernels {
             Some(home) => home,
             None => self.0.launch.new_home()?,
         };
-        Process::launch(&self.0.launch, id, &(self.0.live_dir)(owner), home).await
+        Process::launch(&self.0.launch, id, owner, &(self.0.live_dir)(owner), home).await
     }
 
     async fn fill_pool(&self) {
@@ -356,8 +356,14 @@ impl Kernels {
                 let workspace = (self.0.live_dir)(crate::auth::DEFAULT_USER);
                 let launched = match self.0.launch.new_home() {
                     Ok(home) => {
-                        Process::launch(&self.0.launch, uuid::Uuid::new_v4(), &workspace, home)
-                            .await
+                        Process::launch(
+                            &self.0.launch,
+                            uuid::Uuid::new_v4(),
+                            crate::auth::DEFAULT_USER,
+                            &workspace,
+                            home,
+                        )
+                        .await
                     }
                     Err(e) => Err(e),
                 };

@@ -1,0 +1,255 @@
+"""`%pip install` in the sandbox: the gateway fetches from an index (one the tests serve on
+127.0.0.1, and PyPI itself), the kernel and its sandbox keep no network, and what a workspace
+installed comes back in its next kernels without a fetch."""
+
+import json
+import os
+import pathlib
+import time
+
+import pytest
+
+from conftest import KernelSocket, of_type, stdout_text
+from package_index import Index
+
+
+def run(ws, code, timeout=120):
+    reply, outputs = ws.execute(code, timeout=timeout)
+    return reply, outputs
+
+
+def text(outputs, name="stdout"):
+    return "".join(m["content"]["text"] for m in outputs
+                   if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+def ok(ws, code, timeout=120):
+    reply, outputs = run(ws, code, timeout)
+    assert reply["status"] == "ok", (reply, outputs)
+    return text(outputs)
+
+
+def error(ws, code, timeout=120):
+    reply, outputs = run(ws, code, timeout)
+    assert reply["status"] == "error", (reply, outputs)
+    return reply
+
+
+@pytest.fixture(scope="module")
+def index():
+    idx = Index()
+    idx.add("tinydep", "1.0")
+    idx.add("tinydep", "2.0")
+    idx.add("tinyhelper", "1.0", requires=["tinydep>=2", "numpy>=1", "neverneeded; python_version < '3'"],
+            files={"tinyhelper/__init__.py": "import tinydep\nVALUE = 'helped ' + tinydep.__version__\n"})
+    idx.add("withextra", "0.1", requires=["tinydep; extra == 'more'"])
+    idx.add("compiledonly", "3.0", tag="cp312-cp312-manylinux_2_17_x86_64",
+            files={"compiledonly/__init__.py": "", "compiledonly/_speed.cpython-312-x86_64-linux-gnu.so": b"\x7fELF"})
+    idx.add("sneaky", "1.0", extra={"../../escaped.py": "print('out')\n"})
+    idx.add("badhash", "1.0", wrong_hash=True)
+    idx.add("nohash", "1.0", hashed=False)
+    idx.add_sdist("sourceonly", "1.0")
+    idx.add("oldnumpy", "1.0", requires=["numpy<2"])
+    idx.add("endless", "1.0")
+    idx.endless.add("endless-1.0-py3-none-any.whl")
+    idx.add("nometa", "1.5", metadata_file=False, requires=["tinydep==1.0"])
+    idx.start()
+    yield idx
+    idx.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(start_gateway, index):
+    return start_gateway(["--package-index", index.url])
+
+
+def socket_on_new_kernel(gw):
+    kid = gw.start_kernel()["id"]
+    return KernelSocket(gw, kid), kid
+
+
+def test_pip_install_resolves_against_the_image_and_imports(gw, index):
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        out = ok(ws, "%pip install tinyhelper")
+        assert "Collecting tinydep==2.0" in out, out
+        assert "Successfully installed" in out and "tinyhelper-1.0" in out and "tinydep-2.0" in out, out
+        # numpy comes from the image, never fetched or shadowed; the marker-excluded one is skipped.
+        assert index.count("/simple/numpy/") == 0 and index.count("/simple/neverneeded/") == 0
+        out = ok(ws, "import tinyhelper, tinydep, numpy\nprint(tinyhelper.VALUE, tinydep.__file__)\n"
+                     "print(numpy.__file__)")
+        assert "helped 2.0 /usr/local/lib/python3.15/site-packages/tinydep/__init__.py" in out, out
+        assert "python315.zip" in out, out
+        # The guest cannot write the site folder: it is read-only inside.
+        reply = error(ws, "open('/usr/local/lib/python3.15/site-packages/tinydep/__init__.py', 'w')")
+        assert reply["ename"] in ("PermissionError", "OSError"), reply
+        out = ok(ws, "%pip list")
+        assert "tinyhelper" in out and "workspace" in out and "numpy" in out, out
+        out = ok(ws, "%pip show tinyhelper")
+        assert "Name: tinyhelper" in out and "Requires: neverneeded, numpy, tinydep" in out, out
+        out = ok(ws, "%pip freeze")
+        assert "tinydep==2.0" in out and "tinyhelper==1.0" in out, out
+        # Installing it again fetches nothing.
+        before = index.count("/files/")
+        out = ok(ws, "%pip install tinyhelper")
+        assert "Requirement already satisfied: tinyhelper" in out, out
+        assert index.count("/files/") == before
+        # The lock file in the workspace records both.
+        lock = json.loads(ok(ws, "print(open('/workspace/.sandgate/packages.lock').read())"))
+        names = {p["name"]: p for p in lock["packages"]}
+        assert set(names) >= {"tinyhelper", "tinydep"}, lock
+        assert names["tinyhelper"]["requested"] and not names["tinydep"]["requested"]
+        assert len(names["tinydep"]["sha256"]) == 64
+    finally:
+        ws.close()
+
+
+def test_installed_packages_come_back_in_new_kernels_without_a_fetch(gw, index):
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        ok(ws, "%pip install tinydep==1.0 --upgrade")
+    finally:
+        ws.close()
+    # The next gateway run rebuilds the site folder from the workspace's lock file and the cache.
+    gw.restart()
+    requests = len(index.requests)
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        out = ok(ws, "import tinydep; print(tinydep.__version__)")
+        assert out.strip() == "1.0", out
+    finally:
+        ws.close()
+    assert len(index.requests) == requests, index.requests[requests:]
+
+
+def test_requirements_files_extras_and_pins(gw, index):
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        ok(ws, "import os\nos.makedirs('reqs', exist_ok=True)\n"
+               "open('reqs/base.txt', 'w').write('# pinned\\ntinydep==1.0  # old one\\n')\n"
+               "open('reqs/main.txt', 'w').write('-r base.txt\\n\\nwithextra[more]\\n')")
+        out = ok(ws, "%pip install -r reqs/main.txt")
+        assert "withextra-0.1" in out, out
+        out = ok(ws, "import tinydep, withextra; print(tinydep.__version__)")
+        assert out.strip() == "1.0", out
+        # A wheel without a PEP 658 metadata file: the gateway reads it from the wheel.
+        out = ok(ws, "%pip install nometa")
+        assert "nometa-1.5" in out, out
+        reply = error(ws, "%pip install -r reqs/missing.txt")
+        assert "missing.txt" in reply["evalue"], reply
+        reply = error(ws, "%pip install --index-url http://example.com/simple x")
+        assert "operator" in reply["evalue"], reply
+    finally:
+        ws.close()
+
+
+def site_files(gw):
+    return sorted(str(p.relative_to(gw.data_dir)) for p in (gw.data_dir / "packages" / "sites").rglob("*"))
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("compiledonly", ["compiledonly", "compiled", "WebAssembly"]),
+    ("sneaky", ["escaped.py"]),
+    ("badhash", ["sha256"]),
+    ("nohash", ["hash"]),
+    ("sourceonly", ["source distributions", "wheels only"]),
+    ("oldnumpy", ["numpy", "image", "cannot be replaced"]),
+    ("no-such-project", ["no-such-project"]),
+    ("'tinydep>=9'", ["tinydep", "1.0", "2.0"]),
+])
+def test_what_cannot_be_installed_is_refused_whole_with_a_clear_error(gw, index, spec, words):
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        before = site_files(gw)
+        reply = error(ws, f"%pip install {spec}")
+        assert reply["ename"] == "PipError", reply
+        for w in words:
+            assert w in reply["evalue"], (w, reply["evalue"])
+        assert site_files(gw) == before
+        assert not list(gw.data_dir.rglob("escaped.py"))
+        assert not list(pathlib.Path("/").glob("*/escaped.py"))
+        # The kernel carries on.
+        assert ok(ws, "print(1 + 1)").strip() == "2"
+    finally:
+        ws.close()
+
+
+def test_an_interrupted_install_leaves_nothing_behind(gw, index):
+    ws, kid = socket_on_new_kernel(gw)
+    try:
+        msg_id = ws.send("execute_request", {"code": "%pip install endless", "silent": False,
+                                             "store_history": True, "user_expressions": {},
+                                             "allow_stdin": False})
+        deadline = time.monotonic() + 60
+        while index.count("/files/endless") == 0:
+            assert time.monotonic() < deadline, "the download never began"
+            time.sleep(0.05)
+        status, _, _ = gw.request("POST", f"/api/kernels/{kid}/interrupt")
+        assert status == 204
+        reply, _ = ws.collect(msg_id, timeout=60)
+        assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+        out = ok(ws, "%pip list --format=freeze")
+        assert "endless" not in out
+        cache = gw.data_dir / "packages" / "cache"
+        leftovers = [p for p in cache.rglob("*") if "endless" in p.name or p.parent.name == "tmp"]
+        assert not leftovers, leftovers
+    finally:
+        ws.close()
+
+
+def test_uninstall_and_micropip(gw, index):
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        ok(ws, "import micropip\nmicropip.install('tinyhelper')")
+        out = ok(ws, "import tinyhelper; print(tinyhelper.VALUE)")
+        assert out.startswith("helped"), out
+        out = ok(ws, "!pip uninstall -y tinyhelper")
+        assert "Successfully uninstalled tinyhelper-1.0" in out, out
+        out = ok(ws, "import sys; sys.modules.pop('tinyhelper', None)\n"
+                     "try:\n    import tinyhelper\nexcept ModuleNotFoundError as e:\n    print('gone', e.name)")
+        assert "gone tinyhelper" in out, out
+        assert "tinyhelper" not in ok(ws, "print(sorted(micropip.list()))")
+        reply = error(ws, "%pip uninstall numpy")
+        assert "part of the sandbox image" in reply["evalue"]
+        out = ok(ws, "%pip uninstall -y never-installed")
+        assert "Skipping never-installed" in out, out
+    finally:
+        ws.close()
+
+
+def test_workspace_caps_refuse_an_install_whole(start_gateway, index, tmp_path):
+    config = tmp_path / "sandgate.toml"
+    config.write_text(f'[packages]\nindex = "{index.url}"\nmax_packages = 1\nmax_wheel_mb = 1\n')
+    gw = start_gateway(["--config", str(config)])
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        reply = error(ws, "%pip install tinyhelper")
+        assert "max_packages" in reply["evalue"], reply
+        assert "tinyhelper" not in ok(ws, "%pip freeze")
+        # A download that never ends is cut at the wheel cap.
+        reply = error(ws, "%pip install endless")
+        assert "larger than the cap of 1048576 bytes" in reply["evalue"], reply
+        assert not list((gw.data_dir / "packages" / "cache" / "tmp").iterdir())
+    finally:
+        ws.close()
+
+
+def test_a_kernel_without_the_gateway_says_what_pip_needs(kernel):
+    reply, outputs = kernel.execute("%pip install humanize")
+    assert reply["status"] == "error"
+    assert "needs the Sandgate gateway" in reply["evalue"], reply
+    reply, outputs = kernel.execute("%pip list")
+    assert reply["status"] == "ok" and "numpy" in stdout_text(outputs)
+
+
+def test_a_real_package_from_pypi(start_gateway):
+    """PyPI itself (CI reaches it): a small pure-Python package, pinned."""
+    gw = start_gateway()
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        out = ok(ws, "%pip install humanize==4.12.3", timeout=300)
+        assert "Successfully installed humanize-4.12.3" in out, out
+        out = ok(ws, "import humanize; print(humanize.naturalsize(3000000))")
+        assert out.strip() == "3.0 MB", out
+    finally:
+        ws.close()
