@@ -4,7 +4,7 @@ Sandgate kernel, prints 42, then shows a pandas DataFrame as an HTML table and a
 matplotlib PNG. Screenshots go to tests/artifacts/browser-*.png, with JupyterLab's and the
 gateway's logs beside them (browser-jupyterlab.log, browser-gateway.log). A second test runs a
 cell the moment each of 10 new notebooks has its kernel, with every core busy
-(tests/artifacts/at-once/). A third shows ipywidgets from the sandbox: a slider moved with the
+(tests/artifacts/at-once/). A third installs ipywidgets with %pip and shows them: a slider moved with the
 keyboard updates the Output widget its callback prints into, and a tqdm.notebook bar reaches 100%
 (tests/artifacts/widgets/).
 
@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, WIDGET_IMPORTS
+from conftest import ROOT
 
 BROWSER_DIR = ROOT / "tests" / "browser"
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -182,40 +182,15 @@ def test_jupyterlab_runs_a_cell_run_at_once_in_a_new_notebook_under_load(start_g
     assert early >= 1, summary[0]
 
 
-def upload_unzipped(gw, wheels, names):
-    """Puts the wheels' files (of the packages named) into the gateway's workspace, the folder its
-    kernels work in (`/workspace`), through the Contents API: unzipped, as pip lays them out."""
-    import base64
-    import zipfile
-    made = set()
-    for name in names:
-        with zipfile.ZipFile(wheels[name]) as z:
-            for info in z.infolist():
-                if info.is_dir():
-                    continue
-                parts = info.filename.split("/")
-                for i in range(1, len(parts)):
-                    folder = "/".join(parts[:i])
-                    if folder not in made:
-                        status, body, _ = gw.request("PUT", f"/api/contents/{folder}", {"type": "directory"})
-                        assert status in (200, 201), (folder, status, body)
-                        made.add(folder)
-                content = base64.b64encode(z.read(info)).decode()
-                status, body, _ = gw.request("PUT", f"/api/contents/{info.filename}",
-                                             {"type": "file", "format": "base64", "content": content})
-                assert status in (200, 201), (info.filename, status, body)
-
-
-def test_jupyterlab_shows_widgets_from_the_sandbox(start_gateway, start_lab, widget_wheels):
-    """Issue 15: with ipywidgets' packages in the notebook's folder (the kernel's `/workspace`),
-    JupyterLab (with jupyterlab_widgets, tests/requirements.txt) renders the sandbox's widgets:
+def test_jupyterlab_shows_widgets_from_the_sandbox(start_gateway, start_lab):
+    """Issue 15: a notebook runs `%pip install ipywidgets` (from PyPI, fetched by the gateway),
+    and JupyterLab (with jupyterlab_widgets, tests/requirements.txt) renders the sandbox's widgets:
     a slider moved with the keyboard makes its observe callback print into an Output widget, and
     a tqdm.notebook bar reaches 100%. Screenshots in tests/artifacts/widgets/."""
     import importlib.util
     assert importlib.util.find_spec("jupyterlab_widgets"), "jupyterlab_widgets is missing (tests/requirements.txt)"
     ensure_playwright()
     gw = start_gateway()
-    upload_unzipped(gw, widget_wheels, WIDGET_IMPORTS)
     status, specs, _ = gw.request("GET", "/api/kernelspecs")
     assert status == 200 and "sandgate-python" in specs["kernelspecs"], specs
     display_name = specs["kernelspecs"]["sandgate-python"]["spec"]["display_name"]
@@ -235,5 +210,6 @@ def test_jupyterlab_shows_widgets_from_the_sandbox(start_gateway, start_lab, wid
         f"WebSocket frame in {artifacts}/browser-websocket.log\n--- lab.mjs\n{output}\n"
         f"--- JupyterLab (last lines)\n{tail(lab.log())}\n--- gateway (last lines)\n{tail(gw.log())}")
     assert "the Output widget shows" in output and "4 squared is 16" in output, output
+    assert "Successfully installed" in output and "ipywidgets-" in output, output
     for shot in ("browser-4-slider-moved.png", "browser-5-tqdm.png"):
         assert (artifacts / shot).stat().st_size > 10_000, shot

@@ -10,7 +10,7 @@
 // the notebook (before it is connected or idle), wait for 42, then close the notebook and shut
 // its kernel down.
 //
-// With --widgets it instead runs, in a new notebook, ipywidgets (which must be importable in the
+// With --widgets it instead runs, in a new notebook, `%pip install ipywidgets`, then ipywidgets (which must be importable in the
 // kernel): an IntSlider with an Output widget its observe callback prints into, moves the slider
 // one step with the keyboard and waits for the Output to show the new value (and the kernel to
 // have it); then a tqdm.notebook bar over 40 steps, and waits for it to reach 100% (green).
@@ -352,6 +352,13 @@ async function runAtOnce(round) {
 // ipywidgets in the notebook (--widgets): a slider moved with the keyboard updates the Output
 // widget its callback prints into, and a tqdm.notebook bar reaches 100%.
 async function runWidgets() {
+  await run('%pip install ipywidgets (fetched by the gateway)', async () => {
+    const cell = await runCell(0, '%pip install ipywidgets', '%pip install');
+    const done = cell.locator('.jp-OutputArea-output').filter({ hasText: /Successfully installed .*ipywidgets-/ });
+    await waitFor(done, { timeout: T.plot * 4, what: 'pip to say "Successfully installed ... ipywidgets-..."', cell });
+    log(`pip: ${JSON.stringify((await done.first().innerText()).trim().split('\n').pop())}`);
+  });
+
   await run('an IntSlider and the Output its callback prints into', async () => {
     const code = [
       'import ipywidgets as widgets',
@@ -363,7 +370,7 @@ async function runWidgets() {
       "slider.observe(moved, names='value')",
       'display(slider, shown)',
     ].join('\n');
-    const cell = await runCell(0, code, 'slider');
+    const cell = await runCell(1, code, 'slider');
     const handle = cell.locator('.widget-slider .noUi-handle');
     await waitFor(handle, { timeout: T.plot, what: 'the slider (ipywidgets rendered by jupyterlab_widgets)', cell });
     const readout = cell.locator('.widget-slider .widget-readout');
@@ -380,7 +387,7 @@ async function runWidgets() {
   });
 
   await run('the kernel has the value the slider was moved to', async () => {
-    const cell = await runCell(1, 'print(f"slider.value = {slider.value}")', 'slider value');
+    const cell = await runCell(2, 'print(f"slider.value = {slider.value}")', 'slider value');
     const out = cell.locator('.jp-OutputArea-output').filter({ hasText: /^\s*slider\.value = 4\s*$/ });
     await waitFor(out, { timeout: T.print, what: 'the output "slider.value = 4"', cell });
   });
@@ -391,7 +398,7 @@ async function runWidgets() {
       "for i in tqdm(range(40), desc='steps'):",
       '    pass',
     ].join('\n');
-    const cell = await runCell(2, code, 'tqdm');
+    const cell = await runCell(3, code, 'tqdm');
     const done = cell.locator('.widget-hprogress .progress-bar-success');
     await waitFor(done, { timeout: T.plot, what: 'the tqdm bar to turn green (bar_style success)', cell });
     const label = cell.locator('.widget-html').filter({ hasText: /steps:\s*100%/ });
