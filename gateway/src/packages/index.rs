@@ -756,7 +756,8 @@ fn decode_entities(s: &str) -> String {
     while let Some(i) = rest.find('&') {
         out.push_str(&rest[..i]);
         rest = &rest[i..];
-        let Some(semi) = rest[..rest.len().min(12)].find(';') else {
+        // Found among bytes, not `str` slices: a cut at 12 bytes may fall inside a character.
+        let Some(semi) = memchr::memchr(b';', &rest.as_bytes()[..rest.len().min(12)]) else {
             out.push('&');
             rest = &rest[1..];
             continue;
@@ -1052,5 +1053,14 @@ mod tests {
         assert_eq!(decode_entities("&gt;=3.8, &lt;4"), ">=3.8, <4");
         assert_eq!(decode_entities("&#62;&#x3C;&amp;&bogus;&"), "><&&bogus;&");
         assert_eq!(decode_entities("&#xFFFFFFFFF;"), "&#xFFFFFFFFF;");
+        // Found by the index_pages fuzz target: a multi-byte character within 12 bytes of `&`.
+        assert_eq!(
+            decode_entities("&e href=//a\u{78d}cd"),
+            "&e href=//a\u{78d}cd"
+        );
+        assert_eq!(
+            decode_entities("&&aaaaaaaaaa\u{78d};"),
+            "&&aaaaaaaaaa\u{78d};"
+        );
     }
 }
