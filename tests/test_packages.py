@@ -50,6 +50,7 @@ def index():
     idx.add("nohash", "1.0", hashed=False)
     idx.add_sdist("sourceonly", "1.0")
     idx.add("oldnumpy", "1.0", requires=["numpy<2"])
+    idx.add("agentpkg", "0.3")
     idx.add("endless", "1.0")
     idx.endless.add("endless-1.0-py3-none-any.whl")
     idx.add("nometa", "1.5", metadata_file=False, requires=["tinydep==1.0"])
@@ -253,3 +254,24 @@ def test_a_real_package_from_pypi(start_gateway):
         assert out.strip() == "3.0 MB", out
     finally:
         ws.close()
+
+
+def test_an_agent_installs_with_e2b_run_code(gw, index, monkeypatch):
+    """E2B's SDK, unchanged: `run_code("%pip install ...")` streams pip's lines to on_stdout, and
+    the package is there for the next run; a compiled package is an error the agent can read."""
+    e2b_ci = pytest.importorskip("e2b_code_interpreter")
+    from conftest import TOKEN
+    for k, v in {"E2B_API_URL": gw.url, "E2B_SANDBOX_URL": gw.url, "E2B_API_KEY": TOKEN}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("E2B_DEBUG", raising=False)
+    monkeypatch.delenv("E2B_DOMAIN", raising=False)
+    lines = []
+    with e2b_ci.Sandbox.create() as sbx:
+        ex = sbx.run_code("%pip install agentpkg", on_stdout=lambda m: lines.append(m.line))
+        assert ex.error is None, ex.error
+        assert any("Successfully installed agentpkg-0.3" in line for line in lines), lines
+        ex = sbx.run_code("import agentpkg; agentpkg.__version__")
+        assert ex.error is None and ex.text.strip("'") == "0.3", (ex.error, ex.text)
+        ex = sbx.run_code("%pip install compiledonly")
+        assert ex.error is not None and ex.error.name == "PipError", ex.error
+        assert "compiled" in ex.error.value

@@ -601,20 +601,35 @@ fn metadata_name(metadata: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The package fetcher's HTTP client: TLS verified with the host's certificate store (where an
-/// operator adds the root of a proxy or a private index), else the bundled Mozilla roots.
+/// The package fetcher's HTTP client: TLS verified against the host's certificate store (where
+/// an operator adds the root of a proxy or a private index) and the bundled Mozilla roots.
 fn http_client() -> crate::ask::provider::HttpsClient {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "a certificate of the host's store cannot be read");
+    }
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    tracing::debug!(
+        added,
+        ignored,
+        "the package fetcher trusts the host's certificates"
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports rustls's default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(std::time::Duration::from_secs(10)));
-    let builder = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "the host's certificate store cannot be read; the package fetcher trusts the bundled Mozilla roots");
-            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots()
-        }
-    };
-    let https = builder.https_or_http().enable_http1().wrap_connector(http);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
 }
 
@@ -739,5 +754,109 @@ impl PackageLink {
 impl Drop for PackageLink {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_compare_in_pep_503_form() {
+        assert_eq!(canonical("Foo_Bar.baz"), "foo-bar-baz");
+        assert_eq!(canonical("typing--extensions"), "typing-extensions");
+        assert_eq!(
+            canonical("jupyterlab_widgets"),
+            canonical("JupyterLab-Widgets")
+        );
+    }
+
+    #[test]
+    fn the_metadata_name_is_read_from_the_headers_only() {
+        let text = "Metadata-Version: 2.1\nName:  Rich \nVersion: 1\n\nName: not-this\n";
+        assert_eq!(metadata_name(text), Some("Rich"));
+        assert_eq!(metadata_name("\nName: body-only\n"), None);
+    }
+
+    fn unpacked(root: &Path, files: &[&str]) -> Arc<fetch::Unpacked> {
+        for f in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, f.as_bytes()).unwrap();
+        }
+        Arc::new(fetch::Unpacked {
+            sha256: [0; 32],
+            filename: "x-1-py3-none-any.whl".into(),
+            root: root.to_owned(),
+            manifest: wheel::Manifest {
+                name: "x".into(),
+                version: "1".into(),
+                dist_info: "x-1.dist-info".into(),
+                files: files
+                    .iter()
+                    .map(|f| wheel::ManifestFile {
+                        path: (*f).to_owned(),
+                        size: f.len() as u64,
+                    })
+                    .collect(),
+                skipped: Vec::new(),
+                metadata: String::new(),
+            },
+        })
+    }
+
+    #[tokio::test]
+    async fn unlinking_a_package_keeps_what_another_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let site = dir.path().join("site");
+        std::fs::create_dir(&site).unwrap();
+        let a = unpacked(
+            &dir.path().join("a"),
+            &["ns/a/__init__.py", "a-1.dist-info/RECORD"],
+        );
+        let b = unpacked(
+            &dir.path().join("b"),
+            &["ns/b/__init__.py", "b-1.dist-info/RECORD"],
+        );
+        link(&site, &a).await.unwrap();
+        link(&site, &b).await.unwrap();
+        // Hard links: the site's files are the cache's.
+        assert_eq!(
+            std::fs::read(site.join("ns/a/__init__.py")).unwrap(),
+            b"ns/a/__init__.py"
+        );
+        unlink(&site, &a).await.unwrap();
+        assert!(!site.join("ns/a").exists() && !site.join("a-1.dist-info").exists());
+        assert!(
+            site.join("ns/b/__init__.py").exists(),
+            "the shared folder stays"
+        );
+        // The cache keeps its copy.
+        assert!(dir.path().join("a/ns/a/__init__.py").exists());
+        unlink(&site, &b).await.unwrap();
+        assert_eq!(std::fs::read_dir(&site).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_lock_file_round_trips_and_refuses_other_shapes() {
+        let lock = LockFile {
+            sandgate_packages: LOCK_VERSION,
+            packages: vec![Locked {
+                name: "tinydep".into(),
+                version: "2.0".into(),
+                filename: "tinydep-2.0-py3-none-any.whl".into(),
+                sha256: "ab".repeat(32),
+                bytes: 10,
+                requested: true,
+            }],
+        };
+        let text = serde_json::to_vec(&lock).unwrap();
+        let back: LockFile = serde_json::from_slice(&text).unwrap();
+        assert_eq!(back.packages, lock.packages);
+        assert!(serde_json::from_slice::<LockFile>(b"[]").is_err());
+        assert!(serde_json::from_slice::<LockFile>(b"{\"packages\": []}").is_err());
+        assert_eq!(parse_sha(&"ab".repeat(32)), Some([0xab; 32]));
+        assert_eq!(parse_sha("abc"), None);
+        assert_eq!(parse_sha(&"zz".repeat(32)), None);
     }
 }
