@@ -275,3 +275,40 @@ def test_an_agent_installs_with_e2b_run_code(gw, index, monkeypatch):
         ex = sbx.run_code("%pip install compiledonly")
         assert ex.error is not None and ex.error.name == "PipError", ex.error
         assert "compiled" in ex.error.value
+
+
+def test_hostile_calls_from_the_guest_and_the_index_are_refused(gw, index):
+    """The guest's code can call the door itself, bypassing %pip: names that try to become paths,
+    files the index never listed, installs of what was not fetched. An index page whose file names
+    try traversal has those files dropped."""
+    index.projects["travel"] = [{"filename": "../../travel-1.0-py3-none-any.whl",
+                                 "hashes": {"sha256": "00" * 32}}]
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        out = ok(ws, "import json, _host\n"
+                     "def call(c):\n"
+                     "    return json.loads(_host.call(json.dumps({'op': 'packages', 'call': c}).encode()))\n"
+                     "print(json.dumps([\n"
+                     "    call({'op': 'project', 'name': '../../etc'}),\n"
+                     "    call({'op': 'project', 'name': 'a/b'}),\n"
+                     "    call({'op': 'fetch', 'name': 'tinydep', 'filename': '../../../etc/passwd'}),\n"
+                     "    call({'op': 'fetch', 'name': 'tinydep', 'filename': 'http://127.0.0.1:1/x.whl'}),\n"
+                     "    call({'op': 'install', 'packages': [{'name': 'tinydep', 'filename': 'tinydep-1.0-py3-none-any.whl'}]}),\n"
+                     "    call({'op': 'metadata', 'name': 'tinydep'}),\n"
+                     "    call({'op': 'rm -rf'}),\n"
+                     "    call({'op': 'project', 'name': 'travel'}),\n"
+                     "]))")
+        answers = json.loads(out)
+        assert "not a valid package name" in answers[0]["error"], answers[0]
+        assert "not a valid package name" in answers[1]["error"], answers[1]
+        assert "lists no file" in answers[2]["error"] and "passwd" not in answers[2]["error"], answers[2]
+        assert "lists no file" in answers[3]["error"], answers[3]
+        assert "was not fetched" in answers[4]["error"], answers[4]
+        assert "needs a string `filename`" in answers[5]["error"], answers[5]
+        assert "unknown package op" in answers[6]["error"], answers[6]
+        assert answers[7] == {"files": []}, answers[7]
+        assert not any(p.name.startswith("travel") for p in gw.data_dir.rglob("*"))
+        # The kernel and the service carry on.
+        assert "tinydep" in ok(ws, "%pip install tinydep")
+    finally:
+        ws.close()
