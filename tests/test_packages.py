@@ -312,3 +312,24 @@ def test_hostile_calls_from_the_guest_and_the_index_are_refused(gw, index):
         assert "tinydep" in ok(ws, "%pip install tinydep")
     finally:
         ws.close()
+
+
+def test_a_folder_of_wheels_is_an_index_for_hosts_without_a_network(start_gateway, index, tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("tinydep-1.0-py3-none-any.whl", "tinydep-2.0-py3-none-any.whl",
+                 "tinyhelper-1.0-py3-none-any.whl"):
+        (wheels / name).write_bytes(index.blobs[name])
+    gw = start_gateway(["--package-index", str(wheels)])
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        requests = len(index.requests)
+        out = ok(ws, "%pip install tinyhelper")
+        assert "Successfully installed tinyhelper-1.0 tinydep-2.0" in out, out
+        assert ok(ws, "import tinyhelper; print(tinyhelper.VALUE)").strip() == "helped 2.0"
+        # Resolution conflicts are named, and nothing is installed.
+        reply = error(ws, "%pip install --upgrade tinyhelper 'tinydep<2'")
+        assert "conflicts" in reply["evalue"] and "tinydep" in reply["evalue"], reply
+        assert len(index.requests) == requests  # the folder, never the HTTP index
+    finally:
+        ws.close()

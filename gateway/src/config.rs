@@ -489,6 +489,22 @@ impl Config {
                 )));
             }
         }
+        let pk = &self.packages;
+        if !(pk.index.starts_with("http://")
+            || pk.index.starts_with("https://")
+            || pk.index.starts_with('/'))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "packages.index {:?} must be an http:// or https:// simple-index URL, or an \
+                 absolute folder of wheels",
+                pk.index
+            )));
+        }
+        if pk.max_wheel_mb == 0 || pk.fetch_timeout_s == 0 {
+            return Err(ConfigError::Invalid(
+                "packages.max_wheel_mb and packages.fetch_timeout_s must be at least 1".into(),
+            ));
+        }
         if !(self.sandbox.cpu_cores > 0.0 && self.sandbox.cpu_cores <= 1024.0) {
             return Err(ConfigError::Invalid(
                 "sandbox.cpu_cores must be above 0".into(),

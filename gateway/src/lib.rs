@@ -127,6 +127,9 @@ pub enum GatewayError {
     /// The workspace could not be set up.
     #[error(transparent)]
     Workspace(#[from] workspace::WorkspaceError),
+    /// The package service could not be set up (its index or cache).
+    #[error("packages: {0}")]
+    Packages(#[from] packages::PackagesError),
     /// The live folder is on disk.
     #[error(
         "the live workspace folder {0} is not memory-backed, so plaintext would reach the disk; \
@@ -266,11 +269,9 @@ impl Gateway {
         }
         let mut launch = launch_spec(&config, &rt)?;
         if config.packages.enabled {
-            match packages::Packages::new(config.packages.clone(), &rt.data_dir, workspaces.clone())
-            {
-                Ok(p) => launch.packages = Some(Arc::new(p)),
-                Err(e) => tracing::error!(error = %e, "%pip install is not available"),
-            }
+            let service =
+                packages::Packages::new(config.packages.clone(), &rt.data_dir, workspaces.clone())?;
+            launch.packages = Some(Arc::new(service));
         }
         let live = workspaces.clone();
         let live_dir: session::LiveDir = Arc::new(move |user: &str| {
