@@ -333,3 +333,30 @@ def test_a_folder_of_wheels_is_an_index_for_hosts_without_a_network(start_gatewa
         assert len(index.requests) == requests  # the folder, never the HTTP index
     finally:
         ws.close()
+
+
+def test_each_user_has_their_own_packages(start_gateway, index, tmp_path):
+    from conftest import start_multiuser_gateway
+    alice, bob = "alice-token-" + "a" * 20, "bob-token-" + "b" * 20
+    gw = start_multiuser_gateway(start_gateway, tmp_path / "users.toml", {"alice": alice, "bob": bob},
+                                 settings=f'[packages]\nindex = "{index.url}"\n')
+
+    def socket_as(token):
+        status, model, _ = gw.request("POST", "/api/kernels", {}, token=token)
+        assert status == 201, model
+        return KernelSocket(gw, model["id"], headers={"Authorization": f"token {token}"})
+
+    a, b = socket_as(alice), socket_as(bob)
+    try:
+        assert "Successfully installed" in ok(a, "%pip install tinydep==1.0")
+        assert ok(a, "import tinydep; print(tinydep.__version__)").strip() == "1.0"
+        reply = error(b, "import tinydep")
+        assert reply["ename"] == "ModuleNotFoundError", reply
+        assert "tinydep" not in ok(b, "%pip freeze")
+        # Bob's own install is his: another version, side by side with Alice's.
+        assert "Successfully installed tinydep-2.0" in ok(b, "%pip install tinydep")
+        assert ok(b, "import tinydep; print(tinydep.__version__)").strip() == "2.0"
+        assert "tinydep==1.0" in ok(a, "%pip freeze")
+    finally:
+        a.close()
+        b.close()

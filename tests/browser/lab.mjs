@@ -153,7 +153,9 @@ function frameSummary(payload) {
 }
 page.on('console', (m) => wsLog.write(`${Date.now()} console.${m.type()}: ${m.text()}\n`));
 // Requests the page sent on a kernel's shell or control channel and got no reply for yet:
-// msg_id -> {what, at}. A request that never gets its reply is a lost message.
+// msg_id -> {what, at, comm}. A request that never gets its reply is a lost message. Comm
+// messages (the widget manager's comm_open and comm_msg when a kernel connects) have no reply:
+// the idle status the kernel publishes with them as parent is their answer, as in ipykernel.
 const unanswered = new Map();
 function trackFrame(n, direction, payload) {
   let m;
@@ -164,8 +166,9 @@ function trackFrame(n, direction, payload) {
   }
   const type = m?.header?.msg_type || '';
   if (direction === 'sent' && (m.channel === 'shell' || m.channel === 'control') && m.header?.msg_id) {
-    unanswered.set(m.header.msg_id, { what: `${type} sent on ws${n}`, at: Date.now() });
-  } else if (direction === 'received' && type.endsWith('_reply') && m.parent_header?.msg_id) {
+    unanswered.set(m.header.msg_id, { what: `${type} sent on ws${n}`, at: Date.now(), comm: type.startsWith('comm_') });
+  } else if (direction === 'received' && m.parent_header?.msg_id && (type.endsWith('_reply')
+      || (type === 'status' && m.content?.execution_state === 'idle' && unanswered.get(m.parent_header.msg_id)?.comm))) {
     unanswered.delete(m.parent_header.msg_id);
     if (unanswered.size === 0) for (const done of answeredWaiters.splice(0)) done(true);
   }
