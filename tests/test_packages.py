@@ -54,6 +54,7 @@ def index():
     idx.add("endless", "1.0")
     idx.endless.add("endless-1.0-py3-none-any.whl")
     idx.add("nometa", "1.5", metadata_file=False, requires=["tinydep==1.0"])
+    idx.add("cachedtwice", "1.0")
     idx.start()
     yield idx
     idx.stop()
@@ -121,6 +122,22 @@ def test_installed_packages_come_back_in_new_kernels_without_a_fetch(gw, index):
     finally:
         ws.close()
     assert len(index.requests) == requests, index.requests[requests:]
+
+
+def test_a_wheel_already_in_the_cache_is_said_to_come_from_it(gw, index):
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        out = ok(ws, "%pip install cachedtwice")
+        assert "Downloading cachedtwice-1.0-py3-none-any.whl" in out, out
+        assert "from the gateway's cache" not in out, out
+        ok(ws, "%pip uninstall -y cachedtwice")
+        fetched = index.count("/files/cachedtwice")
+        out = ok(ws, "%pip install cachedtwice")
+        assert "Successfully installed cachedtwice-1.0" in out, out
+        assert "(from the gateway's cache)" in out, out
+        assert index.count("/files/cachedtwice") == fetched
+    finally:
+        ws.close()
 
 
 def test_requirements_files_extras_and_pins(gw, index):

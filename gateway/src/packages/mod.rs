@@ -440,11 +440,17 @@ impl Packages {
             "fetch" => {
                 let project = project_name(&text("name")?)?;
                 let file = self.fetcher.find(&project, &text("filename")?).await?;
+                // Whether the wheel was in the cache already: the guest then says so under its
+                // "Downloading" line.
+                let cached = match &file.sha256 {
+                    Some(sha) => self.fetcher.cached(sha).await?.is_some(),
+                    None => false,
+                };
                 let unpacked = self.fetcher.wheel(&file).await?;
                 session
                     .fetched
                     .insert(file.filename.clone(), (file, unpacked));
-                Ok(json!({ "ok": true }))
+                Ok(json!({ "ok": true, "cached": cached }))
             }
             "install" => self.install(site, session, request).await,
             "uninstall" => self.uninstall(site, request).await,
