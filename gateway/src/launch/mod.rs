@@ -7,10 +7,15 @@
 //! reply/idle ordering, the heartbeat, the exit handling.
 //!
 //! - [`process`]: a direct `sandgate-kernel` child process (the only launcher today).
+//! - `fake` (tests only): a scripted in-process kernel over real ZeroMQ sockets, for the
+//!   session layer's tests.
 //!
 //! `kernels.launcher` in the configuration picks one ([`LauncherKind`]).
 
 pub mod process;
+
+#[cfg(test)]
+pub mod fake;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
