@@ -223,3 +223,88 @@ fn drain(mut stdout: BufReader<ChildStdout>) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::launch::HostMounts;
+
+    /// A launcher whose "kernel" is `sh -c script` (the per-launch arguments become the
+    /// script's positional parameters).
+    fn shell(script: &str) -> ProcessLauncher {
+        ProcessLauncher {
+            binary: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into(), "sh".into()],
+            env: Vec::new(),
+            cgroups: Arc::new(crate::cgroup::Cgroups::Unavailable("a test".into())),
+            caps: crate::cgroup::Caps {
+                memory_bytes: 1 << 30,
+                cpu_cores: 1.0,
+            },
+        }
+    }
+
+    async fn launch(
+        launcher: &ProcessLauncher,
+        timeout: Duration,
+    ) -> Result<Launched, ClientError> {
+        let dir = tempfile::tempdir().unwrap();
+        launcher
+            .launch(LaunchRequest {
+                kernel: uuid::Uuid::new_v4(),
+                connection_file: &dir.path().join("kernel.json"),
+                mounts: HostMounts {
+                    workspace: dir.path(),
+                    home: dir.path(),
+                    packages: None,
+                },
+                startup_timeout: timeout,
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ends_before_ready_says_why() {
+        let err = launch(
+            &shell("echo 'no image here' >&2; exit 3"),
+            Duration::from_secs(10),
+        )
+        .await
+        .err()
+        .unwrap();
+        match err {
+            ClientError::EarlyExit { status, stderr } => {
+                assert!(status.contains('3'), "{status}");
+                assert_eq!(stderr, "no image here");
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_ready_child_runs_until_killed_with_an_empty_environment() {
+        // The environment is empty: the gateway's `HOME` would make it exit.
+        let script = "test -z \"$HOME\" || exit 9; echo starting; echo ready; exec sleep 30";
+        let launched = launch(&shell(script), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(launched.pid.is_some());
+        let (kill, killed) = watch::channel(false);
+        let end = tokio::spawn(launched.child.wait(killed));
+        let _ = kill.send(true);
+        let words = tokio::time::timeout(Duration::from_secs(10), end)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(words.contains("signal: 9"), "{words}");
+    }
+
+    #[tokio::test]
+    async fn a_child_not_ready_in_time_is_abandoned() {
+        let err = launch(&shell("exec sleep 30"), Duration::from_millis(200))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ClientError::StartTimeout(_)), "{err}");
+    }
+}
