@@ -9,9 +9,10 @@
 //! - `sleep`: runs until interrupted, then ends with a `KeyboardInterrupt` error;
 //! - `exit`: the child dies at once, without a reply.
 //!
-//! [`FakeLauncher::crash`] makes a child die from outside, as a killed process would.
+//! [`FakeLauncher::crash`] makes a child die from outside, as a killed process would;
+//! [`FakeLauncher::hang`] makes it stop answering its heartbeat, as a stuck process would.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -34,8 +35,8 @@ pub struct FakeLauncher {
 struct Shared {
     /// Children launched so far.
     launches: AtomicUsize,
-    /// One switch per launch, in order: set to true to make that child die.
-    deaths: Mutex<Vec<watch::Sender<bool>>>,
+    /// One set of switches per launch, in order.
+    children: Mutex<Vec<Switches>>,
     /// Told after each launch.
     launched: Notify,
 }
@@ -63,11 +64,36 @@ impl FakeLauncher {
 
     /// Makes the `n`th child launched (from 0) die, as a killed process would.
     pub fn crash(&self, n: usize) {
-        let deaths = self.shared.deaths.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(death) = deaths.get(n) {
-            let _ = death.send(true);
+        let children = self
+            .shared
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(child) = children.get(n) {
+            let _ = child.death.send(true);
         }
     }
+
+    /// Makes the `n`th child launched (from 0) stop answering its heartbeat.
+    pub fn hang(&self, n: usize) {
+        let children = self
+            .shared
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(child) = children.get(n) {
+            child.hung.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// What a test can do to one child.
+#[derive(Debug)]
+struct Switches {
+    /// Set to true to make it die.
+    death: watch::Sender<bool>,
+    /// Set to make its heartbeat go silent.
+    hung: Arc<AtomicBool>,
 }
 
 /// A scripted kernel's tasks and the switch that ends them.
@@ -109,12 +135,13 @@ impl Launcher for FakeLauncher {
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .ok_or(ClientError::Gone)?;
             let (death, died) = watch::channel(false);
-            let tasks = serve(&info, death.clone()).await?;
+            let hung = Arc::new(AtomicBool::new(false));
+            let tasks = serve(&info, death.clone(), hung.clone()).await?;
             self.shared
-                .deaths
+                .children
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(death);
+                .push(Switches { death, hung });
             self.shared.launches.fetch_add(1, Ordering::SeqCst);
             self.shared.launched.notify_waiters();
             Ok(Launched {
@@ -147,7 +174,11 @@ async fn bind<S: Socket>(mut socket: S, endpoint: String) -> Result<S, ClientErr
 }
 
 /// Binds the five sockets and starts the kernel's tasks.
-async fn serve(info: &Value, death: watch::Sender<bool>) -> Result<JoinSet<()>, ClientError> {
+async fn serve(
+    info: &Value,
+    death: watch::Sender<bool>,
+    hung: Arc<AtomicBool>,
+) -> Result<JoinSet<()>, ClientError> {
     let signer = Signer::new(info["key"].as_str().unwrap_or_default().as_bytes());
     let shell = bind(zeromq::RouterSocket::new(), url(info, "shell_port")).await?;
     let control = bind(zeromq::RouterSocket::new(), url(info, "control_port")).await?;
@@ -163,7 +194,7 @@ async fn serve(info: &Value, death: watch::Sender<bool>) -> Result<JoinSet<()>, 
     };
     let mut tasks = JoinSet::new();
     tasks.spawn(publisher(iopub, outbox, kernel.signer.clone()));
-    tasks.spawn(echo(heartbeat));
+    tasks.spawn(echo(heartbeat, hung));
     tasks.spawn(
         kernel
             .clone()
@@ -191,8 +222,12 @@ async fn publisher(
     }
 }
 
-async fn echo(mut heartbeat: zeromq::RepSocket) {
+async fn echo(mut heartbeat: zeromq::RepSocket, hung: Arc<AtomicBool>) {
     while let Ok(ping) = heartbeat.recv().await {
+        if hung.load(Ordering::SeqCst) {
+            // Never answers again (the process is stuck); the socket stays bound.
+            return std::future::pending().await;
+        }
         if heartbeat.send(ping).await.is_err() {
             return;
         }

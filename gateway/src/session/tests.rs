@@ -53,7 +53,7 @@ fn setup(config: LifecycleConfig) -> Setup {
         runtime_dir,
         homes: Arc::new(homes),
         startup_timeout: DEADLINE,
-        heartbeat_interval: Duration::from_secs(1),
+        heartbeat_interval: Duration::from_millis(200),
         heartbeat_misses: 3,
         transport: Transport::Ipc,
         packages: None,
@@ -301,6 +301,27 @@ async fn a_dead_child_is_restarted_until_the_limit() {
     assert!(kernel.process().is_none());
     assert_eq!(s.fake.launches(), 2);
     assert_eq!(s.kernels.list("alice").len(), 1);
+    s.kernels.shutdown_all().await;
+}
+
+#[tokio::test]
+async fn a_child_that_stops_answering_its_heartbeat_is_replaced() {
+    let s = setup(config());
+    let kernel = s
+        .kernels
+        .start("alice", crate::kernelspec::NAME)
+        .await
+        .unwrap();
+    let first = kernel.process().unwrap();
+    let client = Client::new(&kernel, "one");
+    s.fake.hang(0);
+    client.until_status("restarting").await;
+    client.until_status("idle").await;
+    // The silent one was killed; a new process serves the same kernel.
+    assert!(first.has_exited());
+    assert_eq!(s.fake.launches(), 2);
+    let id = client.execute("after").await;
+    client.until_done(&id).await;
     s.kernels.shutdown_all().await;
 }
 
