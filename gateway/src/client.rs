@@ -1,5 +1,5 @@
-//! One `sandgate-kernel` process: launching it with a fresh connection file and key, and the
-//! gateway's ZeroMQ client for its five channels.
+//! One kernel process: launching it (through the configured [`crate::launch::Launcher`]) with a
+//! fresh connection file and key, and the gateway's ZeroMQ client for its five channels.
 //!
 //! The gateway holds one set of sockets per kernel process and relays every WebSocket client
 //! through them (the session layer routes replies back by `parent_header.msg_id`). The shell and
@@ -7,23 +7,22 @@
 //! the identity that sent the `execute_request` on shell.
 //!
 //! Every message from the kernel is checked against the kernel's key before anything reads it;
-//! one that fails is dropped and logged. The kernel process gets an empty environment: nothing of
-//! the gateway's (model keys, tokens) reaches it.
+//! one that fails is dropped and logged. What the launcher does (the child, its isolation, its
+//! ready signal) is the launcher's; the channels, the order of what they carry, the heartbeat
+//! and the exit handling are common to every launcher and live here.
 
 use std::collections::VecDeque;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sandgate_wire::{RawMessage, Signer};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::{mpsc, watch};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::envelope::{ExecState, KernelMessage};
+use crate::launch::{HostMounts, LaunchRequest};
 
 pub use crate::envelope::Channel;
 
@@ -94,10 +93,8 @@ impl LaunchSpec {
 /// How to start kernel processes.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
-    /// The `sandgate-kernel` binary.
-    pub binary: PathBuf,
-    /// Arguments before `-f` (home, limits, `--no-fetch`; the workspace is given per launch).
-    pub args: Vec<OsString>,
+    /// What starts each kernel child (`kernels.launcher`).
+    pub launcher: std::sync::Arc<dyn crate::launch::Launcher>,
     /// Where connection files are written (mode 0600; they hold the key).
     pub runtime_dir: PathBuf,
     /// Where kernels' home folders are made (each launch is given one, see [`Process::launch`]).
@@ -108,14 +105,8 @@ pub struct LaunchSpec {
     pub heartbeat_interval: Duration,
     /// Heartbeats missed in a row before the kernel counts as dead.
     pub heartbeat_misses: u32,
-    /// Extra environment for the kernel process (only `SANDGATE_LOG` is passed through).
-    pub env: Vec<(OsString, OsString)>,
     /// How the gateway and the kernel talk.
     pub transport: Transport,
-    /// Where kernel cgroups go, and their caps.
-    pub cgroups: std::sync::Arc<crate::cgroup::Cgroups>,
-    /// The caps of each kernel's cgroup.
-    pub caps: crate::cgroup::Caps,
     /// The package service `%pip` reaches through (`None`: the kernel says it needs the
     /// gateway's).
     pub packages: Option<std::sync::Arc<crate::packages::Packages>>,
@@ -597,6 +588,8 @@ impl Process {
         result
     }
 
+    /// The launch proper: the package link, the launcher's child, then the common part
+    /// (channels, reader, exit watcher, heartbeat) and the first `kernel_info` round trip.
     #[allow(clippy::too_many_arguments)]
     async fn start(
         spec: &LaunchSpec,
@@ -608,221 +601,46 @@ impl Process {
         workspace: &Path,
         home: std::sync::Arc<crate::home::Home>,
     ) -> Result<(Process, mpsc::Receiver<Incoming>), ClientError> {
-        let packages = match &spec.packages {
-            Some(service) => Some(
-                crate::packages::PackageLink::open(service, owner, &spec.runtime_dir)
-                    .await
-                    .map_err(|source| ClientError::ConnectionFile {
-                        path: spec.runtime_dir.clone(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let mut command = tokio::process::Command::new(&spec.binary);
-        command
-            .args(&spec.args)
-            .arg("--workspace")
-            .arg(workspace)
-            .arg("--home-dir")
-            .arg(home.path())
-            .arg("--notify-ready")
-            .args(packages.as_ref().map(|p| p.args()).unwrap_or_default())
-            .arg("-f")
-            .arg(conn_file)
-            .env_clear()
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|source| ClientError::Spawn {
-            binary: spec.binary.clone(),
-            source,
-        })?;
-        let pid = child.id();
-        let placement = pid.and_then(|pid| {
-            let name = conn_file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            match spec.cgroups.place(&name, pid, spec.caps) {
-                Ok(p) => Some(p),
-                Err(why) => {
-                    tracing::debug!(kernel = %id, %why, "the kernel runs without a cgroup of its own");
-                    None
-                }
-            }
-        });
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        // The kernel's stderr goes to the gateway's log, and its last lines are kept to explain
-        // a failed start.
-        let (tail_tx, tail_rx) = watch::channel(String::new());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            let mut tail: std::collections::VecDeque<String> = Default::default();
-            while let Ok(Some(line)) = lines.next_line().await {
-                tracing::info!(kernel = %id, "kernel: {line}");
-                tail.push_back(line);
-                if tail.len() > 20 {
-                    tail.pop_front();
-                }
-                let _ = tail_tx.send(tail.iter().cloned().collect::<Vec<_>>().join("\n"));
-            }
-        });
-        let mut stdout = BufReader::new(stdout);
-        let timeout = spec.startup_timeout;
-        let ready = async {
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match stdout.read_line(&mut line).await {
-                    Ok(0) | Err(_) => return false,
-                    Ok(_) if line.trim() == "ready" => return true,
-                    Ok(_) => {}
-                }
-            }
-        };
-        let is_ready = tokio::select! {
-            r = tokio::time::timeout(timeout, ready) => r.ok(),
-            status = child.wait() => {
-                // Give the stderr reader the last lines: wait for its pipe to close.
-                let mut tail_rx = tail_rx.clone();
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while tail_rx.changed().await.is_ok() {}
-                }).await;
-                let stderr = tail_rx.borrow().clone();
-                return Err(ClientError::EarlyExit {
-                    status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
-                    stderr,
-                });
-            }
-        };
-        match is_ready {
-            Some(true) => {}
-            Some(false) => {
-                let status = child.wait().await;
-                let mut tail_rx = tail_rx.clone();
-                let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while tail_rx.changed().await.is_ok() {}
-                })
-                .await;
-                return Err(ClientError::EarlyExit {
-                    status: status
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|e| e.to_string()),
-                    stderr: tail_rx.borrow().clone(),
-                });
-            }
-            None => {
-                let _ = child.kill().await;
-                return Err(ClientError::StartTimeout(timeout.as_secs()));
-            }
-        }
-        // Drain stdout so the kernel never blocks writing to it.
-        tokio::spawn(async move {
-            let mut sink = [0u8; 1024];
-            while let Ok(n) = stdout.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        });
-
+        let packages = open_packages(spec, owner).await?;
+        let mount = packages.as_ref().map(crate::packages::PackageLink::mount);
+        let launched = spec
+            .launcher
+            .launch(LaunchRequest {
+                kernel: id,
+                connection_file: conn_file,
+                mounts: HostMounts {
+                    workspace,
+                    home: home.path(),
+                    packages: mount.as_ref(),
+                },
+                startup_timeout: spec.startup_timeout,
+            })
+            .await?;
+        // Dropping `launched` on an error below kills the child.
+        let channels = Channels::connect(&endpoints).await?;
         let signer = Signer::new(key.as_bytes());
-        let identity = zeromq::util::PeerIdentity::try_from(
-            format!("sandgate-{}", uuid::Uuid::new_v4().simple()).into_bytes(),
-        )
-        .expect("a short identity is valid");
-        let mut options = zeromq::SocketOptions::default();
-        options.peer_identity(identity.clone());
-        let shell = connect(
-            zeromq::DealerSocket::with_options(options),
-            &endpoints.url(SHELL),
-            "shell",
-        )
-        .await?;
-        let mut options = zeromq::SocketOptions::default();
-        options.peer_identity(identity);
-        let stdin = connect(
-            zeromq::DealerSocket::with_options(options),
-            &endpoints.url(STDIN),
-            "stdin",
-        )
-        .await?;
-        let control = connect(
-            zeromq::DealerSocket::new(),
-            &endpoints.url(CONTROL),
-            "control",
-        )
-        .await?;
-        let mut iopub = connect(zeromq::SubSocket::new(), &endpoints.url(IOPUB), "iopub").await?;
-        iopub
-            .subscribe("")
-            .await
-            .map_err(|e| ClientError::Connect {
-                channel: "iopub",
-                reason: e.to_string(),
-            })?;
-        let hb_endpoint = endpoints.url(HEARTBEAT);
-        let heartbeat = connect(zeromq::ReqSocket::new(), &hb_endpoint, "heartbeat").await?;
-
         let (tx, rx) = mpsc::channel(1024);
-        let (kill_tx, mut kill_rx) = watch::channel(false);
+        let (kill_tx, kill_rx) = watch::channel(false);
         let (exited_tx, exited_rx) = watch::channel(false);
-        let (shell_send, shell_recv) = shell.split();
-        let (stdin_send, stdin_recv) = stdin.split();
-        let (control_send, control_recv) = control.split();
-        spawn_receiver(
-            Box::new(iopub),
-            [
-                (Box::new(shell_recv), Channel::Shell),
-                (Box::new(control_recv), Channel::Control),
-                (Box::new(stdin_recv), Channel::Stdin),
-            ],
-            signer.clone(),
-            id,
-            tx.clone(),
-            exited_rx.clone(),
+        let senders = channels.serve(spec, signer.clone(), id, tx.clone(), exited_rx.clone());
+        spawn_watcher(
+            launched.child,
+            kill_rx,
+            exited_tx,
+            conn_file.to_owned(),
+            endpoints,
+            tx,
         );
-        let died = tx.clone();
-        let conn_path = conn_file.to_owned();
-        let sockets = endpoints.clone();
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                status = child.wait() => status,
-                () = crate::until_true(&mut kill_rx) => {
-                    let _ = child.start_kill();
-                    child.wait().await
-                }
-            };
-            let _ = std::fs::remove_file(&conn_path);
-            sockets.remove();
-            drop(placement);
-            let _ = exited_tx.send(true);
-            let words = match status {
-                Ok(s) => format!("the kernel process exited ({s})"),
-                Err(e) => format!("the kernel process was lost: {e}"),
-            };
-            let _ = died.send(Incoming::Died(words)).await;
-        });
         if let Some(link) = packages {
             link.serve(exited_rx.clone());
         }
-        spawn_heartbeat(
-            hb_endpoint,
-            heartbeat,
-            spec.heartbeat_interval,
-            spec.heartbeat_misses,
-            tx,
-            exited_rx.clone(),
-        );
-
         let process = Process {
             id,
-            pid,
+            pid: launched.pid,
             signer,
-            shell: spawn_sender(shell_send),
-            control: spawn_sender(control_send),
-            stdin: spawn_sender(stdin_send),
+            shell: senders.shell,
+            control: senders.control,
+            stdin: senders.stdin,
             kill: kill_tx,
             exited: exited_rx,
             conn_file: conn_file.to_owned(),
@@ -953,6 +771,151 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.kill.send(true);
     }
+}
+
+/// `owner`'s package link, if the gateway serves packages.
+async fn open_packages(
+    spec: &LaunchSpec,
+    owner: &str,
+) -> Result<Option<crate::packages::PackageLink>, ClientError> {
+    let Some(service) = &spec.packages else {
+        return Ok(None);
+    };
+    crate::packages::PackageLink::open(service, owner, &spec.runtime_dir)
+        .await
+        .map(Some)
+        .map_err(|source| ClientError::ConnectionFile {
+            path: spec.runtime_dir.clone(),
+            source,
+        })
+}
+
+/// The gateway's sockets to one kernel's five channels, connected.
+struct Channels {
+    shell: zeromq::DealerSocket,
+    stdin: zeromq::DealerSocket,
+    control: zeromq::DealerSocket,
+    iopub: zeromq::SubSocket,
+    heartbeat: zeromq::ReqSocket,
+    hb_endpoint: String,
+}
+
+/// The sending halves of the shell, control and stdin sockets.
+struct Senders {
+    shell: mpsc::Sender<Vec<Bytes>>,
+    control: mpsc::Sender<Vec<Bytes>>,
+    stdin: mpsc::Sender<Vec<Bytes>>,
+}
+
+impl Channels {
+    /// Connects to `endpoints`. Shell and stdin share one identity (the kernel sends
+    /// `input_request` on stdin to the identity that sent the request on shell); iopub
+    /// subscribes to everything.
+    async fn connect(endpoints: &Endpoints) -> Result<Channels, ClientError> {
+        let identity = zeromq::util::PeerIdentity::try_from(
+            format!("sandgate-{}", uuid::Uuid::new_v4().simple()).into_bytes(),
+        )
+        .expect("a short identity is valid");
+        let mut options = zeromq::SocketOptions::default();
+        options.peer_identity(identity.clone());
+        let shell = connect(
+            zeromq::DealerSocket::with_options(options),
+            &endpoints.url(SHELL),
+            "shell",
+        )
+        .await?;
+        let mut options = zeromq::SocketOptions::default();
+        options.peer_identity(identity);
+        let stdin = connect(
+            zeromq::DealerSocket::with_options(options),
+            &endpoints.url(STDIN),
+            "stdin",
+        )
+        .await?;
+        let control = connect(
+            zeromq::DealerSocket::new(),
+            &endpoints.url(CONTROL),
+            "control",
+        )
+        .await?;
+        let mut iopub = connect(zeromq::SubSocket::new(), &endpoints.url(IOPUB), "iopub").await?;
+        iopub
+            .subscribe("")
+            .await
+            .map_err(|e| ClientError::Connect {
+                channel: "iopub",
+                reason: e.to_string(),
+            })?;
+        let hb_endpoint = endpoints.url(HEARTBEAT);
+        let heartbeat = connect(zeromq::ReqSocket::new(), &hb_endpoint, "heartbeat").await?;
+        Ok(Channels {
+            shell,
+            stdin,
+            control,
+            iopub,
+            heartbeat,
+            hb_endpoint,
+        })
+    }
+
+    /// Starts the reader (see [`spawn_receiver`]), the heartbeat and the three senders; what
+    /// the kernel sends, and its death, go to `tx`.
+    fn serve(
+        self,
+        spec: &LaunchSpec,
+        signer: Signer,
+        kernel: uuid::Uuid,
+        tx: mpsc::Sender<Incoming>,
+        exited: watch::Receiver<bool>,
+    ) -> Senders {
+        let (shell_send, shell_recv) = self.shell.split();
+        let (stdin_send, stdin_recv) = self.stdin.split();
+        let (control_send, control_recv) = self.control.split();
+        spawn_receiver(
+            Box::new(self.iopub),
+            [
+                (Box::new(shell_recv), Channel::Shell),
+                (Box::new(control_recv), Channel::Control),
+                (Box::new(stdin_recv), Channel::Stdin),
+            ],
+            signer,
+            kernel,
+            tx.clone(),
+            exited.clone(),
+        );
+        spawn_heartbeat(
+            self.hb_endpoint,
+            self.heartbeat,
+            spec.heartbeat_interval,
+            spec.heartbeat_misses,
+            tx,
+            exited,
+        );
+        Senders {
+            shell: spawn_sender(shell_send),
+            control: spawn_sender(control_send),
+            stdin: spawn_sender(stdin_send),
+        }
+    }
+}
+
+/// Waits for the child's end (killing it when `kill` says so), then removes its connection
+/// file and sockets, marks the process exited and reports its death on `died`.
+fn spawn_watcher(
+    child: Box<dyn crate::launch::Child>,
+    kill: watch::Receiver<bool>,
+    exited: watch::Sender<bool>,
+    conn_file: PathBuf,
+    endpoints: Endpoints,
+    died: mpsc::Sender<Incoming>,
+) {
+    tokio::spawn(async move {
+        let words = child.wait(kill).await;
+        let _ = std::fs::remove_file(&conn_file);
+        endpoints.remove();
+        let _ = exited.send(true);
+        let _ = died.send(Incoming::Died(words)).await;
+    });
 }
 
 /// Pings the kernel's heartbeat; after `misses` unanswered intervals in a row, reports it dead.

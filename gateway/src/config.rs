@@ -335,6 +335,9 @@ pub struct KernelsConfig {
     /// How the gateway talks to its kernels: `ipc` (Unix sockets, default; lets each kernel
     /// process run without any network) or `tcp` (127.0.0.1).
     pub transport: crate::client::Transport,
+    /// What starts each kernel child: `process` (default and, for now, the only one: a direct
+    /// `sandgate-kernel` child process in a cgroup of its own).
+    pub launcher: crate::launch::LauncherKind,
     /// Output messages per second one kernel may send to clients (as Jupyter Server's
     /// `iopub_msg_rate_limit`). Default 1000.
     pub iopub_msg_rate_limit: u64,
@@ -360,6 +363,7 @@ impl Default for KernelsConfig {
             restart_limit: 5,
             restart_window_s: 60,
             transport: crate::client::Transport::Ipc,
+            launcher: crate::launch::LauncherKind::Process,
             iopub_msg_rate_limit: 1000,
             iopub_data_rate_limit: 10_000_000,
             rate_limit_window_s: 3,
@@ -606,6 +610,17 @@ mod tests {
         assert!(err.to_string().contains("pool_sise"), "{err}");
         let err = Config::from_toml("x.toml".as_ref(), "colour = 'red'\n").unwrap_err();
         assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_launcher_is_refused_with_the_ones_there_are() {
+        let c =
+            Config::from_toml("x.toml".as_ref(), "[kernels]\nlauncher = \"process\"\n").unwrap();
+        assert_eq!(c.kernels.launcher, crate::launch::LauncherKind::Process);
+        let err = Config::from_toml("x.toml".as_ref(), "[kernels]\nlauncher = \"gvisor\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gvisor") && err.contains("process"), "{err}");
     }
 
     #[test]

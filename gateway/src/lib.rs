@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //!
-//! Requests flow one way: [`http`] → [`session`] → [`client`] → the kernel's wire format
-//! (`sandgate-wire`). The gateway never links wasmtime; each kernel is a `sandgate-kernel`
+//! Requests flow one way: [`http`] → [`session`] → [`client`] → [`launch`]; [`client`] speaks
+//! the kernel's wire format (`sandgate-wire`). The gateway never links wasmtime; each kernel is a `sandgate-kernel`
 //! process with its own sandbox.
 //!
 //! - [`config`]: the typed configuration and its documented defaults.
@@ -12,7 +12,9 @@
 //!   the Contents API.
 //! - [`session`]: kernel lifecycle: warm pool, restart, automatic restart, culling, limits,
 //!   and the routing of kernel messages to WebSocket clients.
-//! - [`client`]: launching one kernel process and its ZeroMQ channels.
+//! - [`client`]: one kernel process: its launch, ZeroMQ channels, reply order, heartbeat.
+//! - [`launch`]: the launcher boundary: how a kernel child is started and isolated
+//!   (`kernels.launcher`; today a direct child process).
 //! - [`home`]: kernels' home folders (`/home/user` in the guest), removed with their holder.
 //! - [`packages`]: `%pip install` for the sandboxes: the index, wheels checked and unpacked,
 //!   the host cache, each workspace's site folder and lock file, the kernels' socket.
@@ -44,6 +46,7 @@ pub mod exec;
 pub mod home;
 pub mod http;
 pub mod kernelspec;
+pub mod launch;
 pub mod mcp;
 pub mod memory;
 pub mod packages;
@@ -188,21 +191,26 @@ pub fn launch_spec(
         ),
         other => tracing::info!(cgroups = ?other, "each kernel gets a cgroup of its own"),
     }
+    let launcher: Arc<dyn launch::Launcher> = match k.launcher {
+        launch::LauncherKind::Process => Arc::new(launch::process::ProcessLauncher {
+            binary: rt.kernel_binary.clone(),
+            args,
+            env,
+            cgroups: Arc::new(cgroups),
+            caps: cgroup::Caps {
+                memory_bytes: (s.memory_mb + s.process_overhead_mb) << 20,
+                cpu_cores: s.cpu_cores,
+            },
+        }),
+    };
     Ok(client::LaunchSpec {
-        binary: rt.kernel_binary.clone(),
-        args,
+        launcher,
         runtime_dir,
         homes: Arc::new(homes),
         startup_timeout: Duration::from_secs(k.startup_timeout_s),
         heartbeat_interval: Duration::from_secs(k.heartbeat_interval_s),
         heartbeat_misses: k.heartbeat_misses,
-        env,
         transport: k.transport,
-        cgroups: Arc::new(cgroups),
-        caps: cgroup::Caps {
-            memory_bytes: (s.memory_mb + s.process_overhead_mb) << 20,
-            cpu_cores: s.cpu_cores,
-        },
         packages: None,
     })
 }

@@ -728,14 +728,12 @@ impl PackageLink {
         })
     }
 
-    /// The kernel's arguments that name the site folder and the socket.
-    pub fn args(&self) -> Vec<std::ffi::OsString> {
-        vec![
-            "--packages-dir".into(),
-            self.site.dir().into(),
-            "--packages-socket".into(),
-            self.path.clone().into(),
-        ]
+    /// The site folder and the socket, as a launcher mounts them for the kernel.
+    pub fn mount(&self) -> crate::launch::PackageMount {
+        crate::launch::PackageMount {
+            site: self.site.dir().to_owned(),
+            socket: self.path.clone(),
+        }
     }
 
     /// Serves the kernel's connection until it closes or the process ends (`exited`).

@@ -657,3 +657,6 @@ impl Kernels {
         while tasks.join_next().await.is_some() {}
     }
 }
+
+#[cfg(test)]
+mod tests;
