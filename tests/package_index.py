@@ -55,6 +55,7 @@ class Index:
         self.requests = []  # paths asked, in order
         self.lock = threading.Lock()
         self.endless = set()  # filenames whose download never ends
+        self.endless_started = threading.Event()  # set when one of them begins
         self.server = None
 
     def add(self, name, version, files=None, requires=(), tag="py3-none-any", extra=None,
@@ -135,6 +136,7 @@ class Index:
                     self.send_header("Content-Type", "application/octet-stream")
                     if name in index.endless:
                         self.end_headers()
+                        index.endless_started.set()
                         chunk = b"\0" * 65536
                         try:
                             for _ in range(100_000):  # bounded: 6.5 GB, far past any cap

@@ -3,13 +3,11 @@
 installed comes back in its next kernels without a fetch."""
 
 import json
-import os
 import pathlib
-import time
 
 import pytest
 
-from conftest import KernelSocket, of_type, stdout_text
+from conftest import KernelSocket, stdout_text
 from package_index import Index
 
 
@@ -195,13 +193,11 @@ def test_what_cannot_be_installed_is_refused_whole_with_a_clear_error(gw, index,
 def test_an_interrupted_install_leaves_nothing_behind(gw, index):
     ws, kid = socket_on_new_kernel(gw)
     try:
+        index.endless_started.clear()
         msg_id = ws.send("execute_request", {"code": "%pip install endless", "silent": False,
                                              "store_history": True, "user_expressions": {},
                                              "allow_stdin": False})
-        deadline = time.monotonic() + 60
-        while index.count("/files/endless") == 0:
-            assert time.monotonic() < deadline, "the download never began"
-            time.sleep(0.05)
+        assert index.endless_started.wait(60), "the download never began"
         status, _, _ = gw.request("POST", f"/api/kernels/{kid}/interrupt")
         assert status == 204
         reply, _ = ws.collect(msg_id, timeout=60)
