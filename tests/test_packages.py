@@ -373,3 +373,27 @@ def test_each_user_has_their_own_packages(start_gateway, index, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_a_damaged_lock_file_costs_only_itself(start_gateway, index):
+    gw = start_gateway(["--package-index", index.url])
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        ok(ws, "%pip install tinydep==1.0")
+        ok(ws, "open('/workspace/.sandgate/packages.lock', 'w').write('{not json')")
+    finally:
+        ws.close()
+    gw.restart()
+    ws, _ = socket_on_new_kernel(gw)
+    try:
+        reply, outputs = run(ws, "%pip list --format=freeze")
+        assert reply["status"] == "ok", reply
+        assert "packages.lock is not a package lock" in text(outputs, "stderr"), outputs
+        assert "tinydep" not in text(outputs)
+        assert ok(ws, "print(6 * 7)").strip() == "42"
+        # Installing again works and writes a good lock.
+        assert "Successfully installed tinydep-2.0" in ok(ws, "%pip install tinydep")
+        lock = json.loads(ok(ws, "print(open('/workspace/.sandgate/packages.lock').read())"))
+        assert [p["name"] for p in lock["packages"]] == ["tinydep"]
+    finally:
+        ws.close()
