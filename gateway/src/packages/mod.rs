@@ -134,20 +134,10 @@ impl std::fmt::Debug for Packages {
 
 /// PEP 503's normal form of a project name (`Foo_Bar` → `foo-bar`).
 fn canonical(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    let mut dash = false;
-    for c in name.chars() {
-        if matches!(c, '-' | '_' | '.') {
-            dash = true;
-        } else {
-            if dash && !out.is_empty() {
-                out.push('-');
-            }
-            dash = false;
-            out.extend(c.to_lowercase());
-        }
-    }
-    out
+    // A name the index grammar refuses cannot match an installed one: kept as given, lowercased.
+    index::ProjectName::parse(name)
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|_| name.to_ascii_lowercase())
 }
 
 impl Packages {
