@@ -40,6 +40,16 @@ fn config() -> LifecycleConfig {
     }
 }
 
+impl Setup {
+    /// Starts a kernel for `owner` and expects it to start.
+    async fn start(&self, owner: &str) -> Arc<Kernel> {
+        self.kernels
+            .start(owner, crate::kernelspec::NAME)
+            .await
+            .expect("the kernel starts")
+    }
+}
+
 fn setup(config: LifecycleConfig) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let runtime_dir = dir.path().join("rt");
@@ -183,11 +193,7 @@ async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
 #[tokio::test]
 async fn a_started_kernel_runs_code_in_order() {
     let s = setup(config());
-    let kernel = s
-        .kernels
-        .start("alice", crate::kernelspec::NAME)
-        .await
-        .unwrap();
+    let kernel = s.start("alice").await;
     assert_eq!(kernel.execution_state(), ExecutionState::Idle);
     assert_eq!(s.fake.launches(), 1);
     let client = Client::new(&kernel, "one");
@@ -214,11 +220,7 @@ async fn a_started_kernel_runs_code_in_order() {
 #[tokio::test]
 async fn replies_go_to_the_client_that_asked() {
     let s = setup(config());
-    let kernel = s
-        .kernels
-        .start("alice", crate::kernelspec::NAME)
-        .await
-        .unwrap();
+    let kernel = s.start("alice").await;
     let (a, b) = (Client::new(&kernel, "a"), Client::new(&kernel, "b"));
     let id_a = a.execute("from a").await;
     let id_b = b.execute("from b").await;
@@ -246,11 +248,7 @@ async fn replies_go_to_the_client_that_asked() {
 #[tokio::test]
 async fn a_restart_puts_a_new_process_behind_the_same_kernel() {
     let s = setup(config());
-    let kernel = s
-        .kernels
-        .start("alice", crate::kernelspec::NAME)
-        .await
-        .unwrap();
+    let kernel = s.start("alice").await;
     let first = kernel.process().unwrap();
     let client = Client::new(&kernel, "one");
     let id = client.execute("x").await;
@@ -279,11 +277,7 @@ async fn a_dead_child_is_restarted_until_the_limit() {
         restart_limit: 1,
         ..config()
     });
-    let kernel = s
-        .kernels
-        .start("alice", crate::kernelspec::NAME)
-        .await
-        .unwrap();
+    let kernel = s.start("alice").await;
     let client = Client::new(&kernel, "one");
     s.fake.crash(0);
     let seen = client.until_status("restarting").await;
@@ -307,11 +301,7 @@ async fn a_dead_child_is_restarted_until_the_limit() {
 #[tokio::test]
 async fn a_child_that_stops_answering_its_heartbeat_is_replaced() {
     let s = setup(config());
-    let kernel = s
-        .kernels
-        .start("alice", crate::kernelspec::NAME)
-        .await
-        .unwrap();
+    let kernel = s.start("alice").await;
     let first = kernel.process().unwrap();
     let client = Client::new(&kernel, "one");
     s.fake.hang(0);
